@@ -1,0 +1,214 @@
+//! Every setting, with its default, its environment variable and its validation.
+//!
+//! Flags and `WALCAST_*` variables are the same settings (clap reads both); the names are
+//! part of the contract in DESIGN.md. [`RunConfig::validate`] names the setting and the
+//! constraint for anything it rejects.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{setting}: {problem}")]
+    Invalid {
+        setting: &'static str,
+        problem: String,
+    },
+}
+
+fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        problem: problem.into(),
+    }
+}
+
+/// Where the source database is and which slot and publication walcast owns there.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// Source PostgreSQL, as a URL (postgres://user:pass@host:5432/db) or key=value string.
+    /// The role needs the REPLICATION attribute.
+    #[arg(long, env = "WALCAST_SOURCE_URL", hide_env_values = true)]
+    pub source_url: String,
+
+    /// Logical replication slot walcast reads from (pgoutput).
+    #[arg(long, env = "WALCAST_SLOT", default_value = "walcast")]
+    pub slot: String,
+
+    /// Publication covering `content` and `engagement_events`.
+    #[arg(long, env = "WALCAST_PUBLICATION", default_value = "walcast_pub")]
+    pub publication: String,
+}
+
+impl SourceArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        // Slot and publication names go into replication commands unquoted: keep them to
+        // what PostgreSQL accepts as slot names (lower-case letters, digits, underscore).
+        for (setting, name) in [
+            ("WALCAST_SLOT", &self.slot),
+            ("WALCAST_PUBLICATION", &self.publication),
+        ] {
+            let ok = !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(invalid(
+                    setting,
+                    format!("{name:?} must be 1-63 characters of a-z, 0-9 and _"),
+                ));
+            }
+        }
+        let config = self.pg_config()?;
+        if config.get_hosts().is_empty() {
+            return Err(invalid("WALCAST_SOURCE_URL", "names no host"));
+        }
+        Ok(())
+    }
+
+    /// The URL parsed the way tokio-postgres parses it.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        let config = tokio_postgres::Config::from_str(&self.source_url)
+            .map_err(|e| invalid("WALCAST_SOURCE_URL", e.to_string()))?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(invalid(
+                "WALCAST_SOURCE_URL",
+                "sslmode=require is not supported yet; use a local or tunnelled connection",
+            ));
+        }
+        Ok(config)
+    }
+}
+
+/// Which sinks receive events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SinkKind {
+    Redis,
+}
+
+impl SinkKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Redis => "redis",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Logging, shared by every command.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log filter in tracing's syntax, e.g. `info` or `walcast=debug,info`.
+    #[arg(long, env = "WALCAST_LOG", default_value = "info", global = true)]
+    pub log: String,
+
+    /// Log format: human-readable lines, or one JSON object per line for containers.
+    #[arg(
+        long,
+        env = "WALCAST_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+/// The Redis connection.
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Redis for real-time reads (redis://host:6379/0).
+    #[arg(
+        long,
+        env = "WALCAST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+}
+
+/// Settings of `walcast run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunConfig {
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// Sinks to deliver to, comma-separated.
+    #[arg(
+        long,
+        env = "WALCAST_SINKS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "redis"
+    )]
+    pub sinks: Vec<SinkKind>,
+
+    /// Address of the Prometheus endpoint (/metrics). Empty disables it.
+    #[arg(long, env = "WALCAST_METRICS_ADDR", default_value = "0.0.0.0:9187")]
+    pub metrics_addr: String,
+
+    /// Most events in one batch. Batches close at transaction ends when the input is idle;
+    /// under load they grow up to this size (a larger transaction is cut into several).
+    #[arg(long, env = "WALCAST_BATCH_MAX_EVENTS", default_value_t = 5000)]
+    pub batch_max_events: usize,
+
+    /// Most bytes of row data in one batch.
+    #[arg(long, env = "WALCAST_BATCH_MAX_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub batch_max_bytes: usize,
+
+    /// How often walcast tells PostgreSQL its confirmed position (standby status update),
+    /// e.g. `1s`.
+    #[arg(long, env = "WALCAST_STATUS_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub status_interval: Duration,
+}
+
+impl RunConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.source.validate()?;
+        if self.sinks.is_empty() {
+            return Err(invalid("WALCAST_SINKS", "name at least one sink"));
+        }
+        let mut seen = self.sinks.clone();
+        seen.sort_by_key(|s| s.name());
+        seen.dedup();
+        if seen.len() != self.sinks.len() {
+            return Err(invalid("WALCAST_SINKS", "a sink is named twice"));
+        }
+        if self.batch_max_events == 0 {
+            return Err(invalid("WALCAST_BATCH_MAX_EVENTS", "must be at least 1"));
+        }
+        if self.batch_max_bytes < 1024 {
+            return Err(invalid("WALCAST_BATCH_MAX_BYTES", "must be at least 1024"));
+        }
+        if self.status_interval.is_zero() || self.status_interval > Duration::from_secs(60) {
+            return Err(invalid(
+                "WALCAST_STATUS_INTERVAL",
+                "must be between 1ms and 60s (PostgreSQL's wal_sender_timeout defaults to 60s)",
+            ));
+        }
+        self.metrics_addr()?;
+        Ok(())
+    }
+
+    /// The metrics listen address; `None` when disabled.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.metrics_addr.is_empty() {
+            return Ok(None);
+        }
+        self.metrics_addr
+            .parse()
+            .map(Some)
+            .map_err(|e| invalid("WALCAST_METRICS_ADDR", format!("{:?}: {e}", self.metrics_addr)))
+    }
+}

@@ -1,0 +1,169 @@
+//! Plain data that flows between stages: enriched events, dead letters, batches. No I/O.
+
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::value::RawValue;
+
+use crate::enrich::Content;
+use crate::lsn::{Lsn, Position};
+
+/// A decimal with two places, held exactly as hundredths (`7.00` is `Hundredths(700)`), so
+/// values equal what PostgreSQL's `round(numeric, 2)` gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Hundredths(pub i64);
+
+impl Hundredths {
+    pub fn as_f64(self) -> f64 {
+        // Division of an exact integer by 100 yields the double nearest the decimal, which
+        // prints back as the same decimal.
+        self.0 as f64 / 100.0
+    }
+}
+
+impl fmt::Display for Hundredths {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let abs = self.0.unsigned_abs();
+        write!(f, "{sign}{}.{:02}", abs / 100, abs % 100)
+    }
+}
+
+/// An insert on `engagement_events`, decoded and joined with its content.
+#[derive(Debug, Clone)]
+pub struct EnrichedEvent {
+    pub position: Position,
+    pub commit_ts: DateTime<Utc>,
+    pub id: i64,
+    pub content_id: Option<String>,
+    pub user_id: Option<String>,
+    pub event_type: Option<String>,
+    pub event_ts: DateTime<Utc>,
+    pub duration_ms: Option<i32>,
+    pub device: Option<String>,
+    pub raw_payload: Option<Box<RawValue>>,
+    /// Columns the table has beyond the contract's (added by `ALTER TABLE` later), by name,
+    /// in their text form.
+    pub extra: Vec<(String, Option<String>)>,
+    /// The content row as the stream knew it when this event committed; `None` when
+    /// `content_id` is NULL or unknown (`content_missing`).
+    pub content: Option<Arc<Content>>,
+    pub engagement_seconds: Option<Hundredths>,
+    pub engagement_pct: Option<Hundredths>,
+}
+
+impl EnrichedEvent {
+    pub fn content_missing(&self) -> bool {
+        self.content.is_none()
+    }
+
+    /// Engagement in seconds as the leaderboards score it: 1 when the duration is unknown.
+    pub fn score(&self) -> f64 {
+        self.engagement_seconds.map_or(1.0, Hundredths::as_f64)
+    }
+
+    /// The event as the JSON document every sink delivers.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an event always serializes")
+    }
+}
+
+/// RFC 3339 in UTC with microseconds, the resolution of PostgreSQL timestamps.
+pub fn rfc3339(ts: &DateTime<Utc>) -> String {
+    ts.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+impl serde::Serialize for EnrichedEvent {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let content = self.content.as_deref();
+        let mut map = serializer.serialize_map(Some(17 + self.extra.len()))?;
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("content_id", &self.content_id)?;
+        map.serialize_entry("user_id", &self.user_id)?;
+        map.serialize_entry("event_type", &self.event_type)?;
+        map.serialize_entry("event_ts", &rfc3339(&self.event_ts))?;
+        map.serialize_entry("duration_ms", &self.duration_ms)?;
+        map.serialize_entry("device", &self.device)?;
+        map.serialize_entry("raw_payload", &self.raw_payload)?;
+        for (name, value) in &self.extra {
+            map.serialize_entry(name, value)?;
+        }
+        map.serialize_entry("content_type", &content.and_then(|c| c.content_type.as_deref()))?;
+        map.serialize_entry("length_seconds", &content.and_then(|c| c.length_seconds))?;
+        map.serialize_entry("title", &content.and_then(|c| c.title.as_deref()))?;
+        map.serialize_entry("slug", &content.and_then(|c| c.slug.as_deref()))?;
+        map.serialize_entry(
+            "engagement_seconds",
+            &self.engagement_seconds.map(Hundredths::as_f64),
+        )?;
+        map.serialize_entry("engagement_pct", &self.engagement_pct.map(Hundredths::as_f64))?;
+        map.serialize_entry("content_missing", &self.content_missing())?;
+        map.serialize_entry("commit_lsn", &self.position.commit_lsn.to_string())?;
+        map.serialize_entry("commit_ts", &rfc3339(&self.commit_ts))?;
+        map.end()
+    }
+}
+
+/// A row that cannot become an event: kept with why, where and what it held.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub position: Position,
+    pub table: String,
+    /// Low-cardinality reason, used as a metric label: `invalid_value`, `missing_column`,
+    /// `null_event_ts`.
+    pub reason: &'static str,
+    /// What exactly was wrong, for the operator.
+    pub detail: String,
+    /// The row's column values in text form, by name.
+    pub raw: Vec<(String, Option<String>)>,
+}
+
+/// What the pipeline hands every sink at once: events in commit order, and how far the
+/// slot may be acknowledged once every sink has applied them.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub events: Vec<EnrichedEvent>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// The WAL position that is safe to acknowledge once this batch and all before it are
+    /// applied everywhere: the end LSN of the last transaction this batch completes, or a
+    /// keepalive's WAL end when no transaction was open. `None` for a batch that ends inside
+    /// a transaction.
+    pub ack_lsn: Option<Lsn>,
+    /// Commit time of the newest transaction in the batch, for lag metrics.
+    pub commit_ts: Option<DateTime<Utc>>,
+    /// Approximate size in bytes of the rows, for the batch byte limit.
+    pub bytes: usize,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.dead_letters.is_empty() && self.ack_lsn.is_none()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len() + self.dead_letters.len()
+    }
+
+    /// Position of the last row in the batch, if it has rows.
+    pub fn last_position(&self) -> Option<Position> {
+        let e = self.events.last().map(|e| e.position);
+        let d = self.dead_letters.last().map(|d| d.position);
+        e.max(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hundredths_print_like_numeric_2() {
+        assert_eq!(Hundredths(700).to_string(), "7.00");
+        assert_eq!(Hundredths(2).to_string(), "0.02");
+        assert_eq!(Hundredths(-105).to_string(), "-1.05");
+        assert_eq!(Hundredths(0).to_string(), "0.00");
+        assert_eq!(Hundredths(2).as_f64().to_string(), "0.02");
+    }
+}

@@ -1,0 +1,51 @@
+//! walcast: PostgreSQL change-data-capture for engagement analytics.
+//!
+//! ```text
+//!  PostgreSQL ──pgoutput──▶ source ──▶ decode ──▶ enrich ──▶ batch ──▶ fan-out ──▶ sinks
+//!  (slot walcast,           (pgwire-    (bytes →   (content   (whole      │    ├─ redis
+//!   publication walcast_pub) replication) changes)  cache)     txns)       │    └─ …
+//!        ▲                                                                 │
+//!        └───────────── flush LSN = what every sink confirmed ◀────────────┘
+//! ```
+//!
+//! - [`source`]: preflight checks, publication and slot, connections.
+//! - [`decode`]: pgoutput messages → typed changes (hand-written; see its docs for why).
+//! - [`enrich`]: the content cache and the engagement-event transform.
+//! - [`pipeline`]: the source loop, batching, fan-out and the one owner of LSN progress.
+//! - [`sink`]: the `Sink` trait and one module per destination.
+//! - [`event`], [`lsn`]: plain data — events, batches, WAL positions.
+//! - [`config`], [`metrics`], [`shutdown`]: settings, metric names, stopping cleanly.
+
+pub mod config;
+pub mod decode;
+pub mod enrich;
+pub mod event;
+pub mod lsn;
+pub mod metrics;
+pub mod pipeline;
+pub mod shutdown;
+pub mod sink;
+pub mod source;
+
+/// Why a walcast command stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Setup(#[from] source::SetupError),
+    #[error(transparent)]
+    Replication(#[from] source::ReplicationError),
+    #[error(transparent)]
+    Fanout(#[from] pipeline::FanoutError),
+    #[error("{context}: {source}")]
+    Postgres {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("cannot use Redis at WALCAST_REDIS_URL: {0}")]
+    RedisConnect(#[source] sink::SinkError),
+    #[error("metrics endpoint at WALCAST_METRICS_ADDR: {0}")]
+    Metrics(String),
+}

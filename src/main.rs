@@ -1,0 +1,190 @@
+//! The `walcast` command line: parse, set up logging, call into the library.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use walcast::config::{LogArgs, LogFormat, RedisArgs, RunConfig, SourceArgs};
+use walcast::shutdown::{self, CancellationToken};
+use walcast::sink::Sink;
+use walcast::sink::redis::{self as redis_sink, RedisSink};
+use walcast::source;
+
+/// PostgreSQL change-data-capture for engagement analytics.
+#[derive(Debug, Parser)]
+#[command(name = "walcast", version, about)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stream: ensure publication and slot, load the content cache, replicate, fan out, ack.
+    Run(Box<RunConfig>),
+    /// Check the source database and create the publication and slot (idempotent).
+    Setup(SetupArgs),
+    /// Drop the slot and the publication.
+    Teardown(SourceArgs),
+    /// The slot's position and lag, and each sink's checkpoint.
+    Status(StatusArgs),
+    /// Top content by engagement seconds over the last N minutes, from Redis.
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+struct SetupArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Also create the source tables (sql/001_source_schema.sql) where they are missing.
+    #[arg(long)]
+    create_schema: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+}
+
+#[derive(Debug, Args)]
+struct TopArgs {
+    #[command(flatten)]
+    redis: RedisArgs,
+    /// How many minute buckets, ending with the current minute.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=120))]
+    minutes: u32,
+    /// How many entries to print.
+    #[arg(long, default_value_t = 10)]
+    limit: usize,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    match dispatch(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(config) => {
+            let token = CancellationToken::new();
+            shutdown::on_signals(token.clone());
+            walcast::pipeline::run(*config, token.cancelled_owned()).await?;
+        }
+        Command::Setup(args) => {
+            args.source.validate()?;
+            let client = connect(&args.source).await?;
+            if args.create_schema {
+                source::create_schema(&client).await?;
+                println!("source schema present");
+            }
+            let done = source::ensure(&client, &args.source).await?;
+            for line in &done {
+                println!("{line}");
+            }
+            if done.is_empty() {
+                println!(
+                    "nothing to do: publication {} and slot {} are in place",
+                    args.source.publication, args.source.slot
+                );
+            }
+        }
+        Command::Teardown(source_args) => {
+            source_args.validate()?;
+            let client = connect(&source_args).await?;
+            let done = source::teardown(&client, &source_args).await?;
+            for line in &done {
+                println!("{line}");
+            }
+            if done.is_empty() {
+                println!(
+                    "nothing to do: no slot {} and no publication {}",
+                    source_args.slot, source_args.publication
+                );
+            }
+        }
+        Command::Status(args) => status(args).await?,
+        Command::Top(args) => {
+            let mut conn = redis_sink::connect(&args.redis.redis_url)
+                .await
+                .context("connecting to WALCAST_REDIS_URL")?;
+            let entries =
+                redis_sink::top(&mut conn, args.minutes, args.limit, chrono::Utc::now()).await?;
+            if entries.is_empty() {
+                eprintln!("no engagement in the last {} minutes", args.minutes);
+            }
+            for entry in entries {
+                println!("{} {:.2}", entry.content_id, entry.engagement_seconds);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn connect(source_args: &SourceArgs) -> anyhow::Result<tokio_postgres::Client> {
+    source::connect(&source_args.pg_config()?)
+        .await
+        .context("connecting to WALCAST_SOURCE_URL")
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    args.source.validate()?;
+    let client = connect(&args.source).await?;
+    let current = source::wal_lsn(&client).await?;
+    match source::slot_info(&client, &args.source.slot).await? {
+        None => println!(
+            "slot {}: does not exist (run walcast setup)",
+            args.source.slot
+        ),
+        Some(slot) => {
+            let flushed = slot.confirmed_flush_lsn.unwrap_or_default();
+            println!("slot {}", args.source.slot);
+            println!(
+                "  active               {}",
+                slot.active_pid
+                    .map_or("no".to_owned(), |pid| format!("yes (pid {pid})"))
+            );
+            println!("  confirmed_flush_lsn  {flushed}");
+            println!("  current_wal_lsn      {current}");
+            println!("  lag_bytes            {}", current.bytes_since(flushed));
+            println!(
+                "  wal_status           {}",
+                slot.wal_status.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    match RedisSink::connect(&args.redis.redis_url).await {
+        Ok(sink) => match sink.checkpoint().await {
+            Ok(Some(position)) => println!("sink redis checkpoint {position}"),
+            Ok(None) => println!("sink redis checkpoint none (nothing applied yet)"),
+            Err(err) => println!("sink redis checkpoint unreadable: {err}"),
+        },
+        Err(err) => println!("sink redis unreachable: {err}"),
+    }
+    Ok(())
+}
+
+fn init_tracing(log: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match log.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

@@ -1,0 +1,108 @@
+//! Metric names and the few helpers that record them.
+//!
+//! Names follow Prometheus conventions (`walcast_<what>[_unit]`, base units, `_total` for
+//! counters) and carry only low-cardinality labels (`table`, `op`, `sink`, `outcome`,
+//! `reason`). Recording happens per batch, not per row, except the end-to-end histogram,
+//! which gets one observation per delivered event so its count equals events delivered.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+use crate::event::Batch;
+use crate::lsn::Lsn;
+
+pub const REPLICATION_LAG_BYTES: &str = "walcast_replication_lag_bytes";
+pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
+pub const SLOT_RETAINED_WAL_BYTES: &str = "walcast_slot_retained_wal_bytes";
+pub const EVENTS_TOTAL: &str = "walcast_events_total";
+pub const DEAD_LETTERS_TOTAL: &str = "walcast_dead_letters_total";
+pub const CONTENT_MISSING_TOTAL: &str = "walcast_content_missing_total";
+pub const SINK_BATCHES_TOTAL: &str = "walcast_sink_batches_total";
+pub const SINK_WRITE_SECONDS: &str = "walcast_sink_write_seconds";
+pub const END_TO_END_SECONDS: &str = "walcast_end_to_end_seconds";
+pub const CONTENT_CACHE_ENTRIES: &str = "walcast_content_cache_entries";
+pub const FLUSHED_LSN: &str = "walcast_flushed_lsn";
+
+/// Starts the Prometheus endpoint at `addr` (`/metrics`).
+pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
+    let buckets = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &buckets,
+        )?
+        .install()
+}
+
+/// Changes decoded by the source, per table and operation, counted over one batch.
+#[derive(Debug, Default)]
+pub struct ChangeCounts {
+    counts: Vec<(&'static str, &'static str, u64)>,
+    pub content_missing: u64,
+}
+
+impl ChangeCounts {
+    pub fn add(&mut self, table: &'static str, op: &'static str) {
+        match self
+            .counts
+            .iter_mut()
+            .find(|(t, o, _)| *t == table && *o == op)
+        {
+            Some(entry) => entry.2 += 1,
+            None => self.counts.push((table, op, 1)),
+        }
+    }
+
+    /// Records and resets.
+    pub fn flush(&mut self, batch: &Batch) {
+        for (table, op, n) in self.counts.drain(..) {
+            counter!(EVENTS_TOTAL, "table" => table, "op" => op).increment(n);
+        }
+        if self.content_missing > 0 {
+            counter!(CONTENT_MISSING_TOTAL).increment(self.content_missing);
+            self.content_missing = 0;
+        }
+        for dead in &batch.dead_letters {
+            counter!(DEAD_LETTERS_TOTAL, "reason" => dead.reason).increment(1);
+        }
+    }
+}
+
+/// A sink applied `batch` after `took`, confirmed at `now`.
+pub fn sink_written(sink: &'static str, batch: &Batch, took: Duration, now: DateTime<Utc>) {
+    if batch.len() == 0 {
+        return;
+    }
+    counter!(SINK_BATCHES_TOTAL, "sink" => sink, "outcome" => "ok").increment(1);
+    histogram!(SINK_WRITE_SECONDS, "sink" => sink).record(took.as_secs_f64());
+    let end_to_end = histogram!(END_TO_END_SECONDS, "sink" => sink);
+    for event in &batch.events {
+        let seconds = (now - event.commit_ts).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        end_to_end.record(seconds.max(0.0));
+    }
+}
+
+pub fn sink_failed(sink: &'static str, outcome: &'static str) {
+    counter!(SINK_BATCHES_TOTAL, "sink" => sink, "outcome" => outcome).increment(1);
+}
+
+pub fn flushed(lsn: Lsn) {
+    gauge!(FLUSHED_LSN).set(lsn.0 as f64);
+}
+
+pub fn content_cache_entries(n: usize) {
+    gauge!(CONTENT_CACHE_ENTRIES).set(n as f64);
+}
+
+/// Lag of the last applied transaction; 0 when the source has nothing more to send.
+pub fn replication_lag(bytes: u64, seconds: f64) {
+    gauge!(REPLICATION_LAG_BYTES).set(bytes as f64);
+    gauge!(REPLICATION_LAG_SECONDS).set(seconds);
+}

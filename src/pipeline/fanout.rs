@@ -1,0 +1,213 @@
+//! Fan-out: every sink gets every batch, in order, from a task of its own.
+//!
+//! ```text
+//!                      ┌─▶ [queue] ─▶ sink task (redis)    ─┐
+//!  batches ─▶ fan-out ─┼─▶ [queue] ─▶ sink task (postgres) ─┼─▶ confirmations ─▶ AckTracker ─▶ flush LSN
+//!                      └─▶ [queue] ─▶ sink task (webhook)  ─┘
+//! ```
+//!
+//! Sinks write concurrently: a slow sink delays no other sink's writes, only the
+//! acknowledgement. Each sink's queue is bounded; when a slow sink's queue is full the
+//! fan-out waits, the source's queue fills, and the source stops reading: backpressure
+//! all the way to the walsender instead of a growing buffer. Confirmations travel on an
+//! unbounded channel on purpose: they are bounded by the batches in flight (the queue
+//! capacities), and a bounded one could deadlock a sink blocked on reporting while the
+//! fan-out is blocked on that sink's full queue.
+//!
+//! A transient sink error is retried with exponential backoff and jitter, forever: the
+//! acknowledgement simply waits. A permanent one ends the fan-out with that error, having
+//! acknowledged nothing the sink did not apply.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::ack::AckTracker;
+use crate::event::Batch;
+use crate::lsn::Lsn;
+use crate::metrics;
+use crate::sink::{Sink, SinkError};
+
+/// Batches a sink may have queued beyond the one it is writing.
+const SINK_QUEUE: usize = 4;
+
+/// A batch with its sequence number, shared by all sink tasks.
+type Numbered = Arc<(u64, Batch)>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("sink {sink} failed: {source}")]
+pub struct FanoutError {
+    pub sink: &'static str,
+    #[source]
+    pub source: SinkError,
+}
+
+/// The sink tasks, before the fan-out starts.
+pub struct Sinks {
+    tasks: JoinSet<Result<(), FanoutError>>,
+    queues: Vec<mpsc::Sender<Numbered>>,
+    confirm_tx: mpsc::UnboundedSender<(usize, u64)>,
+    confirm_rx: mpsc::UnboundedReceiver<(usize, u64)>,
+}
+
+impl Default for Sinks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sinks {
+    pub fn new() -> Self {
+        let (confirm_tx, confirm_rx) = mpsc::unbounded_channel();
+        Sinks {
+            tasks: JoinSet::new(),
+            queues: Vec::new(),
+            confirm_tx,
+            confirm_rx,
+        }
+    }
+
+    /// Starts the task that feeds `sink`.
+    pub fn add<S: Sink>(&mut self, sink: S) {
+        let index = self.queues.len();
+        let (tx, rx) = mpsc::channel(SINK_QUEUE);
+        self.queues.push(tx);
+        let confirm = self.confirm_tx.clone();
+        self.tasks.spawn(sink_task(sink, index, rx, confirm));
+    }
+
+    pub fn len(&self) -> usize {
+        self.queues.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queues.is_empty()
+    }
+}
+
+/// Runs the fan-out until `batches` closes and every sink confirmed every batch. Publishes
+/// each new flush position on `ack`.
+pub async fn run(
+    sinks: Sinks,
+    mut batches: mpsc::Receiver<Batch>,
+    acked: Lsn,
+    ack: watch::Sender<Lsn>,
+) -> Result<(), FanoutError> {
+    let Sinks {
+        mut tasks,
+        queues,
+        confirm_tx,
+        mut confirm_rx,
+    } = sinks;
+    drop(confirm_tx);
+    let mut tracker = AckTracker::new(queues.len(), acked);
+    let mut queues = Some(queues);
+    loop {
+        tokio::select! {
+            // Priority 1: a sink task ended; before the input closed, only by failing.
+            Some(joined) = tasks.join_next() => match joined {
+                Ok(Err(err)) => return Err(err),
+                Ok(Ok(())) => {}
+                Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+            },
+            // Priority 2: confirmations move the flush position.
+            Some((sink, seq)) = confirm_rx.recv() => {
+                if let Some(lsn) = tracker.confirm(sink, seq) {
+                    metrics::flushed(lsn);
+                    ack.send_replace(lsn);
+                }
+            }
+            // Priority 3: the next batch. Cancel-safe: `recv` loses nothing when another
+            // arm wins; the sends below run to completion inside the arm.
+            batch = batches.recv(), if queues.is_some() => match batch {
+                Some(batch) => {
+                    let seq = tracker.dispatch(batch.ack_lsn);
+                    let numbered = Arc::new((seq, batch));
+                    for queue in queues.iter().flatten() {
+                        // A closed queue means that sink's task ended with an error, which
+                        // the join arm reports next.
+                        let _ = queue.send(Arc::clone(&numbered)).await;
+                    }
+                }
+                // Input closed: let the sink tasks drain their queues and end.
+                None => queues = None,
+            },
+            else => break,
+        }
+        if queues.is_none() && tracker.in_flight() == 0 {
+            break;
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(result) => result?,
+            Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+        }
+    }
+    Ok(())
+}
+
+/// Writes every batch of its queue to one sink, in order, retrying transient errors.
+async fn sink_task<S: Sink>(
+    sink: S,
+    index: usize,
+    mut queue: mpsc::Receiver<Numbered>,
+    confirm: mpsc::UnboundedSender<(usize, u64)>,
+) -> Result<(), FanoutError> {
+    let name = sink.name();
+    while let Some(numbered) = queue.recv().await {
+        let (seq, batch) = &*numbered;
+        let mut attempt: u32 = 0;
+        loop {
+            let started = std::time::Instant::now();
+            match sink.write(batch).await {
+                Ok(()) => {
+                    metrics::sink_written(name, batch, started.elapsed(), Utc::now());
+                    break;
+                }
+                Err(err) if err.is_transient() => {
+                    metrics::sink_failed(name, "retry");
+                    let delay = backoff(attempt);
+                    attempt += 1;
+                    tracing::warn!(sink = name, error = %err, attempt, retry_in_ms = delay.as_millis() as u64, "sink write failed, retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(err) => {
+                    metrics::sink_failed(name, "error");
+                    return Err(FanoutError {
+                        sink: name,
+                        source: err,
+                    });
+                }
+            }
+        }
+        if confirm.send((index, *seq)).is_err() {
+            break; // the fan-out ended
+        }
+    }
+    Ok(())
+}
+
+/// Exponential backoff from 100 ms to 10 s with full jitter on the upper half.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling_ms = 100u64.saturating_mul(1 << attempt.min(7)).min(10_000);
+    let ms = rand::rng().random_range(ceiling_ms / 2..=ceiling_ms);
+    Duration::from_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(0) <= Duration::from_millis(100));
+        assert!(backoff(0) >= Duration::from_millis(50));
+        assert!(backoff(30) <= Duration::from_secs(10));
+        assert!(backoff(30) >= Duration::from_secs(5));
+    }
+}

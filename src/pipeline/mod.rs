@@ -1,0 +1,345 @@
+//! The streaming pipeline: source loop, batching, fan-out, acknowledgement, shutdown.
+//!
+//! ```text
+//!  replication stream ──▶ source loop ──▶ [batches, bounded] ──▶ fan-out ──▶ sinks
+//!        ▲                (decode, enrich, batch)                   │
+//!        └──────── flush LSN ◀──── watch ◀──── AckTracker ◀─────────┘
+//! ```
+//!
+//! The source loop is the only owner of the replication client: it reads, and it reports
+//! the flush position the fan-out publishes (see `ack`, "Progress tracking").
+
+mod ack;
+mod batch;
+mod fanout;
+
+pub use ack::AckTracker;
+pub use batch::Batcher;
+pub use fanout::{FanoutError, Sinks};
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{RunConfig, SinkKind};
+use crate::decode::{self, Change};
+use crate::enrich::{ContentCache, Enricher, Outcome};
+use crate::lsn::{Lsn, Position};
+use crate::metrics::{self, ChangeCounts};
+use crate::sink::Sink;
+use crate::sink::redis::RedisSink;
+use crate::{Error, source};
+
+/// Batches the source may have closed ahead of the fan-out.
+const BATCH_QUEUE: usize = 2;
+/// How long shutdown waits for the final status update to reach PostgreSQL.
+const FINAL_ACK_WAIT: Duration = Duration::from_secs(5);
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// Streams until `shutdown` completes or an error stops it.
+pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    config.validate()?;
+    if let Some(addr) = config.metrics_addr()? {
+        metrics::install(addr).map_err(|e| Error::Metrics(e.to_string()))?;
+    }
+    let pg_config = config.source.pg_config()?;
+    let client = source::connect(&pg_config)
+        .await
+        .map_err(|source| Error::Postgres {
+            context: "connecting to WALCAST_SOURCE_URL",
+            source,
+        })?;
+    for done in source::ensure(&client, &config.source).await? {
+        tracing::info!("{done}");
+    }
+    let slot = source::slot_info(&client, &config.source.slot)
+        .await?
+        .ok_or_else(|| source::ReplicationError::SlotMissing {
+            slot: config.source.slot.clone(),
+        })?;
+    let durable = slot.confirmed_flush_lsn.unwrap_or_default();
+
+    let cache = ContentCache::load(&client)
+        .await
+        .map_err(|source| Error::Postgres {
+            context: "loading the content cache",
+            source,
+        })?;
+    metrics::content_cache_entries(cache.len());
+    tracing::info!(entries = cache.len(), "content cache loaded");
+
+    let mut sinks = Sinks::new();
+    for kind in &config.sinks {
+        match kind {
+            SinkKind::Redis => {
+                let sink = RedisSink::connect(&config.redis.redis_url)
+                    .await
+                    .map_err(Error::RedisConnect)?;
+                let checkpoint = sink.checkpoint().await.map_err(Error::RedisConnect)?;
+                tracing::info!(sink = sink.name(), checkpoint = ?checkpoint.map(|p| p.to_string()), "sink ready");
+                sinks.add(sink);
+            }
+        }
+    }
+
+    let repl =
+        source::start_replication(&config.source, durable, config.status_interval).await?;
+    tracing::info!(slot = %config.source.slot, from = %durable, "replication started");
+
+    let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
+    let (ack_tx, ack_rx) = watch::channel(durable);
+    let fanout = tokio::spawn(fanout::run(sinks, batch_rx, durable, ack_tx));
+    let source_loop = SourceLoop {
+        repl,
+        enricher: Enricher::new(cache),
+        batcher: Batcher::new(config.batch_max_events, config.batch_max_bytes, durable),
+        counts: ChangeCounts::default(),
+        tx: None,
+        batch_tx,
+        ack_rx,
+        acked: durable,
+    };
+    source_loop.run(fanout, shutdown).await
+}
+
+/// The transaction being read.
+struct Tx {
+    commit_lsn: Lsn,
+    commit_ts: DateTime<Utc>,
+    /// Index of the next row change inside the transaction.
+    seq: u32,
+}
+
+struct SourceLoop {
+    repl: ReplicationClient,
+    enricher: Enricher,
+    batcher: Batcher,
+    counts: ChangeCounts,
+    tx: Option<Tx>,
+    batch_tx: mpsc::Sender<Batch>,
+    ack_rx: watch::Receiver<Lsn>,
+    acked: Lsn,
+}
+
+use crate::event::Batch;
+
+impl SourceLoop {
+    async fn run(
+        mut self,
+        mut fanout: tokio::task::JoinHandle<Result<(), FanoutError>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let outcome: Result<(), Error> = loop {
+            tokio::select! {
+                biased;
+                // Priority 1: stop reading on shutdown.
+                () = &mut shutdown => break Ok(()),
+                // Priority 2: the fan-out ended early, which only a sink failure does.
+                joined = &mut fanout => return finish_fanout(joined),
+                // Priority 3: report a new flush position.
+                Ok(()) = self.ack_rx.changed() => self.report_ack(),
+                // Priority 4: the next replication event. `recv` is cancel-safe (an mpsc
+                // receive), so losing the race to another arm loses nothing.
+                event = self.repl.recv() => match event {
+                    Ok(Some(event)) => {
+                        if let Err(err) = self.handle(event).await {
+                            break Err(err);
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(err) => break Err(source::ReplicationError::Protocol(err).into()),
+                },
+                // Priority 5: nothing ready on the input: close the batch now rather than
+                // wait for it to fill.
+                () = std::future::ready(()), if self.batcher.has_pending() => {
+                    if let Err(err) = self.flush().await {
+                        break Err(err);
+                    }
+                }
+            }
+        };
+        if outcome.is_err() {
+            // Acknowledge nothing more: the next start resumes from the slot.
+            fanout.abort();
+            return outcome;
+        }
+        self.shutdown(fanout).await
+    }
+
+    async fn handle(&mut self, event: ReplicationEvent) -> Result<(), Error> {
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                self.tx = Some(Tx {
+                    commit_lsn: final_lsn.into(),
+                    commit_ts: pg_timestamp(commit_time_micros),
+                    seq: 0,
+                });
+            }
+            ReplicationEvent::XLogData {
+                data, wal_start, ..
+            } => self.change(&data, wal_start.into()),
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                self.tx = None;
+                self.batcher
+                    .commit(end_lsn.into(), pg_timestamp(commit_time_micros));
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Outside a transaction everything before `wal_end` has been received, so it
+                // is a safe acknowledgement point once the batches before it are applied.
+                if self.tx.is_none() {
+                    self.batcher.mark(wal_end.into());
+                }
+                let wal_end: Lsn = wal_end.into();
+                metrics::replication_lag(wal_end.bytes_since(self.acked), 0.0);
+            }
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                ..
+            } => {
+                tracing::debug!(%prefix, transactional, lsn = %Lsn::from(lsn), "logical message");
+            }
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        if self.batcher.is_full() {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Decodes and applies one pgoutput change. A change that cannot be decoded or turned
+    /// into an event is logged with its LSN and counted; the stream goes on.
+    fn change(&mut self, data: &bytes::Bytes, lsn: Lsn) {
+        let change = match decode::decode(data) {
+            Ok(change) => change,
+            Err(error) => {
+                tracing::error!(%lsn, %error, "undecodable pgoutput message skipped");
+                ::metrics::counter!(metrics::DEAD_LETTERS_TOTAL, "reason" => "undecodable")
+                    .increment(1);
+                return;
+            }
+        };
+        let Some(tx) = self.tx.as_mut() else {
+            tracing::warn!(%lsn, "change outside a transaction skipped");
+            return;
+        };
+        let position = Position::new(tx.commit_lsn, tx.seq);
+        let (relation, op) = match &change {
+            Change::Insert { relation, .. } => (Some(*relation), "insert"),
+            Change::Update { relation, .. } => (Some(*relation), "update"),
+            Change::Delete { relation, .. } => (Some(*relation), "delete"),
+            Change::Truncate { .. } => (None, "truncate"),
+            Change::Relation(_) | Change::Ignored(_) => (None, ""),
+        };
+        if let Some(relation) = relation {
+            tx.seq += 1;
+            self.counts.add(self.enricher.table_label(relation), op);
+        }
+        match self.enricher.apply(change, position, tx.commit_ts) {
+            Ok(Outcome::Event(event)) => {
+                if event.content_missing() {
+                    self.counts.content_missing += 1;
+                }
+                self.batcher.push_event(*event, data.len());
+            }
+            Ok(Outcome::DeadLetter(dead)) => {
+                tracing::warn!(%lsn, position = %dead.position, reason = dead.reason, detail = %dead.detail, "row rejected");
+                self.batcher.push_dead_letter(*dead, data.len());
+            }
+            Ok(Outcome::Applied) => {}
+            Err(error) => {
+                tracing::error!(%lsn, %error, "change skipped");
+                ::metrics::counter!(metrics::DEAD_LETTERS_TOTAL, "reason" => "undecodable")
+                    .increment(1);
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Error> {
+        let Some(batch) = self.batcher.take() else {
+            return Ok(());
+        };
+        self.counts.flush(&batch);
+        metrics::content_cache_entries(self.enricher.cache().len());
+        // Fails only when the fan-out ended; the fan-out arm reports why.
+        let _ = self.batch_tx.send(batch).await;
+        Ok(())
+    }
+
+    fn report_ack(&mut self) {
+        let lsn = *self.ack_rx.borrow_and_update();
+        self.acked = lsn;
+        self.repl.update_applied_lsn(lsn.into());
+        let wal_end: Lsn = self.repl.metrics().last_wal_end().into();
+        metrics::replication_lag(wal_end.bytes_since(lsn), 0.0);
+    }
+
+    /// Stop reading, flush the open batch, let every sink confirm, send the final status
+    /// update, close.
+    async fn shutdown(
+        mut self,
+        mut fanout: tokio::task::JoinHandle<Result<(), FanoutError>>,
+    ) -> Result<(), Error> {
+        self.flush().await?;
+        let SourceLoop {
+            repl,
+            batch_tx,
+            mut ack_rx,
+            ..
+        } = self;
+        drop(batch_tx);
+        let joined = loop {
+            tokio::select! {
+                joined = &mut fanout => break joined,
+                Ok(()) = ack_rx.changed() => {
+                    repl.update_applied_lsn((*ack_rx.borrow_and_update()).into());
+                }
+            }
+        };
+        let fanned = finish_fanout(joined);
+        let last = *ack_rx.borrow();
+        repl.update_applied_lsn(last.into());
+        // pgwire-replication sends no status update of its own on shutdown: wait (bounded)
+        // until the last one carried our final position.
+        let deadline = Instant::now() + FINAL_ACK_WAIT;
+        while Lsn::from(repl.metrics().last_applied_lsn()) < last && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut repl = repl;
+        if let Err(error) = repl.shutdown().await {
+            tracing::debug!(%error, "replication stream closed with an error");
+        }
+        tracing::info!(flushed = %last, "stopped");
+        fanned
+    }
+}
+
+fn finish_fanout(
+    joined: Result<Result<(), FanoutError>, tokio::task::JoinError>,
+) -> Result<(), Error> {
+    match joined {
+        Ok(result) => result.map_err(Error::from),
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// PostgreSQL timestamps count microseconds from 2000-01-01 UTC.
+fn pg_timestamp(micros: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros.saturating_add(PG_EPOCH_OFFSET_MICROS))
+        .unwrap_or_default()
+}

@@ -1,0 +1,60 @@
+//! Destinations for enriched events.
+//!
+//! Every sink implements the one small [`Sink`] trait. The pipeline gives each sink every
+//! batch, in commit order, from a task of its own; a sink never sees batch N+1 before it
+//! confirmed batch N. Exactly-once rests on two rules every sink keeps:
+//!
+//! 1. It stores the highest [`Position`] it applied atomically with the data (Redis: in the
+//!    same script; PostgreSQL: in the same transaction), and skips positions at or below
+//!    it. After a crash the slot replays from the last acknowledged commit, which may be
+//!    behind what a sink applied; the checkpoint makes that replay a no-op.
+//! 2. Each write is idempotent per event id, so a backfill overlapping the stream changes
+//!    nothing twice.
+
+pub mod redis;
+
+use std::future::Future;
+
+use crate::event::Batch;
+use crate::lsn::Position;
+
+/// A destination for enriched events. Batches arrive in commit order. After a restart a
+/// sink may be offered events it already applied: it must skip them (checkpoint) and
+/// every write must be idempotent per event id.
+pub trait Sink: Send + Sync + 'static {
+    /// Low-cardinality name for logs and metric labels: "redis", "postgres", "webhook".
+    fn name(&self) -> &'static str;
+
+    /// The highest position this sink has durably applied, read at start-up.
+    fn checkpoint(&self) -> impl Future<Output = Result<Option<Position>, SinkError>> + Send;
+
+    /// Durably applies the batch and its checkpoint together. `Ok` means the batch may be
+    /// acknowledged upstream as far as this sink is concerned. Must be safe to call again
+    /// with the same batch after an error.
+    fn write(&self, batch: &Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("checkpoint {0:?} stored by the sink is not a walcast position")]
+    BadCheckpoint(String),
+}
+
+impl SinkError {
+    /// Whether retrying the same write may succeed (a connection lost, a timeout, a server
+    /// loading its data) as opposed to an error that repeats until someone fixes something.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Redis(err) => {
+                err.is_io_error()
+                    || err.is_timeout()
+                    || err.is_connection_dropped()
+                    || err.is_connection_refusal()
+                    || !matches!(err.retry_method(), ::redis::RetryMethod::NoRetry)
+            }
+            SinkError::BadCheckpoint(_) => false,
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! `walcast setup` / `teardown`: preflight checks, publication and slot.
+//!
+//! Every check that can fail because of how the database is configured fails with a
+//! [`SetupError`] whose message says what to do. `ensure` is idempotent: it creates what
+//! is missing and leaves what is right alone, so `walcast run` calls it on every start.
+
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use crate::config::SourceArgs;
+use crate::enrich::{CONTENT_TABLE, EVENTS_TABLE};
+use crate::lsn::Lsn;
+
+/// The source schema (DESIGN.md), as shipped in sql/.
+const SOURCE_SCHEMA: &str = include_str!("../../sql/001_source_schema.sql");
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(
+        "wal_level is {0}; logical replication needs wal_level=logical: run \
+         ALTER SYSTEM SET wal_level = logical (or set it in postgresql.conf) and restart PostgreSQL"
+    )]
+    WalLevel(String),
+    #[error(
+        "role {0} lacks the REPLICATION attribute; as a superuser run: ALTER ROLE {0} REPLICATION"
+    )]
+    NoReplicationPrivilege(String),
+    #[error(
+        "table public.{0} does not exist; apply the migrations in sql/ \
+         (or run walcast setup --create-schema)"
+    )]
+    MissingTable(&'static str),
+    #[error(
+        "table public.{0} has no usable replica identity, so PostgreSQL would reject its UPDATEs \
+         and DELETEs once published; give it a primary key or run \
+         ALTER TABLE public.{0} REPLICA IDENTITY FULL"
+    )]
+    NoReplicaIdentity(&'static str),
+    #[error(
+        "replication slot {slot} is in use by another process (pid {pid}); another walcast is \
+         probably running: stop it, or give this one its own WALCAST_SLOT"
+    )]
+    SlotInUse { slot: String, pid: i32 },
+    #[error(
+        "all {max} replication slots are taken (max_replication_slots); drop an unused one with \
+         SELECT pg_drop_replication_slot('<name>') or raise max_replication_slots and restart \
+         PostgreSQL"
+    )]
+    SlotsExhausted { max: i64 },
+    #[error(
+        "replication slot {slot} exists but uses the {plugin} plugin; walcast needs pgoutput: \
+         drop it (walcast teardown) or choose another WALCAST_SLOT"
+    )]
+    WrongPlugin { slot: String, plugin: String },
+    #[error(
+        "replication slot {slot} belongs to database {database}, not to the one in \
+         WALCAST_SOURCE_URL; choose another WALCAST_SLOT"
+    )]
+    OtherDatabase { slot: String, database: String },
+    #[error(
+        "replication slot {0} was invalidated (wal_status lost): the WAL it needed is gone. \
+         Drop it with walcast teardown, then run walcast backfill to re-copy the table"
+    )]
+    SlotLost(String),
+    #[error("{context}: {source}")]
+    Postgres {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+trait Context<T> {
+    fn context(self, context: &'static str) -> Result<T, SetupError>;
+}
+
+impl<T> Context<T> for Result<T, tokio_postgres::Error> {
+    fn context(self, context: &'static str) -> Result<T, SetupError> {
+        self.map_err(|source| SetupError::Postgres { context, source })
+    }
+}
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub wal_status: Option<String>,
+}
+
+/// Checks everything that does not depend on walcast's own objects.
+pub async fn preflight(client: &Client) -> Result<(), SetupError> {
+    let wal_level: String = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .context("reading wal_level")?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(SetupError::WalLevel(wal_level));
+    }
+
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles \
+             WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .context("reading the role's attributes")?;
+    if !row.get::<_, bool>(1) {
+        return Err(SetupError::NoReplicationPrivilege(row.get(0)));
+    }
+
+    for table in [CONTENT_TABLE, EVENTS_TABLE] {
+        let row = client
+            .query_one(
+                "SELECT c.relreplident::text, \
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = 'public' AND c.relname = $1 \
+                 UNION ALL SELECT NULL, NULL LIMIT 1",
+                &[&table],
+            )
+            .await
+            .context("looking up the source tables")?;
+        let identity: Option<String> = row.get(0);
+        let has_pk: Option<bool> = row.get(1);
+        match (identity.as_deref(), has_pk) {
+            (None, _) => return Err(SetupError::MissingTable(table)),
+            (Some("n"), _) | (Some("d"), Some(false)) => {
+                return Err(SetupError::NoReplicaIdentity(table));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Runs the checks, then creates the publication and the slot if they are missing.
+/// Returns what it did, one line per action, for `walcast setup` to print.
+pub async fn ensure(client: &Client, source: &SourceArgs) -> Result<Vec<String>, SetupError> {
+    preflight(client).await?;
+    let mut done = Vec::new();
+    ensure_publication(client, &source.publication, &mut done).await?;
+    ensure_slot(client, &source.slot, &mut done).await?;
+    Ok(done)
+}
+
+async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    done: &mut Vec<String>,
+) -> Result<(), SetupError> {
+    // Names were validated as [a-z0-9_]+ (config.rs), so they need no quoting.
+    let exists = client
+        .query_opt(
+            "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate \
+             FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .context("looking up the publication")?;
+    match exists {
+        None => {
+            let sql = format!(
+                "CREATE PUBLICATION {publication} FOR TABLE public.{CONTENT_TABLE}, public.{EVENTS_TABLE}"
+            );
+            match client.batch_execute(&sql).await {
+                Ok(()) => done.push(format!("created publication {publication}")),
+                // Another walcast created it between our look and our create.
+                Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+                Err(e) => return Err(e).context("creating the publication"),
+            }
+            return Ok(());
+        }
+        Some(row) if !row.get::<_, bool>(0) => {
+            let sql = format!(
+                "ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate')"
+            );
+            client
+                .batch_execute(&sql)
+                .await
+                .context("widening the publication")?;
+            done.push(format!(
+                "publication {publication} now publishes insert, update, delete, truncate"
+            ));
+        }
+        Some(_) => {}
+    }
+    for table in [CONTENT_TABLE, EVENTS_TABLE] {
+        let published = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables \
+                 WHERE pubname = $1 AND schemaname = 'public' AND tablename = $2",
+                &[&publication, &table],
+            )
+            .await
+            .context("looking up the publication's tables")?
+            .is_some();
+        if !published {
+            let sql = format!("ALTER PUBLICATION {publication} ADD TABLE public.{table}");
+            client
+                .batch_execute(&sql)
+                .await
+                .context("adding a table to the publication")?;
+            done.push(format!("added public.{table} to publication {publication}"));
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_slot(client: &Client, slot: &str, done: &mut Vec<String>) -> Result<(), SetupError> {
+    if let Some(info) = slot_info(client, slot).await? {
+        check_slot(client, slot, &info).await?;
+        return Ok(());
+    }
+    let row = client
+        .query_one(
+            "SELECT count(*), current_setting('max_replication_slots')::bigint \
+             FROM pg_replication_slots",
+            &[],
+        )
+        .await
+        .context("counting replication slots")?;
+    let (used, max): (i64, i64) = (row.get(0), row.get(1));
+    if used >= max {
+        return Err(SetupError::SlotsExhausted { max });
+    }
+    match client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+    {
+        Ok(row) => {
+            let lsn: String = row.get(0);
+            done.push(format!("created replication slot {slot} at {lsn}"));
+            Ok(())
+        }
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
+        Err(e) if e.code() == Some(&SqlState::CONFIGURATION_LIMIT_EXCEEDED) => {
+            Err(SetupError::SlotsExhausted { max })
+        }
+        Err(e) => Err(e).context("creating the replication slot"),
+    }
+}
+
+/// Checks that an existing slot is walcast's kind of slot and free to use.
+async fn check_slot(client: &Client, slot: &str, info: &SlotInfo) -> Result<(), SetupError> {
+    if info.plugin.as_deref() != Some("pgoutput") {
+        return Err(SetupError::WrongPlugin {
+            slot: slot.to_owned(),
+            plugin: info.plugin.clone().unwrap_or_else(|| "physical".to_owned()),
+        });
+    }
+    let database: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .context("reading the database name")?
+        .get(0);
+    if let Some(slot_db) = &info.database
+        && *slot_db != database
+    {
+        return Err(SetupError::OtherDatabase {
+            slot: slot.to_owned(),
+            database: slot_db.clone(),
+        });
+    }
+    if info.wal_status.as_deref() == Some("lost") {
+        return Err(SetupError::SlotLost(slot.to_owned()));
+    }
+    if let Some(pid) = info.active_pid {
+        return Err(SetupError::SlotInUse {
+            slot: slot.to_owned(),
+            pid,
+        });
+    }
+    Ok(())
+}
+
+/// The slot's row in `pg_replication_slots`, if it exists.
+pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, SetupError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .context("looking up the replication slot")?;
+    Ok(row.map(|row| SlotInfo {
+        plugin: row.get(0),
+        database: row.get(1),
+        active_pid: row.get(2),
+        confirmed_flush_lsn: row
+            .get::<_, Option<String>>(3)
+            .and_then(|s| s.parse().ok()),
+        wal_status: row.get(4),
+    }))
+}
+
+/// The server's current WAL write position.
+pub async fn wal_lsn(client: &Client) -> Result<Lsn, SetupError> {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .context("reading the current WAL position")?
+        .get(0);
+    Ok(text.parse().unwrap_or_default())
+}
+
+/// Drops the slot and the publication. Returns what it did.
+pub async fn teardown(client: &Client, source: &SourceArgs) -> Result<Vec<String>, SetupError> {
+    let mut done = Vec::new();
+    if let Some(info) = slot_info(client, &source.slot).await? {
+        if let Some(pid) = info.active_pid {
+            return Err(SetupError::SlotInUse {
+                slot: source.slot.clone(),
+                pid,
+            });
+        }
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&source.slot])
+            .await
+            .context("dropping the replication slot")?;
+        done.push(format!("dropped replication slot {}", source.slot));
+    }
+    let dropped = client
+        .execute(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&source.publication],
+        )
+        .await
+        .context("looking up the publication")?;
+    if dropped > 0 {
+        let sql = format!("DROP PUBLICATION IF EXISTS {}", source.publication);
+        client
+            .batch_execute(&sql)
+            .await
+            .context("dropping the publication")?;
+        done.push(format!("dropped publication {}", source.publication));
+    }
+    Ok(done)
+}
+
+/// Creates the source tables of DESIGN.md where they are missing (sql/001).
+pub async fn create_schema(client: &Client) -> Result<(), SetupError> {
+    client
+        .batch_execute(SOURCE_SCHEMA)
+        .await
+        .context("creating the source schema")
+}

@@ -1,0 +1,126 @@
+//! Connections to the source: ordinary ones (tokio-postgres) and the replication one
+//! (pgwire-replication).
+//!
+//! The replication session pins `DateStyle=ISO` and `TimeZone=UTC`, so the text values
+//! pgoutput sends (rendered by the walsender with its session settings) always have the
+//! form the decoder parses, whatever the server's defaults are.
+
+use std::time::Duration;
+
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, TlsConfig};
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{ConfigError, SourceArgs};
+use crate::lsn::Lsn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error(
+        "replication slot {slot} is in use by another process; another walcast is probably \
+         running: stop it, or give this one its own WALCAST_SLOT ({message})"
+    )]
+    SlotInUse { slot: String, message: String },
+    #[error(
+        "replication slot {slot} does not exist (it may have been dropped while walcast was \
+         stopped); run walcast setup, then walcast backfill to re-copy what was missed"
+    )]
+    SlotMissing { slot: String },
+    #[error("replication connection: {0}")]
+    Protocol(#[from] PgWireError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl ReplicationError {
+    /// Whether reconnecting may help (the connection dropped) rather than needing an
+    /// operator (the slot is gone or taken).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicationError::Protocol(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// An ordinary connection; its driver task runs in the background.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Opens the replication stream on the slot, resuming where the slot's
+/// `confirmed_flush_lsn` stands, and waits until the server accepted it.
+///
+/// `durable` is what walcast reports as flushed until the first acknowledgement: the
+/// slot's own confirmed position, so a fresh session never moves the slot by itself.
+pub async fn start_replication(
+    source: &SourceArgs,
+    durable: Lsn,
+    status_interval: Duration,
+) -> Result<ReplicationClient, ReplicationError> {
+    let pg = source.pg_config()?;
+    let host = match pg.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        Some(Host::Unix(path)) => path.to_string_lossy().into_owned(),
+        None => String::from("localhost"),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let user = pg.get_user().unwrap_or("postgres").to_owned();
+    let database = pg.get_dbname().unwrap_or(&user).to_owned();
+    let tls = match pg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Require => TlsConfig::require(),
+        _ => TlsConfig::disabled(),
+    };
+    let config = ReplicationConfig::new(
+        host,
+        user,
+        password,
+        database,
+        source.slot.clone(),
+        source.publication.as_str(),
+    )
+    .with_port(port)
+    .with_tls(tls)
+    .with_ack_lsn(durable.into())
+    .with_status_interval(status_interval)
+    .with_wakeup_interval(Duration::from_secs(1))
+    .with_options("-c DateStyle=ISO,MDY -c TimeZone=UTC -c extra_float_digits=3")
+    .with_application_name("walcast");
+
+    let mut client = ReplicationClient::connect(config).await?;
+    client
+        .wait_started()
+        .await
+        .map_err(|e| classify(e, &source.slot))?;
+    Ok(client)
+}
+
+/// Turns the server's refusals to start into errors that say what to do.
+pub(crate) fn classify(err: PgWireError, slot: &str) -> ReplicationError {
+    if let PgWireError::Server(message) = &err {
+        // SQLSTATE 55006 object_in_use: "replication slot ... is active for PID ..."
+        if message.contains("55006") {
+            return ReplicationError::SlotInUse {
+                slot: slot.to_owned(),
+                message: message.clone(),
+            };
+        }
+        // SQLSTATE 42704 undefined_object: "replication slot ... does not exist"
+        if message.contains("42704") && message.contains("slot") {
+            return ReplicationError::SlotMissing {
+                slot: slot.to_owned(),
+            };
+        }
+    }
+    ReplicationError::Protocol(err)
+}

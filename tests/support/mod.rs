@@ -1,0 +1,621 @@
+//! Test support: throwaway servers and the real walcast binary.
+//!
+//! Every test starts its own PostgreSQL cluster (initdb once per machine into a template,
+//! then a copy per test, `wal_level=logical`, a free port, a temp dir) and its own
+//! `redis-server`, and tears them down when it ends. Server binaries are found on PATH,
+//! under `pg_config --bindir`, or under /usr/lib/postgresql/*/bin; a missing one fails the
+//! test with what to install. PostgreSQL refuses to run as root, so as root the cluster
+//! runs as the `postgres` user (or `nobody`).
+//!
+//! Nothing here sleeps and hopes: [`eventually`] polls a condition until a deadline.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// Polls `check` every 20 ms until it returns true; panics with `what` after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_for(what, timeout, || {
+        let fut = check();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `check` every 20 ms until it returns `Some`; panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match poll_until(timeout, check).await {
+        Some(value) => value,
+        None => panic!("timed out after {timeout:?} waiting for: {what}"),
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`; `None` after `timeout`.
+pub async fn poll_until<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Finds a server binary or fails the test with what to install.
+pub fn find_binary(name: &str, package: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join(name).is_file() {
+            return dir.join(name);
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin").join(name))
+        .filter(|p| p.is_file())
+        .collect();
+    versions.sort();
+    if let Some(found) = versions.pop() {
+        return found;
+    }
+    panic!(
+        "`{name}` not found on PATH, under `pg_config --bindir` or /usr/lib/postgresql/*/bin; \
+         install it (Debian/Ubuntu: apt-get install {package})"
+    );
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The unprivileged user PostgreSQL runs as when the tests run as root: name, uid, gid.
+fn pg_user() -> &'static (String, u32, u32) {
+    static USER: OnceLock<(String, u32, u32)> = OnceLock::new();
+    USER.get_or_init(|| {
+        let id = |flag: &str, user: &str| -> Option<u32> {
+            let out = Command::new("id").arg(flag).arg(user).output().ok()?;
+            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+        };
+        for user in ["postgres", "nobody"] {
+            if let (Some(uid), Some(gid)) = (id("-u", user), id("-g", user)) {
+                return (user.to_owned(), uid, gid);
+            }
+        }
+        panic!(
+            "running as root, and neither a postgres nor a nobody user exists to run PostgreSQL as"
+        );
+    })
+}
+
+/// A command for a PostgreSQL binary, as an unprivileged user when we are root. The uid
+/// is set in the child itself (no runuser in between), so signals reach the server.
+fn pg_command(binary: &Path) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(binary);
+    if is_root() {
+        let (_, uid, gid) = pg_user();
+        cmd.uid(*uid).gid(*gid);
+    }
+    cmd
+}
+
+fn give_to_pg_user(path: &Path) {
+    if is_root() {
+        let status = Command::new("chown")
+            .arg("-R")
+            .arg(&pg_user().0)
+            .arg(path)
+            .status()
+            .expect("run chown");
+        assert!(status.success(), "chown {path:?} failed");
+    }
+}
+
+/// A cluster made by initdb once, copied for each test (initdb takes seconds, a copy
+/// milliseconds).
+fn template() -> PathBuf {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE
+        .get_or_init(|| {
+            let initdb = find_binary("initdb", "postgresql");
+            let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let version = Command::new(&initdb)
+                .arg("--version")
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .trim()
+                        .replace([' ', '(', ')'], "_")
+                })
+                .unwrap_or_default();
+            let template = root.join(format!("pg-template-{version}"));
+            if template.join("PG_VERSION").is_file() {
+                return template;
+            }
+            let staging = root.join(format!("pg-template-staging-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&staging);
+            std::fs::create_dir_all(&staging).unwrap();
+            give_to_pg_user(&staging);
+            let out = pg_command(&initdb)
+                .arg("-D")
+                .arg(&staging)
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "--locale=C",
+                ])
+                .output()
+                .expect("run initdb");
+            assert!(
+                out.status.success(),
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // Another test process may have won the race; either copy is fine.
+            if std::fs::rename(&staging, &template).is_err() {
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+            template
+        })
+        .clone()
+}
+
+/// A throwaway PostgreSQL server.
+pub struct Postgres {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+    settings: Vec<(String, String)>,
+}
+
+impl Postgres {
+    /// `wal_level=logical` and room for slots.
+    pub async fn start() -> Postgres {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra `-c name=value` settings (they override the defaults).
+    pub async fn start_with(settings: &[(&str, &str)]) -> Postgres {
+        let dir = tempfile::Builder::new()
+            .prefix("walcast-pg-")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(template())
+            .arg(&data)
+            .status()
+            .expect("copy the template cluster");
+        assert!(status.success());
+        give_to_pg_user(dir.path());
+        let mut all: Vec<(String, String)> = [
+            ("wal_level", "logical"),
+            ("max_wal_senders", "10"),
+            ("max_replication_slots", "10"),
+            ("fsync", "off"),
+            ("shared_buffers", "32MB"),
+            ("listen_addresses", "127.0.0.1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in settings {
+            all.retain(|(name, _)| name != k);
+            all.push((k.to_string(), v.to_string()));
+        }
+        let mut pg = Postgres {
+            port: free_port(),
+            dir,
+            child: None,
+            settings: all,
+        };
+        pg.launch().await;
+        pg
+    }
+
+    async fn launch(&mut self) {
+        let postgres = find_binary("postgres", "postgresql");
+        let data = self.dir.path().join("data");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))
+            .unwrap();
+        let mut cmd = pg_command(&postgres);
+        cmd.arg("-D")
+            .arg(&data)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path());
+        for (k, v) in &self.settings {
+            cmd.arg("-c").arg(format!("{k}={v}"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.try_client("postgres").await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("postgres exited with {status}: {}", self.log());
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "postgres did not accept connections within 30 s: {}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    async fn try_client(&self, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(&self.url(db), tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    pub async fn client(&self, db: &str) -> tokio_postgres::Client {
+        self.try_client(db)
+            .await
+            .expect("connect to the test postgres")
+    }
+
+    /// Creates database `db` with the source schema of sql/001.
+    pub async fn create_source_db(&self, db: &str) -> tokio_postgres::Client {
+        self.client("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        let client = self.client(db).await;
+        walcast::source::create_schema(&client).await.unwrap();
+        client
+    }
+
+    /// Stops the server (fast shutdown) and starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.launch().await;
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGINT is PostgreSQL's fast shutdown: backends end, nothing lingers.
+            signal(&child, libc::SIGINT);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own child.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// A throwaway redis-server that keeps nothing on disk.
+pub struct Redis {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let dir = tempfile::Builder::new()
+            .prefix("walcast-redis-")
+            .tempdir()
+            .unwrap();
+        let mut redis = Redis {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        redis.launch().await;
+        redis
+    }
+
+    async fn launch(&mut self) {
+        let binary = find_binary("redis-server", "redis-server");
+        let child = Command::new(binary)
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut conn) = self.try_conn().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn try_conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.try_conn().await.expect("connect to the test redis")
+    }
+
+    /// `stats:events` field `total`, 0 when absent.
+    pub async fn total(&self) -> i64 {
+        let mut conn = self.conn().await;
+        redis::cmd("HGET")
+            .arg("stats:events")
+            .arg("total")
+            .query_async::<Option<i64>>(&mut conn)
+            .await
+            .unwrap()
+            .unwrap_or(0)
+    }
+
+    pub async fn event(&self, id: i64) -> Option<serde_json::Value> {
+        let mut conn = self.conn().await;
+        let json: Option<String> = redis::cmd("GET")
+            .arg(format!("event:{id}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        json.map(|j| serde_json::from_str(&j).unwrap())
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.launch().await;
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The environment `walcast` needs to talk to a test pair of servers.
+pub struct Env {
+    pub vars: Vec<(String, String)>,
+    pub metrics_port: u16,
+}
+
+impl Env {
+    pub fn new(pg: &Postgres, db: &str, redis: &Redis) -> Env {
+        let metrics_port = free_port();
+        let vars = vec![
+            ("WALCAST_SOURCE_URL".into(), pg.url(db)),
+            ("WALCAST_REDIS_URL".into(), redis.url()),
+            (
+                "WALCAST_METRICS_ADDR".into(),
+                format!("127.0.0.1:{metrics_port}"),
+            ),
+            ("WALCAST_LOG".into(), "walcast=debug,info".into()),
+            ("WALCAST_SINKS".into(), "redis".into()),
+        ];
+        Env { vars, metrics_port }
+    }
+
+    pub fn set(mut self, name: &str, value: &str) -> Env {
+        self.vars.retain(|(k, _)| k != name);
+        self.vars.push((name.into(), value.into()));
+        self
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_walcast"));
+        cmd.args(args);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("WALCAST_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd
+    }
+
+    /// Runs a walcast command to completion.
+    pub fn output(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().expect("run walcast")
+    }
+
+    /// Starts `walcast run` in the background.
+    pub fn spawn_run(&self) -> Walcast {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = self
+            .command(&["run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("start walcast run");
+        Walcast {
+            child: Some(child),
+            log,
+        }
+    }
+}
+
+/// A running `walcast run`.
+pub struct Walcast {
+    child: Option<Child>,
+    log: tempfile::NamedTempFile,
+}
+
+impl Walcast {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no chance to flush or acknowledge anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(&child, libc::SIGTERM);
+        self.wait_child(&mut child, Duration::from_secs(30)).await
+    }
+
+    /// Waits (bounded) for the process to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        self.wait_child(&mut child, timeout).await
+    }
+
+    async fn wait_child(&self, child: &mut Child, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "walcast did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Walcast {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The slot's confirmed_flush_lsn as a number.
+pub async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Option<u64> {
+    let row = client
+        .query_opt(
+            "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()?;
+    row.get::<_, Option<i64>>(0).map(|v| v as u64)
+}
+
+/// The server's current WAL position as a number.
+pub async fn current_lsn(client: &tokio_postgres::Client) -> u64 {
+    let v: i64 = client
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    v as u64
+}
