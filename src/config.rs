@@ -206,9 +206,11 @@ impl RunConfig {
         if self.metrics_addr.is_empty() {
             return Ok(None);
         }
-        self.metrics_addr
-            .parse()
-            .map(Some)
-            .map_err(|e| invalid("WALCAST_METRICS_ADDR", format!("{:?}: {e}", self.metrics_addr)))
+        self.metrics_addr.parse().map(Some).map_err(|e| {
+            invalid(
+                "WALCAST_METRICS_ADDR",
+                format!("{:?}: {e}", self.metrics_addr),
+            )
+        })
     }
 }

@@ -90,7 +90,10 @@ impl serde::Serialize for EnrichedEvent {
         for (name, value) in &self.extra {
             map.serialize_entry(name, value)?;
         }
-        map.serialize_entry("content_type", &content.and_then(|c| c.content_type.as_deref()))?;
+        map.serialize_entry(
+            "content_type",
+            &content.and_then(|c| c.content_type.as_deref()),
+        )?;
         map.serialize_entry("length_seconds", &content.and_then(|c| c.length_seconds))?;
         map.serialize_entry("title", &content.and_then(|c| c.title.as_deref()))?;
         map.serialize_entry("slug", &content.and_then(|c| c.slug.as_deref()))?;
@@ -98,7 +101,10 @@ impl serde::Serialize for EnrichedEvent {
             "engagement_seconds",
             &self.engagement_seconds.map(Hundredths::as_f64),
         )?;
-        map.serialize_entry("engagement_pct", &self.engagement_pct.map(Hundredths::as_f64))?;
+        map.serialize_entry(
+            "engagement_pct",
+            &self.engagement_pct.map(Hundredths::as_f64),
+        )?;
         map.serialize_entry("content_missing", &self.content_missing())?;
         map.serialize_entry("commit_lsn", &self.position.commit_lsn.to_string())?;
         map.serialize_entry("commit_ts", &rfc3339(&self.commit_ts))?;

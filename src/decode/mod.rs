@@ -119,9 +119,7 @@ pub enum DecodeError {
 
 /// Decodes one pgoutput message (the payload of an `XLogData`).
 pub fn decode(data: &Bytes) -> Result<Change, DecodeError> {
-    let mut r = Reader {
-        buf: data.clone(),
-    };
+    let mut r = Reader { buf: data.clone() };
     let tag = r.u8("message type")?;
     match tag {
         b'R' => {

@@ -129,9 +129,7 @@ pub(super) fn event(
     let id = match get("id") {
         Err(name) => return Err(dead(REASON_MISSING_COLUMN, format!("no column {name}"))),
         Ok(None) => return Err(dead(REASON_INVALID_VALUE, "id is NULL".to_owned())),
-        Ok(Some(s)) => s
-            .parse::<i64>()
-            .map_err(|_| invalid("id", s, "a bigint"))?,
+        Ok(Some(s)) => s.parse::<i64>().map_err(|_| invalid("id", s, "a bigint"))?,
     };
     let event_ts = match get("event_ts") {
         Err(name) => return Err(dead(REASON_MISSING_COLUMN, format!("no column {name}"))),

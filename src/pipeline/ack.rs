@@ -99,9 +99,17 @@ mod tests {
         let a = t.dispatch(Some(Lsn(0xA0)));
         let b = t.dispatch(None); // ends mid-transaction
         let c = t.dispatch(Some(Lsn(0xC8)));
-        assert_eq!(t.confirm(0, c), None, "the other sink has confirmed nothing");
+        assert_eq!(
+            t.confirm(0, c),
+            None,
+            "the other sink has confirmed nothing"
+        );
         assert_eq!(t.confirm(1, a), Some(Lsn(0xA0)));
-        assert_eq!(t.confirm(1, b), None, "a mid-transaction batch moves nothing");
+        assert_eq!(
+            t.confirm(1, b),
+            None,
+            "a mid-transaction batch moves nothing"
+        );
         assert_eq!(t.confirm(1, c), Some(Lsn(0xC8)));
         assert_eq!(t.in_flight(), 0);
         assert_eq!(t.acked(), Lsn(0xC8));

@@ -86,8 +86,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         }
     }
 
-    let repl =
-        source::start_replication(&config.source, durable, config.status_interval).await?;
+    let repl = source::start_replication(&config.source, durable, config.status_interval).await?;
     tracing::info!(slot = %config.source.slot, from = %durable, "replication started");
 
     let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);

@@ -178,7 +178,12 @@ pub async fn top(
     now: DateTime<Utc>,
 ) -> Result<Vec<TopEntry>, redis::RedisError> {
     let keys: Vec<String> = (0..i64::from(minutes.max(1)))
-        .map(|back| format!("top:minute:{}", minute_bucket(&(now - ChronoDuration::minutes(back)))))
+        .map(|back| {
+            format!(
+                "top:minute:{}",
+                minute_bucket(&(now - ChronoDuration::minutes(back)))
+            )
+        })
         .collect();
     let scored: Vec<(String, f64)> = redis::cmd("ZUNION")
         .arg(keys.len())

@@ -211,7 +211,11 @@ async fn ensure_publication(
     Ok(())
 }
 
-async fn ensure_slot(client: &Client, slot: &str, done: &mut Vec<String>) -> Result<(), SetupError> {
+async fn ensure_slot(
+    client: &Client,
+    slot: &str,
+    done: &mut Vec<String>,
+) -> Result<(), SetupError> {
     if let Some(info) = slot_info(client, slot).await? {
         check_slot(client, slot, &info).await?;
         return Ok(());
@@ -295,9 +299,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         plugin: row.get(0),
         database: row.get(1),
         active_pid: row.get(2),
-        confirmed_flush_lsn: row
-            .get::<_, Option<String>>(3)
-            .and_then(|s| s.parse().ok()),
+        confirmed_flush_lsn: row.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
         wal_status: row.get(4),
     }))
 }
