@@ -148,7 +148,8 @@ impl Batch {
         self.events.is_empty() && self.dead_letters.is_empty() && self.ack_lsn.is_none()
     }
 
-    pub fn len(&self) -> usize {
+    /// Events plus dead letters.
+    pub fn rows(&self) -> usize {
         self.events.len() + self.dead_letters.len()
     }
 

@@ -77,7 +77,7 @@ impl ChangeCounts {
 
 /// A sink applied `batch` after `took`, confirmed at `now`.
 pub fn sink_written(sink: &'static str, batch: &Batch, took: Duration, now: DateTime<Utc>) {
-    if batch.len() == 0 {
+    if batch.rows() == 0 {
         return;
     }
     counter!(SINK_BATCHES_TOTAL, "sink" => sink, "outcome" => "ok").increment(1);

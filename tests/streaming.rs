@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::{
-    Env, Postgres, Redis, Walcast, confirmed_flush, current_lsn, eventually, poll_until, wait_for,
+    Env, Postgres, Redis, Walcast, confirmed_flush, current_lsn, eventually, poll_until,
 };
 
 const WAIT: Duration = Duration::from_secs(30);

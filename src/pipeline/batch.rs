@@ -57,7 +57,7 @@ impl Batcher {
     }
 
     pub fn is_full(&self) -> bool {
-        self.open.len() >= self.max_events || self.open.bytes >= self.max_bytes
+        self.open.rows() >= self.max_events || self.open.bytes >= self.max_bytes
     }
 
     pub fn has_pending(&self) -> bool {

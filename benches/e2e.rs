@@ -1,0 +1,205 @@
+//! End-to-end measurements on throwaway servers (`cargo bench --bench e2e`):
+//!
+//! 1. Backlog drain: EVENTS events (env `E2E_EVENTS`, default 1,000,000) committed as
+//!    transactions of 100 rows while walcast is stopped, into two slots. `pg_recvlogical`
+//!    drains one (pgoutput to /dev/null: the source-side physical limit) and walcast the
+//!    other (Redis sink); events/s of each and their ratio, from the same run.
+//! 2. Visibility latency: 1,000 single-row inserts at ~200/s while walcast streams; a reader
+//!    on the `events:play` stream (XREAD BLOCK) compares each arrival with the event's
+//!    `commit_ts`. p50/p95/p99.
+//!
+//! Prints a Markdown table.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{Env, Postgres, Redis, eventually, find_binary};
+
+const CONTENT: &str = "00000000-0000-0000-0000-000000000001";
+
+#[tokio::main]
+async fn main() {
+    let events: i64 = std::env::var("E2E_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let pg = Postgres::start_with(&[("max_wal_size", "4GB"), ("shared_buffers", "256MB")]).await;
+    let redis = Redis::start().await;
+    let db = pg.create_source_db("app").await;
+    db.batch_execute(&format!(
+        "INSERT INTO content VALUES ('{CONTENT}', 'ep', 'An episode', 'podcast', 300, now())"
+    ))
+    .await
+    .unwrap();
+    let env = Env::new(&pg, "app", &redis).set("WALCAST_LOG", "warn");
+    assert!(env.output(&["setup"]).status.success());
+    db.batch_execute("SELECT pg_create_logical_replication_slot('reference', 'pgoutput')")
+        .await
+        .unwrap();
+
+    eprintln!("loading {events} events as transactions of 100 rows");
+    let load = Instant::now();
+    let per_statement = 100;
+    let mut loaded = 0;
+    while loaded < events {
+        // 50 transactions of 100 rows per round trip (explicit BEGIN/COMMIT: a multi-statement
+        // simple query would otherwise be one transaction).
+        let mut sql = String::new();
+        for _ in 0..50 {
+            if loaded >= events {
+                break;
+            }
+            sql.push_str(&format!(
+                "BEGIN; INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload)
+                 SELECT '{CONTENT}', gen_random_uuid(), (ARRAY['play','pause','finish','click'])[1 + i % 4],
+                        now(), i * 37 % 600000, 'ios', '{{\"v\": 1}}'
+                 FROM generate_series(1, {per_statement}) i; COMMIT;"
+            ));
+            loaded += per_statement;
+        }
+        db.batch_execute(&sql).await.unwrap();
+    }
+    let end_lsn: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "loaded in {:.1}s; WAL end {end_lsn}",
+        load.elapsed().as_secs_f64()
+    );
+
+    // Reference: pg_recvlogical drains its slot to /dev/null.
+    let recvlogical = find_binary("pg_recvlogical", "postgresql-client");
+    let started = Instant::now();
+    let status = Command::new(recvlogical)
+        .args([
+            "-d",
+            &pg.url("app"),
+            "--slot",
+            "reference",
+            "--start",
+            "--no-loop",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=walcast_pub",
+        ])
+        .args(["--endpos", &end_lsn, "-f", "/dev/null"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let reference_secs = started.elapsed().as_secs_f64();
+
+    // walcast drains the same backlog into Redis.
+    let started = Instant::now();
+    let walcast = env.spawn_run();
+    eventually(
+        "walcast drained the backlog",
+        Duration::from_secs(1800),
+        || async { redis.total().await >= events },
+    )
+    .await;
+    let walcast_secs = started.elapsed().as_secs_f64();
+    let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", walcast.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .unwrap_or_default();
+
+    // Visibility latency, measured outside walcast.
+    let reader = {
+        let url = redis.url();
+        tokio::spawn(async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(
+                    &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+                )
+                .await
+                .unwrap();
+            let mut last = "$".to_owned();
+            let mut latencies = Vec::new();
+            while latencies.len() < 1000 {
+                let reply: redis::streams::StreamReadReply = redis::cmd("XREAD")
+                    .arg("BLOCK")
+                    .arg(0)
+                    .arg("STREAMS")
+                    .arg("events:play")
+                    .arg(&last)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let now = chrono::Utc::now();
+                for key in reply.keys {
+                    for entry in key.ids {
+                        last = entry.id.clone();
+                        let json: String = entry.get("event").unwrap();
+                        let event: serde_json::Value = serde_json::from_str(&json).unwrap();
+                        let commit = chrono::DateTime::parse_from_rfc3339(
+                            event["commit_ts"].as_str().unwrap(),
+                        )
+                        .unwrap();
+                        latencies.push(
+                            (now - commit.with_timezone(&chrono::Utc))
+                                .num_microseconds()
+                                .unwrap() as f64
+                                / 1000.0,
+                        );
+                    }
+                }
+            }
+            latencies
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await; // let XREAD block first
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    for _ in 0..1000 {
+        tick.tick().await;
+        db.execute(
+            &format!("INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms) VALUES ('{CONTENT}', 'play', now(), 1000)"),
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    let mut latencies = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+
+    println!("| measurement | value |");
+    println!("|---|---|");
+    println!(
+        "| backlog | {events} events, {} transactions |",
+        events / 100
+    );
+    println!(
+        "| pg_recvlogical drain | {reference_secs:.2} s, {:.0} events/s |",
+        events as f64 / reference_secs
+    );
+    println!(
+        "| walcast drain (redis) | {walcast_secs:.2} s, {:.0} events/s |",
+        events as f64 / walcast_secs
+    );
+    println!(
+        "| ratio to pg_recvlogical | {:.2} |",
+        reference_secs / walcast_secs
+    );
+    println!("| walcast peak RSS | {rss_kb} kB |");
+    println!(
+        "| commit → redis, p50 / p95 / p99 (1000 inserts at 200/s) | {:.2} / {:.2} / {:.2} ms |",
+        pct(0.50),
+        pct(0.95),
+        pct(0.99)
+    );
+    drop(walcast);
+}

@@ -1,0 +1,155 @@
+//! `walcast setup` / `teardown` against real servers: each misconfiguration fails with a
+//! message that names the fix.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Env, Postgres, Redis, eventually};
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn setup_is_idempotent_and_teardown_drops_everything() {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    pg.create_source_db("app").await;
+    let env = Env::new(&pg, "app", &redis);
+    let out = env.output(&["setup"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("created publication walcast_pub"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("created replication slot walcast"),
+        "{stdout}"
+    );
+    let again = env.output(&["setup"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to do"));
+
+    let out = env.output(&["teardown"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let db = pg.client("app").await;
+    let left: i64 = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn wal_level_replica_is_refused_with_the_fix() {
+    let pg = Postgres::start_with(&[("wal_level", "replica")]).await;
+    let redis = Redis::start().await;
+    pg.create_source_db("app").await;
+    let out = Env::new(&pg, "app", &redis).output(&["setup"]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("wal_level is replica") && err.contains("wal_level = logical"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn missing_privilege_and_missing_table_are_refused_with_the_fix() {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let db = pg.create_source_db("app").await;
+    db.batch_execute("CREATE ROLE plain LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO plain")
+        .await
+        .unwrap();
+    let plain = Env::new(&pg, "app", &redis).set(
+        "WALCAST_SOURCE_URL",
+        &format!("postgres://plain@127.0.0.1:{}/app", pg.port),
+    );
+    let err = stderr_of(&plain.output(&["setup"]));
+    assert!(err.contains("ALTER ROLE plain REPLICATION"), "{err}");
+
+    pg.client("postgres")
+        .await
+        .batch_execute("CREATE DATABASE empty")
+        .await
+        .unwrap();
+    let empty = Env::new(&pg, "empty", &redis);
+    let out = empty.output(&["setup"]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("table public.content does not exist") && err.contains("sql/"),
+        "{err}"
+    );
+    // The fix it names works.
+    let out = empty.output(&["setup", "--create-schema"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+}
+
+#[tokio::test]
+async fn slot_in_use_and_slots_exhausted_are_refused_with_the_fix() {
+    let pg = Postgres::start_with(&[("max_replication_slots", "1")]).await;
+    let redis = Redis::start().await;
+    pg.create_source_db("app").await;
+    let env = Env::new(&pg, "app", &redis);
+    assert!(env.output(&["setup"]).status.success());
+    let mut first = env.spawn_run();
+    let db = pg.client("app").await;
+    eventually(
+        "the first walcast holds the slot",
+        Duration::from_secs(30),
+        || async {
+            db.query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'walcast'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    let second = Env::new(&pg, "app", &redis);
+    let out = second.output(&["run"]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("in use by another process") && err.contains("WALCAST_SLOT"),
+        "{err}"
+    );
+    let err = stderr_of(&second.output(&["teardown"]));
+    assert!(
+        err.contains("in use by another process"),
+        "teardown refuses too: {err}"
+    );
+    assert!(first.terminate().await.success());
+
+    // One slot allowed and taken: a second slot cannot be made.
+    let other = Env::new(&pg, "app", &redis).set("WALCAST_SLOT", "walcast_two");
+    let out = other.output(&["setup"]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("max_replication_slots") && err.contains("pg_drop_replication_slot"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn bad_configuration_names_the_setting() {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let env = Env::new(&pg, "app", &redis).set("WALCAST_SLOT", "Bad-Name");
+    let err = stderr_of(&env.output(&["setup"]));
+    assert!(err.contains("WALCAST_SLOT") && err.contains("a-z"), "{err}");
+    let env = Env::new(&pg, "app", &redis).set("WALCAST_SINKS", "redis,kafka");
+    let err = stderr_of(&env.output(&["run"]));
+    assert!(err.contains("kafka") && err.contains("redis"), "{err}");
+}
