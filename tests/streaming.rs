@@ -255,24 +255,18 @@ async fn transactions_are_delivered_in_commit_order_not_id_order() {
     let walcast = s.run();
     let early = s.pg.client("app").await;
     early.batch_execute("BEGIN").await.unwrap();
-    let first_id: i64 = early
-        .query_one(
+    async fn click(db: &tokio_postgres::Client) -> i64 {
+        db.query_one(
             "INSERT INTO engagement_events (event_type, event_ts) VALUES ('click', now()) RETURNING id",
             &[],
         )
         .await
         .unwrap()
-        .get(0);
+        .get(0)
+    }
+    let first_id = click(&early).await;
     // A later id commits first.
-    let second_id: i64 = s
-        .db
-        .query_one(
-            "INSERT INTO engagement_events (event_type, event_ts) VALUES ('click', now()) RETURNING id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let second_id = click(&s.db).await;
     s.wait_event(second_id, &walcast).await;
     early.batch_execute("COMMIT").await.unwrap();
     s.wait_event(first_id, &walcast).await;
