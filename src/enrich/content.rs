@@ -3,6 +3,11 @@
 //! Loaded once at start with a plain SELECT, then changed only by `content` changes from the
 //! replication stream, in commit order. Entries are `Arc`s: an event keeps the version it
 //! was enriched with even if a later change replaces the entry.
+//!
+//! One limit follows from loading at start: when walcast restarts behind a backlog, the
+//! replayed events are enriched with the content as it is at start-up, not as it was when
+//! they committed (content changes inside the backlog still apply in order). Only a
+//! snapshot exported with the slot could do better, and only at slot creation.
 
 use std::collections::HashMap;
 use std::sync::Arc;
