@@ -101,8 +101,7 @@ pub fn content_cache_entries(n: usize) {
     gauge!(CONTENT_CACHE_ENTRIES).set(n as f64);
 }
 
-/// Lag of the last applied transaction; 0 when the source has nothing more to send.
-pub fn replication_lag(bytes: u64, seconds: f64) {
+/// WAL the server has sent beyond what every sink confirmed.
+pub fn replication_lag_bytes(bytes: u64) {
     gauge!(REPLICATION_LAG_BYTES).set(bytes as f64);
-    gauge!(REPLICATION_LAG_SECONDS).set(seconds);
 }

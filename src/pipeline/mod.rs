@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{RunConfig, SinkKind};
 use crate::decode::{self, Change};
 use crate::enrich::{ContentCache, Enricher, Outcome};
+use crate::event::Batch;
 use crate::lsn::{Lsn, Position};
 use crate::metrics::{self, ChangeCounts};
 use crate::sink::Sink;
@@ -124,8 +125,6 @@ struct SourceLoop {
     acked: Lsn,
 }
 
-use crate::event::Batch;
-
 impl SourceLoop {
     async fn run(
         mut self,
@@ -202,7 +201,7 @@ impl SourceLoop {
                     self.batcher.mark(wal_end.into());
                 }
                 let wal_end: Lsn = wal_end.into();
-                metrics::replication_lag(wal_end.bytes_since(self.acked), 0.0);
+                metrics::replication_lag_bytes(wal_end.bytes_since(self.acked));
             }
             ReplicationEvent::Message {
                 transactional,
@@ -284,7 +283,7 @@ impl SourceLoop {
         self.acked = lsn;
         self.repl.update_applied_lsn(lsn.into());
         let wal_end: Lsn = self.repl.metrics().last_wal_end().into();
-        metrics::replication_lag(wal_end.bytes_since(lsn), 0.0);
+        metrics::replication_lag_bytes(wal_end.bytes_since(lsn));
     }
 
     /// Stop reading, flush the open batch, let every sink confirm, send the final status
