@@ -1,6 +1,7 @@
 //! Test support: throwaway servers and the real walcast binary.
 //!
-//! Every test starts its own PostgreSQL cluster (initdb once per machine into a template,
+//! Every test starts its own PostgreSQL cluster (initdb once per machine into a template in
+//! the system temp dir,
 //! then a copy per test, `wal_level=logical`, a free port, a temp dir) and its own
 //! `redis-server`, and tears them down when it ends. Server binaries are found on PATH,
 //! under `pg_config --bindir`, or under /usr/lib/postgresql/*/bin; a missing one fails the
@@ -159,7 +160,9 @@ fn template() -> PathBuf {
     TEMPLATE
         .get_or_init(|| {
             let initdb = find_binary("initdb", "postgresql");
-            let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            // In the system temp dir, not under target/: as root the cluster runs as an
+            // unprivileged user, who may not be able to enter the checkout (a 0700 clone).
+            let root = std::env::temp_dir();
             let version = Command::new(&initdb)
                 .arg("--version")
                 .output()
@@ -169,11 +172,14 @@ fn template() -> PathBuf {
                         .replace([' ', '(', ')'], "_")
                 })
                 .unwrap_or_default();
-            let template = root.join(format!("pg-template-{version}"));
+            let template = root.join(format!("walcast-pg-template-{version}"));
             if template.join("PG_VERSION").is_file() {
                 return template;
             }
-            let staging = root.join(format!("pg-template-staging-{}", std::process::id()));
+            let staging = root.join(format!(
+                "walcast-pg-template-staging-{}",
+                std::process::id()
+            ));
             let _ = std::fs::remove_dir_all(&staging);
             std::fs::create_dir_all(&staging).unwrap();
             give_to_pg_user(&staging);
