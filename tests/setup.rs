@@ -11,6 +11,13 @@ fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs a walcast command that must fail; returns what it said.
+fn refusal(env: &Env, args: &[&str]) -> String {
+    let out = env.output(args);
+    assert!(!out.status.success(), "walcast {args:?} succeeded");
+    stderr_of(&out)
+}
+
 #[tokio::test]
 async fn setup_is_idempotent_and_teardown_drops_everything() {
     let pg = Postgres::start().await;
@@ -51,9 +58,7 @@ async fn wal_level_replica_is_refused_with_the_fix() {
     let pg = Postgres::start_with(&[("wal_level", "replica")]).await;
     let redis = Redis::start().await;
     pg.create_source_db("app").await;
-    let out = Env::new(&pg, "app", &redis).output(&["setup"]);
-    assert!(!out.status.success());
-    let err = stderr_of(&out);
+    let err = refusal(&Env::new(&pg, "app", &redis), &["setup"]);
     assert!(
         err.contains("wal_level is replica") && err.contains("wal_level = logical"),
         "{err}"
@@ -72,7 +77,7 @@ async fn missing_privilege_and_missing_table_are_refused_with_the_fix() {
         "WALCAST_SOURCE_URL",
         &format!("postgres://plain@127.0.0.1:{}/app", pg.port),
     );
-    let err = stderr_of(&plain.output(&["setup"]));
+    let err = refusal(&plain, &["setup"]);
     assert!(err.contains("ALTER ROLE plain REPLICATION"), "{err}");
 
     pg.client("postgres")
@@ -81,9 +86,7 @@ async fn missing_privilege_and_missing_table_are_refused_with_the_fix() {
         .await
         .unwrap();
     let empty = Env::new(&pg, "empty", &redis);
-    let out = empty.output(&["setup"]);
-    assert!(!out.status.success());
-    let err = stderr_of(&out);
+    let err = refusal(&empty, &["setup"]);
     assert!(
         err.contains("table public.content does not exist") && err.contains("sql/"),
         "{err}"
@@ -117,14 +120,12 @@ async fn slot_in_use_and_slots_exhausted_are_refused_with_the_fix() {
     )
     .await;
     let second = Env::new(&pg, "app", &redis);
-    let out = second.output(&["run"]);
-    assert!(!out.status.success());
-    let err = stderr_of(&out);
+    let err = refusal(&second, &["run"]);
     assert!(
         err.contains("in use by another process") && err.contains("WALCAST_SLOT"),
         "{err}"
     );
-    let err = stderr_of(&second.output(&["teardown"]));
+    let err = refusal(&second, &["teardown"]);
     assert!(
         err.contains("in use by another process"),
         "teardown refuses too: {err}"
@@ -133,9 +134,7 @@ async fn slot_in_use_and_slots_exhausted_are_refused_with_the_fix() {
 
     // One slot allowed and taken: a second slot cannot be made.
     let other = Env::new(&pg, "app", &redis).set("WALCAST_SLOT", "walcast_two");
-    let out = other.output(&["setup"]);
-    assert!(!out.status.success());
-    let err = stderr_of(&out);
+    let err = refusal(&other, &["setup"]);
     assert!(
         err.contains("max_replication_slots") && err.contains("pg_drop_replication_slot"),
         "{err}"
@@ -147,9 +146,9 @@ async fn bad_configuration_names_the_setting() {
     let pg = Postgres::start().await;
     let redis = Redis::start().await;
     let env = Env::new(&pg, "app", &redis).set("WALCAST_SLOT", "Bad-Name");
-    let err = stderr_of(&env.output(&["setup"]));
+    let err = refusal(&env, &["setup"]);
     assert!(err.contains("WALCAST_SLOT") && err.contains("a-z"), "{err}");
     let env = Env::new(&pg, "app", &redis).set("WALCAST_SINKS", "redis,kafka");
-    let err = stderr_of(&env.output(&["run"]));
+    let err = refusal(&env, &["run"]);
     assert!(err.contains("kafka") && err.contains("redis"), "{err}");
 }
