@@ -63,24 +63,48 @@ impl SourceArgs {
                 ));
             }
         }
-        let config = self.pg_config()?;
-        if config.get_hosts().is_empty() {
-            return Err(invalid("WALCAST_SOURCE_URL", "names no host"));
-        }
+        self.pg_config()?;
         Ok(())
     }
 
     /// The URL parsed the way tokio-postgres parses it.
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let config = tokio_postgres::Config::from_str(&self.source_url)
-            .map_err(|e| invalid("WALCAST_SOURCE_URL", e.to_string()))?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(invalid(
-                "WALCAST_SOURCE_URL",
-                "sslmode=require is not supported yet; use a local or tunnelled connection",
-            ));
+        parse_pg_url("WALCAST_SOURCE_URL", &self.source_url)
+    }
+}
+
+/// A PostgreSQL URL or key=value string, parsed the way tokio-postgres parses it.
+fn parse_pg_url(setting: &'static str, url: &str) -> Result<tokio_postgres::Config, ConfigError> {
+    let config =
+        tokio_postgres::Config::from_str(url).map_err(|e| invalid(setting, e.to_string()))?;
+    if config.get_hosts().is_empty() {
+        return Err(invalid(setting, "names no host"));
+    }
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(invalid(
+            setting,
+            "sslmode=require is not supported yet; use a local or tunnelled connection",
+        ));
+    }
+    Ok(config)
+}
+
+/// The analytics database of the postgres sink.
+#[derive(Debug, Clone, Args)]
+pub struct AnalyticsArgs {
+    /// Analytics PostgreSQL for the postgres sink (schema `analytics`, created by walcast).
+    /// Defaults to the source database.
+    #[arg(long, env = "WALCAST_ANALYTICS_URL", hide_env_values = true)]
+    pub analytics_url: Option<String>,
+}
+
+impl AnalyticsArgs {
+    /// The analytics connection settings: WALCAST_ANALYTICS_URL, or else the source's.
+    pub fn pg_config(&self, source: &SourceArgs) -> Result<tokio_postgres::Config, ConfigError> {
+        match &self.analytics_url {
+            Some(url) => parse_pg_url("WALCAST_ANALYTICS_URL", url),
+            None => source.pg_config(),
         }
-        Ok(config)
     }
 }
 
@@ -88,12 +112,14 @@ impl SourceArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SinkKind {
     Redis,
+    Postgres,
 }
 
 impl SinkKind {
     pub fn name(self) -> &'static str {
         match self {
             SinkKind::Redis => "redis",
+            SinkKind::Postgres => "postgres",
         }
     }
 }
@@ -144,13 +170,16 @@ pub struct RunConfig {
     #[command(flatten)]
     pub redis: RedisArgs,
 
-    /// Sinks to deliver to, comma-separated.
+    #[command(flatten)]
+    pub analytics: AnalyticsArgs,
+
+    /// Sinks to deliver to, comma-separated: redis, postgres.
     #[arg(
         long,
         env = "WALCAST_SINKS",
         value_enum,
         value_delimiter = ',',
-        default_value = "redis"
+        default_value = "redis,postgres"
     )]
     pub sinks: Vec<SinkKind>,
 
@@ -196,6 +225,9 @@ impl RunConfig {
                 "WALCAST_STATUS_INTERVAL",
                 "must be between 1ms and 60s (PostgreSQL's wal_sender_timeout defaults to 60s)",
             ));
+        }
+        if self.sinks.contains(&SinkKind::Postgres) {
+            self.analytics.pg_config(&self.source)?;
         }
         self.metrics_addr()?;
         Ok(())

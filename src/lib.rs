@@ -15,6 +15,7 @@
 //! - [`sink`]: the `Sink` trait and one module per destination.
 //! - [`event`], [`lsn`]: plain data — events, batches, WAL positions.
 //! - [`config`], [`metrics`], [`shutdown`]: settings, metric names, stopping cleanly.
+//! - [`verify`]: reconciles every sink with the source.
 
 pub mod config;
 pub mod decode;
@@ -26,6 +27,7 @@ pub mod pipeline;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod verify;
 
 /// Why a walcast command stopped.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +46,12 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("cannot use Redis at WALCAST_REDIS_URL: {0}")]
-    RedisConnect(#[source] sink::SinkError),
+    #[error("cannot start sink {sink}: {source}")]
+    SinkStart {
+        sink: &'static str,
+        #[source]
+        source: sink::SinkError,
+    },
     #[error("metrics endpoint at WALCAST_METRICS_ADDR: {0}")]
     Metrics(String),
 }

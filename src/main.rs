@@ -3,11 +3,14 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use walcast::config::{LogArgs, LogFormat, RedisArgs, RunConfig, SourceArgs};
+use walcast::config::{
+    AnalyticsArgs, LogArgs, LogFormat, RedisArgs, RunConfig, SinkKind, SourceArgs,
+};
 use walcast::shutdown::{self, CancellationToken};
 use walcast::sink::Sink;
+use walcast::sink::postgres as postgres_sink;
 use walcast::sink::redis::{self as redis_sink, RedisSink};
-use walcast::source;
+use walcast::{source, verify};
 
 /// PostgreSQL change-data-capture for engagement analytics.
 #[derive(Debug, Parser)]
@@ -31,6 +34,28 @@ enum Command {
     Status(StatusArgs),
     /// Top content by engagement seconds over the last N minutes, from Redis.
     Top(TopArgs),
+    /// Reconcile: every source event in every sink once, aggregates equal to the facts.
+    /// Exits 1 when something differs.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    analytics: AnalyticsArgs,
+    /// Sinks to check, comma-separated (the webhook cannot be checked from here).
+    #[arg(
+        long,
+        env = "WALCAST_SINKS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "redis,postgres"
+    )]
+    sinks: Vec<SinkKind>,
 }
 
 #[derive(Debug, Args)]
@@ -48,6 +73,8 @@ struct StatusArgs {
     source: SourceArgs,
     #[command(flatten)]
     redis: RedisArgs,
+    #[command(flatten)]
+    analytics: AnalyticsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +143,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Status(args) => status(args).await?,
+        Command::Verify(args) => {
+            if !verify(args).await? {
+                std::process::exit(1);
+            }
+        }
         Command::Top(args) => {
             let mut conn = redis_sink::connect(&args.redis.redis_url)
                 .await
@@ -166,14 +198,65 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     match RedisSink::connect(&args.redis.redis_url).await {
-        Ok(sink) => match sink.checkpoint().await {
+        Ok(mut sink) => match sink.checkpoint().await {
             Ok(Some(position)) => println!("sink redis checkpoint {position}"),
             Ok(None) => println!("sink redis checkpoint none (nothing applied yet)"),
             Err(err) => println!("sink redis checkpoint unreadable: {err}"),
         },
         Err(err) => println!("sink redis unreachable: {err}"),
     }
+    let analytics = analytics_client(&args.analytics, &args.source).await;
+    match analytics {
+        Ok(client) => match postgres_sink::read_checkpoint(&client, postgres_sink::NAME).await {
+            Ok(Some(position)) => println!("sink postgres checkpoint {position}"),
+            Ok(None) => println!("sink postgres checkpoint none (nothing applied yet)"),
+            Err(err) => println!("sink postgres checkpoint unreadable: {err}"),
+        },
+        Err(err) => println!("sink postgres unreachable: {err:#}"),
+    }
     Ok(())
+}
+
+async fn analytics_client(
+    analytics: &AnalyticsArgs,
+    source_args: &SourceArgs,
+) -> anyhow::Result<tokio_postgres::Client> {
+    source::connect(&analytics.pg_config(source_args)?)
+        .await
+        .context("connecting to WALCAST_ANALYTICS_URL")
+}
+
+/// Prints the reconciliation report; `false` when something differs.
+async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
+    args.source.validate()?;
+    let source_client = connect(&args.source).await?;
+    let analytics = if args.sinks.contains(&SinkKind::Postgres) {
+        Some(analytics_client(&args.analytics, &args.source).await?)
+    } else {
+        None
+    };
+    let mut report = verify::source(&source_client, analytics.as_ref())
+        .await
+        .context("counting source events")?;
+    if let Some(client) = &analytics {
+        report.analytics = Some(
+            verify::analytics(&source_client, client)
+                .await
+                .context("reconciling the analytics schema")?,
+        );
+    }
+    if args.sinks.contains(&SinkKind::Redis) {
+        let mut conn = redis_sink::connect(&args.redis.redis_url)
+            .await
+            .context("connecting to WALCAST_REDIS_URL")?;
+        report.redis_total = Some(
+            redis_sink::total(&mut conn)
+                .await
+                .context("reading stats:events")?,
+        );
+    }
+    println!("{report}");
+    Ok(report.is_consistent())
 }
 
 fn init_tracing(log: &LogArgs) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use support::{
     Env, Postgres, Redis, Walcast, confirmed_flush, current_lsn, eventually, poll_until,
+    scrape_metrics,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -410,27 +411,12 @@ async fn schema_change_and_bad_rows_do_not_stop_the_stream() {
     let after_bad = s.insert(Some(EPISODE), Some(3000)).await;
     s.wait_event(after_bad, &walcast).await;
     assert_eq!(s.redis.total().await, 3);
-    let metrics = reqwest_metrics(s.env.metrics_port).await;
+    let metrics = scrape_metrics(s.env.metrics_port).await;
     assert!(
         metrics.contains("walcast_dead_letters_total{reason=\"null_event_ts\"} 1"),
         "metrics:\n{metrics}"
     );
     assert!(walcast.log().contains("row rejected"));
-}
-
-/// GET /metrics with a plain HTTP/1.0 request (no client library needed).
-async fn reqwest_metrics(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 #[tokio::test]

@@ -153,7 +153,7 @@ pub async fn run(
 
 /// Writes every batch of its queue to one sink, in order, retrying transient errors.
 async fn sink_task<S: Sink>(
-    sink: S,
+    mut sink: S,
     index: usize,
     mut queue: mpsc::Receiver<Numbered>,
     confirm: mpsc::UnboundedSender<(usize, u64)>,

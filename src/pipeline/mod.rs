@@ -31,6 +31,7 @@ use crate::event::Batch;
 use crate::lsn::{Lsn, Position};
 use crate::metrics::{self, ChangeCounts};
 use crate::sink::Sink;
+use crate::sink::postgres::PostgresSink;
 use crate::sink::redis::RedisSink;
 use crate::{Error, source};
 
@@ -73,19 +74,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     metrics::content_cache_entries(cache.len());
     tracing::info!(entries = cache.len(), "content cache loaded");
 
-    let mut sinks = Sinks::new();
-    for kind in &config.sinks {
-        match kind {
-            SinkKind::Redis => {
-                let sink = RedisSink::connect(&config.redis.redis_url)
-                    .await
-                    .map_err(Error::RedisConnect)?;
-                let checkpoint = sink.checkpoint().await.map_err(Error::RedisConnect)?;
-                tracing::info!(sink = sink.name(), checkpoint = ?checkpoint.map(|p| p.to_string()), "sink ready");
-                sinks.add(sink);
-            }
-        }
-    }
+    let sinks = open_sinks(&config).await?;
 
     let repl = source::start_replication(&config.source, durable, config.status_interval).await?;
     tracing::info!(slot = %config.source.slot, from = %durable, "replication started");
@@ -104,6 +93,42 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         acked: durable,
     };
     source_loop.run(fanout, shutdown).await
+}
+
+/// Connects every configured sink and reads its checkpoint, so a sink that cannot start
+/// stops walcast before replication begins.
+async fn open_sinks(config: &RunConfig) -> Result<Sinks, Error> {
+    let mut sinks = Sinks::new();
+    for kind in &config.sinks {
+        let start = |source| Error::SinkStart {
+            sink: kind.name(),
+            source,
+        };
+        match kind {
+            SinkKind::Redis => {
+                let sink = RedisSink::connect(&config.redis.redis_url)
+                    .await
+                    .map_err(start)?;
+                sinks.add(ready(sink).await.map_err(start)?);
+            }
+            SinkKind::Postgres => {
+                let pg_config = config.analytics.pg_config(&config.source)?;
+                let (sink, migrated) = PostgresSink::connect(pg_config).await.map_err(start)?;
+                for version in migrated {
+                    tracing::info!(sink = sink.name(), version, "analytics migration applied");
+                }
+                sinks.add(ready(sink).await.map_err(start)?);
+            }
+        }
+    }
+    Ok(sinks)
+}
+
+/// Reads the sink's checkpoint, which also proves the sink reachable.
+async fn ready<S: Sink>(mut sink: S) -> Result<S, crate::sink::SinkError> {
+    let checkpoint = sink.checkpoint().await?;
+    tracing::info!(sink = sink.name(), checkpoint = ?checkpoint.map(|p| p.to_string()), "sink ready");
+    Ok(sink)
 }
 
 /// The transaction being read.

@@ -11,6 +11,7 @@
 //! 2. Each write is idempotent per event id, so a backfill overlapping the stream changes
 //!    nothing twice.
 
+pub mod postgres;
 pub mod redis;
 
 use std::future::Future;
@@ -21,25 +22,61 @@ use crate::lsn::Position;
 /// A destination for enriched events. Batches arrive in commit order. After a restart a
 /// sink may be offered events it already applied: it must skip them (checkpoint) and
 /// every write must be idempotent per event id.
-pub trait Sink: Send + Sync + 'static {
+pub trait Sink: Send + 'static {
     /// Low-cardinality name for logs and metric labels: "redis", "postgres", "webhook".
     fn name(&self) -> &'static str;
 
     /// The highest position this sink has durably applied, read at start-up.
-    fn checkpoint(&self) -> impl Future<Output = Result<Option<Position>, SinkError>> + Send;
+    fn checkpoint(&mut self) -> impl Future<Output = Result<Option<Position>, SinkError>> + Send;
 
     /// Durably applies the batch and its checkpoint together. `Ok` means the batch may be
     /// acknowledged upstream as far as this sink is concerned. Must be safe to call again
     /// with the same batch after an error.
-    fn write(&self, batch: &Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
+    fn write(&mut self, batch: &Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("{context}: {source}{}", postgres_hint(source))]
+    Postgres {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("checkpoint {0:?} stored by the sink is not a walcast position")]
     BadCheckpoint(String),
+    /// The destination cannot work as configured; the message says what to change.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// SQLSTATE classes and codes after which the same statement may succeed: connection
+/// exceptions, transaction rollbacks (serialization failure, deadlock), insufficient
+/// resources, operator intervention (shutdown, crash recovery), lock not available and
+/// system errors.
+fn is_transient_sqlstate(code: &str) -> bool {
+    matches!(&code[..2], "08" | "40" | "53" | "57" | "58") || code == "55P03"
+}
+
+/// What an operator can do about a permanent PostgreSQL error.
+fn postgres_hint(err: &tokio_postgres::Error) -> &'static str {
+    match err.code().map(|c| c.code()) {
+        Some("42501") => {
+            "; grant the role of WALCAST_ANALYTICS_URL CREATE on the database (for the analytics \
+             schema) and SELECT, INSERT, UPDATE on the tables of schema analytics"
+        }
+        Some("42P01" | "42703" | "42P10") => {
+            "; the analytics schema is not the one walcast created: restore it, or drop schema \
+             analytics so walcast recreates it and run walcast backfill"
+        }
+        Some(code) if code.starts_with("23") => {
+            "; a constraint on the analytics tables rejects walcast's rows: drop it, or fix the \
+             analytics schema to be the one walcast created"
+        }
+        _ => "",
+    }
 }
 
 impl SinkError {
@@ -54,7 +91,11 @@ impl SinkError {
                     || err.is_connection_refusal()
                     || !matches!(err.retry_method(), ::redis::RetryMethod::NoRetry)
             }
-            SinkError::BadCheckpoint(_) => false,
+            // No SQLSTATE: the connection broke (I/O, closed, timed out).
+            SinkError::Postgres { source, .. } => source
+                .code()
+                .is_none_or(|code| is_transient_sqlstate(code.code())),
+            SinkError::BadCheckpoint(_) | SinkError::Unsupported(_) => false,
         }
     }
 }

@@ -116,7 +116,7 @@ impl Sink for RedisSink {
         "redis"
     }
 
-    async fn checkpoint(&self) -> Result<Option<Position>, SinkError> {
+    async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
         let mut conn = self.conn.clone();
         let stored: Option<String> = redis::cmd("GET")
             .arg(CHECKPOINT_KEY)
@@ -127,7 +127,7 @@ impl Sink for RedisSink {
             .transpose()
     }
 
-    async fn write(&self, batch: &Batch) -> Result<(), SinkError> {
+    async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let Some(last) = batch.last_position() else {
             return Ok(()); // an acknowledgement marker: nothing to write
         };
@@ -160,6 +160,16 @@ impl Sink for RedisSink {
         let _applied: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(())
     }
+}
+
+/// `stats:events` field `total`: events applied, 0 before the first.
+pub async fn total(conn: &mut ConnectionManager) -> Result<u64, redis::RedisError> {
+    let total: Option<u64> = redis::cmd("HGET")
+        .arg("stats:events")
+        .arg("total")
+        .query_async(conn)
+        .await?;
+    Ok(total.unwrap_or(0))
 }
 
 /// One line of `walcast top`.

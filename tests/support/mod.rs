@@ -361,22 +361,37 @@ impl Drop for Postgres {
     }
 }
 
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: kill has no memory-safety preconditions; the pid is our own child.
-    unsafe {
-        libc::kill(child.id() as i32, sig);
-    }
+/// Sends `sig` to a process (SIGSTOP/SIGCONT to freeze and thaw walcast).
+pub fn signal_pid(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
 }
 
-/// A throwaway redis-server that keeps nothing on disk.
+fn signal(child: &Child, sig: i32) {
+    signal_pid(child.id(), sig);
+}
+
+/// A throwaway redis-server: in memory only, or persistent (append-only file, fsync on
+/// every write) to survive a restart.
 pub struct Redis {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    persistent: bool,
 }
 
 impl Redis {
     pub async fn start() -> Redis {
+        Redis::launch_new(false).await
+    }
+
+    /// A Redis that keeps every acknowledged write across a SIGKILL and restart.
+    pub async fn start_persistent() -> Redis {
+        Redis::launch_new(true).await
+    }
+
+    async fn launch_new(persistent: bool) -> Redis {
         let dir = tempfile::Builder::new()
             .prefix("walcast-redis-")
             .tempdir()
@@ -385,6 +400,7 @@ impl Redis {
             port: free_port(),
             dir,
             child: None,
+            persistent,
         };
         redis.launch().await;
         redis
@@ -392,9 +408,11 @@ impl Redis {
 
     async fn launch(&mut self) {
         let binary = find_binary("redis-server", "redis-server");
+        let appendonly = if self.persistent { "yes" } else { "no" };
         let child = Command::new(binary)
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", appendonly, "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -492,7 +510,6 @@ impl Env {
                 format!("127.0.0.1:{metrics_port}"),
             ),
             ("WALCAST_LOG".into(), "walcast=debug,info".into()),
-            ("WALCAST_SINKS".into(), "redis".into()),
         ];
         Env { vars, metrics_port }
     }
@@ -601,6 +618,32 @@ impl Walcast {
 impl Drop for Walcast {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// GET /metrics with a plain HTTP/1.0 request (no client library needed).
+pub async fn scrape_metrics(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// `SELECT count(*)` of a table, 0 when it does not exist yet.
+pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
+    match client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(_) => 0,
     }
 }
 

@@ -1,0 +1,259 @@
+//! `walcast verify`: reconcile the sinks with the source.
+//!
+//! - Every `engagement_events` row is in `analytics.enriched_events` once, except the rows
+//!   that were dead-lettered; nothing is there that the source does not have. Ids are
+//!   compared page by page (keyset, 50,000 at a time), so memory stays flat for any table
+//!   size and the source and analytics databases may be different servers.
+//! - Every aggregate table equals a recomputation from the facts in SQL (both directions of
+//!   `EXCEPT`, so a missing, an extra and a wrong row all count).
+//! - Redis `stats:events` `total` equals the number of events.
+//!
+//! Run it when walcast has caught up (lag near 0): events still in flight show as missing.
+
+use std::fmt;
+
+use tokio_postgres::Client;
+
+use crate::sink::postgres::AGGREGATES;
+
+const PAGE: i64 = 50_000;
+/// Missing or unexpected ids listed in the report, at most.
+const SAMPLE: usize = 10;
+
+/// What `verify` found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub source_events: u64,
+    /// Source rows the stream rejected (dead letters of `engagement_events`).
+    pub dead_lettered: u64,
+    pub analytics: Option<AnalyticsReport>,
+    /// `stats:events` `total`, when Redis was checked.
+    pub redis_total: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct AnalyticsReport {
+    pub events: u64,
+    pub missing: u64,
+    pub missing_sample: Vec<i64>,
+    pub unexpected: u64,
+    pub unexpected_sample: Vec<i64>,
+    /// Per aggregate table, rows that differ from the recomputation.
+    pub aggregate_diffs: Vec<(&'static str, u64)>,
+}
+
+impl Report {
+    /// Events every sink should hold.
+    pub fn expected(&self) -> u64 {
+        self.source_events.saturating_sub(self.dead_lettered)
+    }
+
+    pub fn is_consistent(&self) -> bool {
+        let analytics_ok = self.analytics.as_ref().is_none_or(|a| {
+            a.missing == 0 && a.unexpected == 0 && a.aggregate_diffs.iter().all(|(_, n)| *n == 0)
+        });
+        let redis_ok = self.redis_total.is_none_or(|t| t == self.expected());
+        analytics_ok && redis_ok
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "source events        {}", self.source_events)?;
+        writeln!(f, "dead-lettered        {}", self.dead_lettered)?;
+        writeln!(f, "expected in sinks    {}", self.expected())?;
+        if let Some(a) = &self.analytics {
+            writeln!(f, "analytics events     {}", a.events)?;
+            writeln!(
+                f,
+                "  missing            {} {:?}",
+                a.missing, a.missing_sample
+            )?;
+            writeln!(
+                f,
+                "  unexpected         {} {:?}",
+                a.unexpected, a.unexpected_sample
+            )?;
+            for (table, diffs) in &a.aggregate_diffs {
+                writeln!(f, "  {table:<27} {diffs} rows differ from the facts")?;
+            }
+        }
+        if let Some(total) = self.redis_total {
+            writeln!(f, "redis stats total    {total}")?;
+        }
+        write!(
+            f,
+            "{}",
+            if self.is_consistent() {
+                "consistent"
+            } else {
+                "NOT consistent"
+            }
+        )
+    }
+}
+
+/// Counts the source rows and the dead letters of `engagement_events`.
+pub async fn source(
+    source: &Client,
+    analytics: Option<&Client>,
+) -> Result<Report, tokio_postgres::Error> {
+    let source_events: i64 = source
+        .query_one("SELECT count(*) FROM engagement_events", &[])
+        .await?
+        .get(0);
+    let dead_lettered: i64 = match analytics {
+        Some(client) => client
+            .query_one(
+                "SELECT count(DISTINCT raw->>'id') FROM analytics.dead_letters
+                 WHERE origin = 'source' AND source_table = 'engagement_events'",
+                &[],
+            )
+            .await?
+            .get(0),
+        None => 0,
+    };
+    Ok(Report {
+        source_events: source_events as u64,
+        dead_lettered: dead_lettered as u64,
+        ..Report::default()
+    })
+}
+
+/// Compares the facts with the source, and the aggregates with the facts.
+pub async fn analytics(
+    source: &Client,
+    analytics: &Client,
+) -> Result<AnalyticsReport, tokio_postgres::Error> {
+    let mut report = AnalyticsReport::default();
+    let dead: Vec<i64> = analytics
+        .query(
+            "SELECT DISTINCT (raw->>'id')::bigint FROM analytics.dead_letters
+             WHERE origin = 'source' AND source_table = 'engagement_events'
+               AND raw->>'id' ~ '^-?[0-9]+$'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut after = i64::MIN;
+    loop {
+        let page: Vec<i64> = source
+            .query(
+                "SELECT id FROM engagement_events WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &PAGE],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let Some(&last) = page.last() else { break };
+        let held: Vec<i64> = analytics
+            .query(
+                "SELECT id FROM analytics.enriched_events WHERE id > $1 AND id <= $2 ORDER BY id",
+                &[&after, &last],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        report.events += held.len() as u64;
+        compare_sorted(&page, &held, &dead, &mut report);
+        after = last;
+    }
+    let beyond: Vec<i64> = analytics
+        .query(
+            "SELECT id FROM analytics.enriched_events WHERE id > $1 ORDER BY id",
+            &[&after],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    report.events += beyond.len() as u64;
+    compare_sorted(&[], &beyond, &dead, &mut report);
+    for (table, keys, filter) in AGGREGATES {
+        let diffs: i64 = analytics
+            .query_one(&recompute_statement(table, keys, filter), &[])
+            .await?
+            .get(0);
+        report.aggregate_diffs.push((table, diffs as u64));
+    }
+    Ok(report)
+}
+
+/// Merges one page of source ids with the analytics ids of the same range.
+fn compare_sorted(source: &[i64], held: &[i64], dead: &[i64], report: &mut AnalyticsReport) {
+    let (mut i, mut j) = (0, 0);
+    while i < source.len() || j < held.len() {
+        match (source.get(i), held.get(j)) {
+            (Some(s), Some(h)) if s == h => {
+                i += 1;
+                j += 1;
+            }
+            (Some(s), h) if h.is_none_or(|h| s < h) => {
+                if !dead.contains(s) {
+                    report.missing += 1;
+                    if report.missing_sample.len() < SAMPLE {
+                        report.missing_sample.push(*s);
+                    }
+                }
+                i += 1;
+            }
+            (_, Some(h)) => {
+                report.unexpected += 1;
+                if report.unexpected_sample.len() < SAMPLE {
+                    report.unexpected_sample.push(*h);
+                }
+                j += 1;
+            }
+            (None, None) => break,
+            (Some(_), None) => unreachable!("handled above"),
+        }
+    }
+}
+
+/// Rows of `table` that differ from the aggregate recomputed from the facts, both ways.
+fn recompute_statement(table: &str, keys: &str, filter: &str) -> String {
+    format!(
+        "WITH expected AS (
+    SELECT {keys},
+        count(*) AS events,
+        count(*) FILTER (WHERE event_type = 'play') AS plays,
+        count(*) FILTER (WHERE event_type = 'pause') AS pauses,
+        count(*) FILTER (WHERE event_type = 'finish') AS finishes,
+        count(*) FILTER (WHERE event_type = 'click') AS clicks,
+        count(DISTINCT user_id) AS distinct_users,
+        coalesce(sum(engagement_seconds), 0) AS engagement_seconds_total,
+        avg(engagement_pct) AS engagement_pct_avg,
+        max(event_ts) AS last_event_ts
+    FROM (SELECT *, (event_ts AT TIME ZONE 'UTC')::date AS day
+          FROM analytics.enriched_events) AS facts
+    WHERE {filter}
+    GROUP BY {keys}
+),
+actual AS (
+    SELECT {keys}, events, plays, pauses, finishes, clicks, distinct_users,
+        engagement_seconds_total, engagement_pct_avg, last_event_ts
+    FROM analytics.{table}
+)
+SELECT (SELECT count(*) FROM (SELECT * FROM expected EXCEPT ALL SELECT * FROM actual) AS a)
+     + (SELECT count(*) FROM (SELECT * FROM actual EXCEPT ALL SELECT * FROM expected) AS b)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_finds_missing_unexpected_and_ignores_dead_letters() {
+        let mut report = AnalyticsReport::default();
+        compare_sorted(&[1, 2, 3, 5, 8], &[1, 3, 4, 5, 9], &[8], &mut report);
+        assert_eq!(report.missing, 1);
+        assert_eq!(report.missing_sample, vec![2]);
+        assert_eq!(report.unexpected, 2);
+        assert_eq!(report.unexpected_sample, vec![4, 9]);
+    }
+}

@@ -1,0 +1,616 @@
+//! Fan-out to Redis and the PostgreSQL analytics sink, end to end against real servers:
+//! facts and aggregates, replays, crashes, a sink that goes away, dead letters.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use support::{
+    Env, Postgres, Redis, Walcast, confirmed_flush, count, current_lsn, eventually, scrape_metrics,
+};
+use walcast::enrich::Content;
+use walcast::event::{Batch, EnrichedEvent, Hundredths};
+use walcast::lsn::{Lsn, Position};
+use walcast::sink::Sink;
+use walcast::sink::postgres::PostgresSink;
+
+const WAIT: Duration = Duration::from_secs(30);
+const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
+const VIDEO: &str = "00000000-0000-0000-0000-000000000002";
+const LETTER: &str = "00000000-0000-0000-0000-000000000003";
+const UNKNOWN: &str = "00000000-0000-0000-0000-0000000000ff";
+const ALICE: &str = "10000000-0000-0000-0000-00000000000a";
+const BOB: &str = "10000000-0000-0000-0000-00000000000b";
+const CAROL: &str = "10000000-0000-0000-0000-00000000000c";
+
+struct Stack {
+    pg: Postgres,
+    redis: Redis,
+    db: tokio_postgres::Client,
+    env: Env,
+}
+
+/// PostgreSQL with the source schema and three content rows (a 300 s podcast, a video of
+/// length 0, a newsletter of unknown length), without the foreign key so events may name
+/// content that does not exist; and Redis.
+async fn stack_with(redis: Redis) -> Stack {
+    let pg = Postgres::start().await;
+    let db = pg.create_source_db("app").await;
+    db.batch_execute(&format!(
+        "ALTER TABLE engagement_events DROP CONSTRAINT engagement_events_content_id_fkey;
+         INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts) VALUES
+           ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now()),
+           ('{VIDEO}', 'video', 'A video', 'video', 0, now()),
+           ('{LETTER}', 'letter', 'A letter', 'newsletter', NULL, now())"
+    ))
+    .await
+    .unwrap();
+    let env = Env::new(&pg, "app", &redis);
+    Stack { pg, redis, db, env }
+}
+
+async fn stack() -> Stack {
+    stack_with(Redis::start().await).await
+}
+
+impl Stack {
+    fn run(&self) -> Walcast {
+        let out = self.env.output(&["setup"]);
+        assert!(
+            out.status.success(),
+            "walcast setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.env.spawn_run()
+    }
+
+    async fn analytics_count(&self) -> i64 {
+        count(&self.db, "analytics.enriched_events").await
+    }
+
+    async fn source_count(&self) -> i64 {
+        count(&self.db, "engagement_events").await
+    }
+
+    /// Waits until both sinks hold `n` events.
+    async fn wait_delivered(&self, n: i64, walcast: &Walcast, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.analytics_count().await < n || self.redis.total().await < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} events not delivered within {timeout:?}: analytics {}, redis {}; log:\n{}",
+                self.analytics_count().await,
+                self.redis.total().await,
+                walcast.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `walcast verify` must report consistent sinks.
+    fn verify(&self) -> String {
+        let out = self.env.output(&["verify"]);
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "walcast verify found differences:\n{report}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(report.contains("consistent"), "{report}");
+        report
+    }
+}
+
+/// Inserts `n` events in transactions of `per_tx` rows, varied the way real traffic is:
+/// three known content items plus unknown and NULL content, 97 users and some anonymous,
+/// every event type, three devices plus NULL, three days, NULL durations.
+async fn load(db: &tokio_postgres::Client, n: i64, per_tx: i64) {
+    let mut done = 0;
+    while done < n {
+        let (first, last) = (done + 1, (done + per_tx).min(n));
+        db.batch_execute(&format!(
+            "INSERT INTO engagement_events
+                 (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload)
+             SELECT
+                 (CASE WHEN i % 50 = 0 THEN NULL
+                       WHEN i % 37 = 0 THEN '{UNKNOWN}'
+                       ELSE (ARRAY['{EPISODE}', '{VIDEO}', '{LETTER}'])[1 + i % 3] END)::uuid,
+                 CASE WHEN i % 13 = 0 THEN NULL
+                      ELSE ('20000000-0000-0000-0000-' || lpad((i % 97)::text, 12, '0'))::uuid END,
+                 (ARRAY['play', 'pause', 'finish', 'click'])[1 + i % 4],
+                 now() - (i % 3) * interval '1 day',
+                 CASE WHEN i % 4 = 3 THEN NULL ELSE (i * 37) % 600000 END,
+                 CASE WHEN i % 11 = 0 THEN NULL
+                      ELSE (ARRAY['ios', 'android', 'web-chrome'])[1 + i % 3] END,
+                 jsonb_build_object('seq', i)
+             FROM generate_series({first}, {last}) AS i"
+        ))
+        .await
+        .unwrap();
+        done = last;
+    }
+}
+
+#[tokio::test]
+async fn facts_and_aggregates_match_the_enrichment_rules() {
+    let s = stack().await;
+    let walcast = s.run();
+    s.db.batch_execute(&format!(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) VALUES
+           ('{EPISODE}', '{ALICE}', 'play',   '2026-11-20 10:00:00+00', 7000, 'ios'),
+           ('{EPISODE}', '{ALICE}', 'pause',  '2026-11-20 23:59:59+00', 1500, 'ios'),
+           ('{EPISODE}', '{BOB}',   'finish', '2026-11-21 00:00:00+00', NULL, NULL),
+           (NULL,        '{ALICE}', 'click',  '2026-11-21 09:00:00+00', NULL, 'web-safari'),
+           ('{UNKNOWN}', '{CAROL}', 'play',   '2026-11-21 09:00:00+00', 2000, 'web-safari'),
+           ('{VIDEO}',   '{BOB}',   'play',   '2026-11-21 09:30:00+00', 3000, 'android')"
+    ))
+    .await
+    .unwrap();
+    s.wait_delivered(6, &walcast, WAIT).await;
+
+    let golden =
+        s.db.query_one(
+            "SELECT engagement_seconds::text, engagement_pct::text, title, slug, content_type,
+                    length_seconds, content_missing, commit_lsn IS NOT NULL
+             FROM analytics.enriched_events WHERE event_ts = '2026-11-20 10:00:00+00'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(golden.get::<_, String>(0), "7.00");
+    assert_eq!(golden.get::<_, String>(1), "0.02");
+    assert_eq!(golden.get::<_, String>(2), "An episode");
+    assert_eq!(golden.get::<_, String>(3), "episode");
+    assert_eq!(golden.get::<_, String>(4), "podcast");
+    assert_eq!(golden.get::<_, i32>(5), 300);
+    assert!(!golden.get::<_, bool>(6));
+    assert!(golden.get::<_, bool>(7));
+    let missing: Vec<bool> =
+        s.db.query(
+            "SELECT content_missing FROM analytics.enriched_events ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(missing, [false, false, false, true, true, false]);
+
+    // (events, plays, pauses, finishes, clicks, distinct users, seconds, pct avg)
+    let measures = "events, plays, pauses, finishes, clicks, distinct_users, \
+                    engagement_seconds_total::text, round(engagement_pct_avg, 3)::text";
+    let row = |sql: String| {
+        let db = &s.db;
+        async move {
+            let r = db.query_one(&sql, &[]).await.unwrap();
+            (
+                (1..7).map(|i| r.get::<_, i64>(i - 1)).collect::<Vec<_>>(),
+                r.get::<_, String>(6),
+                r.get::<_, Option<String>>(7),
+            )
+        }
+    };
+    assert_eq!(
+        row(format!(
+            "SELECT {measures} FROM analytics.content_engagement_metrics WHERE content_id = '{EPISODE}'"
+        ))
+        .await,
+        (vec![3, 1, 1, 1, 0, 2], "8.50".into(), Some("0.015".into()))
+    );
+    assert_eq!(
+        row(format!(
+            "SELECT {measures} FROM analytics.content_engagement_daily
+             WHERE content_id = '{EPISODE}' AND day = '2026-11-20'"
+        ))
+        .await,
+        (vec![2, 1, 1, 0, 0, 1], "8.50".into(), Some("0.015".into()))
+    );
+    // Unknown content is still counted under its id; NULL content only by type and device.
+    assert_eq!(
+        row(format!(
+            "SELECT {measures} FROM analytics.content_engagement_metrics WHERE content_id = '{UNKNOWN}'"
+        ))
+        .await,
+        (vec![1, 1, 0, 0, 0, 1], "2.00".into(), None)
+    );
+    assert_eq!(
+        count(&s.db, "analytics.content_engagement_metrics").await,
+        3,
+        "episode, unknown, video"
+    );
+    assert_eq!(
+        row(format!(
+            "SELECT {measures} FROM analytics.content_type_analysis
+             WHERE content_type IS NULL AND day = '2026-11-21'"
+        ))
+        .await,
+        (vec![2, 1, 0, 0, 1, 2], "2.00".into(), None)
+    );
+    assert_eq!(
+        row(format!(
+            "SELECT {measures} FROM analytics.device_analysis WHERE device IS NULL"
+        ))
+        .await,
+        (vec![1, 0, 0, 1, 0, 1], "0".into(), None)
+    );
+    assert_eq!(
+        row(format!(
+            "SELECT {measures} FROM analytics.device_analysis
+             WHERE device = 'web-safari' AND day = '2026-11-21'"
+        ))
+        .await,
+        (vec![2, 1, 0, 0, 1, 2], "2.00".into(), None)
+    );
+    let report = s.verify();
+    assert!(report.contains("analytics events     6"), "{report}");
+}
+
+/// An event at `position` with everything but the identity fixed.
+fn event(id: i64, position: Position, user: &str, content: &Arc<Content>) -> EnrichedEvent {
+    let ts: DateTime<Utc> = "2026-11-21T10:00:00Z".parse().unwrap();
+    EnrichedEvent {
+        position,
+        commit_ts: ts,
+        id,
+        content_id: Some(content.id.clone()),
+        user_id: Some(user.to_owned()),
+        event_type: Some("play".into()),
+        event_ts: ts,
+        duration_ms: Some(1500),
+        device: Some("ios".into()),
+        raw_payload: None,
+        extra: Vec::new(),
+        content: Some(Arc::clone(content)),
+        engagement_seconds: Some(Hundredths(150)),
+        engagement_pct: Some(Hundredths(1)),
+    }
+}
+
+/// Every aggregate row, as text, for comparing whole states.
+async fn aggregate_state(db: &tokio_postgres::Client) -> Vec<String> {
+    let mut state = Vec::new();
+    for table in [
+        "content_engagement_metrics",
+        "content_engagement_daily",
+        "content_type_analysis",
+        "device_analysis",
+    ] {
+        for row in db
+            .query(
+                &format!("SELECT t::text FROM analytics.{table} AS t ORDER BY 1"),
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            state.push(format!("{table} {}", row.get::<_, String>(0)));
+        }
+    }
+    state
+}
+
+#[tokio::test]
+async fn replayed_and_overlapping_batches_never_count_twice() {
+    let pg = Postgres::start().await;
+    let db = pg.create_source_db("app").await;
+    let config: tokio_postgres::Config = pg.url("app").parse().unwrap();
+    let (mut sink, migrated) = PostgresSink::connect(config.clone()).await.unwrap();
+    assert_eq!(migrated, ["003_analytics_schema"]);
+    let content = Arc::new(Content {
+        id: EPISODE.into(),
+        slug: Some("episode".into()),
+        title: Some("An episode".into()),
+        content_type: Some("podcast".into()),
+        length_seconds: Some(300),
+    });
+    let at = |lsn: u64, seq: u32| Position::new(Lsn(lsn), seq);
+    let batch = |events: Vec<EnrichedEvent>| Batch {
+        events,
+        ..Batch::default()
+    };
+    let first = batch(vec![
+        event(1, at(100, 0), ALICE, &content),
+        event(2, at(100, 1), BOB, &content),
+    ]);
+    sink.write(&first).await.unwrap();
+    let once = aggregate_state(&db).await;
+    assert!(!once.is_empty());
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(at(100, 1)));
+
+    // A replay after a crash: same positions, at or below the checkpoint.
+    sink.write(&first).await.unwrap();
+    // An overlapping backfill: the same ids at later positions, with a new user.
+    sink.write(&batch(vec![
+        event(2, at(200, 0), BOB, &content),
+        event(1, at(200, 1), ALICE, &content),
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(aggregate_state(&db).await, once);
+    assert_eq!(count(&db, "analytics.enriched_events").await, 2);
+
+    // A new event by a user already counted adds an event, not a user.
+    sink.write(&batch(vec![event(3, at(300, 0), ALICE, &content)]))
+        .await
+        .unwrap();
+    let (events, users): (i64, i64) = {
+        let r = db
+            .query_one(
+                "SELECT events, distinct_users FROM analytics.content_engagement_metrics",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((events, users), (3, 2));
+
+    // A second start finds the schema in place and applies nothing.
+    let (_again, migrated) = PostgresSink::connect(config).await.unwrap();
+    assert!(migrated.is_empty());
+}
+
+#[tokio::test]
+async fn kill_9_at_random_moments_under_200k_events_loses_and_doubles_nothing() {
+    const EVENTS: i64 = 200_000;
+    let s = stack().await;
+    let mut walcast = s.run();
+    let writer = {
+        let db = s.pg.client("app").await;
+        tokio::spawn(async move { load(&db, EVENTS, 500).await })
+    };
+    let mut rng = rand::rng();
+    let mut kills = Vec::new();
+    let mut target = 0;
+    for _ in 0..4 {
+        target += rng.random_range(10_000..45_000);
+        // Whichever sink is behind decides: a kill lands mid-way for both.
+        eventually(&format!("{target} events applied"), WAIT, || async {
+            s.analytics_count().await.min(s.redis.total().await) >= target
+        })
+        .await;
+        // A random extra delay, so the kill does not land right at a batch boundary.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        kills.push(s.analytics_count().await);
+        walcast.kill9();
+        walcast = s.env.spawn_run();
+    }
+    writer.await.unwrap();
+    eprintln!("killed walcast at analytics counts {kills:?}");
+    assert_eq!(s.source_count().await, EVENTS);
+    s.wait_delivered(EVENTS, &walcast, Duration::from_secs(120))
+        .await;
+    let committed = current_lsn(&s.db).await;
+    eventually("slot acknowledged everything", WAIT, || async {
+        confirmed_flush(&s.db, "walcast").await.unwrap() >= committed
+    })
+    .await;
+    let distinct: i64 =
+        s.db.query_one(
+            "SELECT count(DISTINCT id) FROM analytics.enriched_events",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(distinct, EVENTS, "killed at {kills:?}");
+    assert_eq!(s.analytics_count().await, EVENTS, "killed at {kills:?}");
+    assert_eq!(s.redis.total().await, EVENTS, "killed at {kills:?}");
+    eprintln!("{}", s.verify());
+}
+
+#[tokio::test]
+async fn redis_outage_holds_the_slot_and_loses_nothing() {
+    let mut s = stack_with(Redis::start_persistent().await).await;
+    let walcast = s.run();
+    let writer = {
+        let db = s.pg.client("app").await;
+        tokio::spawn(async move {
+            // About 20 s of steady load: 40,000 events, 200 per transaction, 2,000/s.
+            for _ in 0..200 {
+                load(&db, 200, 200).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    eventually("streaming under load", WAIT, || async {
+        s.redis.total().await >= 2_000
+    })
+    .await;
+
+    // Redis dies (SIGKILL; every write it acknowledged is on disk) for 10 s.
+    s.redis.stop();
+    let analytics_at_stop = s.analytics_count().await;
+    let mut flushed_while_down = 0;
+    let down_until = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < down_until {
+        flushed_while_down =
+            flushed_while_down.max(confirmed_flush(&s.db, "walcast").await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let analytics_while_down = s.analytics_count().await;
+    assert!(
+        analytics_while_down > analytics_at_stop,
+        "the postgres sink kept writing while redis was down ({analytics_at_stop} -> {analytics_while_down})"
+    );
+
+    // Freeze walcast while Redis comes back, to read what Redis had applied.
+    support::signal_pid(walcast.pid(), libc::SIGSTOP);
+    s.redis.restart().await;
+    let applied: String = {
+        let mut conn = s.redis.conn().await;
+        redis::cmd("GET")
+            .arg("walcast:checkpoint:redis")
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    };
+    support::signal_pid(walcast.pid(), libc::SIGCONT);
+    let applied = Position::from_sortable(&applied).unwrap();
+    // No event Redis had not applied lies below what the slot confirmed.
+    let unapplied_below_flush: i64 =
+        s.db.query_one(
+            "SELECT count(*) FROM analytics.enriched_events
+             WHERE commit_lsn < ('0/0'::pg_lsn + $1::text::numeric)
+               AND (commit_lsn, commit_seq) > ($2::text::pg_lsn, $3)",
+            &[
+                &(flushed_while_down.to_string()),
+                &applied.commit_lsn.to_string(),
+                &(applied.seq as i32),
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        unapplied_below_flush, 0,
+        "confirmed_flush_lsn passed what redis applied ({applied})"
+    );
+
+    writer.await.unwrap();
+    let expected = s.source_count().await;
+    assert_eq!(expected, 40_000);
+    s.wait_delivered(expected, &walcast, Duration::from_secs(60))
+        .await;
+    assert_eq!(s.redis.total().await, expected, "nothing doubled");
+    assert!(
+        walcast.log().contains("sink write failed, retrying"),
+        "{}",
+        walcast.log()
+    );
+    s.verify();
+}
+
+#[tokio::test]
+async fn rows_that_cannot_be_events_become_dead_letters_and_the_stream_goes_on() {
+    let s = stack().await;
+    let walcast = s.run();
+    let good = |n: i64| {
+        let db = &s.db;
+        async move {
+            db.batch_execute(&format!(
+                "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms)
+                 SELECT '{EPISODE}', 'play', now(), i FROM generate_series(1, {n}) AS i"
+            ))
+            .await
+            .unwrap();
+        }
+    };
+    good(1).await;
+    // invalid_value: a user schema where user_id is free text.
+    s.db.batch_execute(
+        "ALTER TABLE engagement_events ALTER COLUMN user_id TYPE text;
+         INSERT INTO engagement_events (user_id, event_type, event_ts)
+         VALUES ('not-a-uuid', 'play', now());",
+    )
+    .await
+    .unwrap();
+    good(1).await;
+    // null_event_ts: a user schema without NOT NULL.
+    s.db.batch_execute(
+        "ALTER TABLE engagement_events ALTER COLUMN event_ts DROP NOT NULL;
+         INSERT INTO engagement_events (event_type, event_ts, device) VALUES ('pause', NULL, 'tv');",
+    )
+    .await
+    .unwrap();
+    good(1).await;
+    s.wait_delivered(3, &walcast, WAIT).await;
+    // missing_column: a required column dropped.
+    s.db.batch_execute(
+        "ALTER TABLE engagement_events DROP COLUMN event_ts;
+         INSERT INTO engagement_events (event_type, device) VALUES ('click', 'web-chrome');",
+    )
+    .await
+    .unwrap();
+    eventually("three dead letters", WAIT, || async {
+        count(&s.db, "analytics.dead_letters").await == 3
+    })
+    .await;
+
+    let rows =
+        s.db.query(
+            "SELECT reason, detail, source_table, raw::text, commit_lsn IS NOT NULL, seq, origin
+             FROM analytics.dead_letters ORDER BY commit_lsn",
+            &[],
+        )
+        .await
+        .unwrap();
+    let reasons: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        reasons,
+        ["invalid_value", "null_event_ts", "missing_column"]
+    );
+    for row in &rows {
+        assert_eq!(row.get::<_, String>(2), "engagement_events");
+        assert!(row.get::<_, bool>(4), "commit_lsn recorded");
+        assert_eq!(row.get::<_, i32>(5), 0, "first row of its transaction");
+        assert_eq!(row.get::<_, String>(6), "source");
+    }
+    let raw = |i: usize| serde_json::from_str::<serde_json::Value>(rows[i].get(3)).unwrap();
+    assert_eq!(raw(0)["user_id"], "not-a-uuid");
+    assert!(raw(0)["id"].is_string());
+    assert!(rows[0].get::<_, String>(1).contains("user_id"));
+    assert_eq!(raw(1)["event_ts"], serde_json::Value::Null);
+    assert_eq!(raw(1)["device"], "tv");
+    assert_eq!(raw(2)["device"], "web-chrome");
+    assert!(raw(2).get("event_ts").is_none());
+
+    let metrics = scrape_metrics(s.env.metrics_port).await;
+    for reason in ["invalid_value", "null_event_ts", "missing_column"] {
+        assert!(
+            metrics.contains(&format!(
+                "walcast_dead_letters_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason} counted once; metrics:\n{metrics}"
+        );
+    }
+    assert_eq!(s.redis.total().await, 3);
+    assert_eq!(s.analytics_count().await, 3);
+}
+
+#[tokio::test]
+async fn a_permanent_sink_error_stops_walcast_without_acknowledging_the_batch() {
+    let s = stack().await;
+    let mut walcast = s.run();
+    s.db.batch_execute(&format!(
+        "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms)
+         VALUES ('{EPISODE}', 'play', now(), 1000)"
+    ))
+    .await
+    .unwrap();
+    s.wait_delivered(1, &walcast, WAIT).await;
+    let committed = current_lsn(&s.db).await;
+    eventually("first event acknowledged", WAIT, || async {
+        confirmed_flush(&s.db, "walcast").await.unwrap() >= committed
+    })
+    .await;
+
+    // Someone adds a constraint the analytics rows violate: retrying cannot help.
+    s.db.batch_execute(
+        "ALTER TABLE analytics.enriched_events
+             ADD CONSTRAINT short_only CHECK (duration_ms < 5000) NOT VALID;",
+    )
+    .await
+    .unwrap();
+    let before = current_lsn(&s.db).await;
+    s.db.batch_execute(&format!(
+        "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms)
+         VALUES ('{EPISODE}', 'play', now(), 9000)"
+    ))
+    .await
+    .unwrap();
+    let status = walcast.wait_exit(WAIT).await;
+    assert!(!status.success(), "exit status {status}");
+    let log = walcast.log();
+    assert!(log.contains("sink postgres failed"), "{log}");
+    assert!(log.contains("short_only"), "{log}");
+    assert!(log.contains("a constraint"), "the fix is named: {log}");
+    assert!(
+        confirmed_flush(&s.db, "walcast").await.unwrap() <= before,
+        "the rejected batch was not acknowledged"
+    );
+}
