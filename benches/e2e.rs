@@ -1,10 +1,13 @@
 //! End-to-end measurements on throwaway servers (`cargo bench --bench e2e`):
 //!
 //! 1. Backlog drain: EVENTS events (env `E2E_EVENTS`, default 1,000,000) committed as
-//!    transactions of 100 rows while walcast is stopped, into two slots. `pg_recvlogical`
-//!    drains one (pgoutput to /dev/null: the source-side physical limit) and walcast the
-//!    other (Redis sink); events/s of each and their ratio, from the same run.
-//! 2. Visibility latency: 1,000 single-row inserts at ~200/s while walcast streams; a reader
+//!    transactions of 100 rows while walcast is stopped, into three slots. `pg_recvlogical`
+//!    drains one (pgoutput to /dev/null: the source-side physical limit), walcast with the
+//!    Redis sink only the second, and walcast with Redis and the analytics sink the third,
+//!    one after the other; events/s of each and the ratio to pg_recvlogical, from the same
+//!    run.
+//! 2. Visibility latency: 1,000 single-row inserts at ~200/s while walcast (both sinks)
+//!    streams; a reader
 //!    on the `events:play` stream (XREAD BLOCK) compares each arrival with the event's
 //!    `commit_ts`. p50/p95/p99.
 //!
@@ -16,7 +19,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Env, Postgres, Redis, eventually, find_binary};
+use support::{Env, Postgres, Redis, Walcast, count, eventually, find_binary};
 
 const CONTENT: &str = "00000000-0000-0000-0000-000000000001";
 
@@ -27,6 +30,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let pg = Postgres::start_with(&[("max_wal_size", "4GB"), ("shared_buffers", "256MB")]).await;
+    let redis_only = Redis::start().await;
     let redis = Redis::start().await;
     let db = pg.create_source_db("app").await;
     db.batch_execute(&format!(
@@ -34,7 +38,13 @@ async fn main() {
     ))
     .await
     .unwrap();
-    let env = Env::new(&pg, "app", &redis).set("WALCAST_LOG", "warn");
+    let env_redis = Env::new(&pg, "app", &redis_only)
+        .set("WALCAST_LOG", "warn")
+        .set("WALCAST_SINKS", "redis");
+    let env = Env::new(&pg, "app", &redis)
+        .set("WALCAST_LOG", "warn")
+        .set("WALCAST_SLOT", "walcast_both");
+    assert!(env_redis.output(&["setup"]).status.success());
     assert!(env.output(&["setup"]).status.success());
     db.batch_execute("SELECT pg_create_logical_replication_slot('reference', 'pgoutput')")
         .await
@@ -96,22 +106,29 @@ async fn main() {
     assert!(status.success());
     let reference_secs = started.elapsed().as_secs_f64();
 
-    // walcast drains the same backlog into Redis.
-    let started = Instant::now();
-    let walcast = env.spawn_run();
-    eventually(
-        "walcast drained the backlog",
-        Duration::from_secs(1800),
-        || async { redis.total().await >= events },
-    )
-    .await;
-    let walcast_secs = started.elapsed().as_secs_f64();
-    let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", walcast.pid()))
+    // walcast drains the same backlog into Redis, then into Redis and analytics.
+    let (redis_secs, redis_rss, walcast) =
+        drain(&env_redis, || async { redis_only.total().await >= events }).await;
+    drop(walcast);
+    // The load has one writer, so commit order is id order: once the last id is in the
+    // analytics table, everything is (batches commit whole). An index probe, not a count.
+    let last_id: i64 = db
+        .query_one("SELECT max(id) FROM engagement_events", &[])
+        .await
         .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        .unwrap_or_default();
+        .get(0);
+    let (both_secs, both_rss, walcast) = drain(&env, || async {
+        redis.total().await >= events
+            && db
+                .query_one(
+                    "SELECT EXISTS (SELECT FROM analytics.enriched_events WHERE id = $1)",
+                    &[&last_id],
+                )
+                .await
+                .is_ok_and(|row| row.get(0))
+    })
+    .await;
+    assert_eq!(count(&db, "analytics.enriched_events").await, events);
 
     // Visibility latency, measured outside walcast.
     let reader = {
@@ -186,15 +203,16 @@ async fn main() {
         "| pg_recvlogical drain | {reference_secs:.2} s, {:.0} events/s |",
         events as f64 / reference_secs
     );
-    println!(
-        "| walcast drain (redis) | {walcast_secs:.2} s, {:.0} events/s |",
-        events as f64 / walcast_secs
-    );
-    println!(
-        "| ratio to pg_recvlogical | {:.2} |",
-        reference_secs / walcast_secs
-    );
-    println!("| walcast peak RSS | {rss_kb} kB |");
+    for (sinks, secs, rss_kb) in [
+        ("redis", redis_secs, redis_rss),
+        ("redis + postgres", both_secs, both_rss),
+    ] {
+        println!(
+            "| walcast drain ({sinks}) | {secs:.2} s, {:.0} events/s, ratio {:.2}, peak RSS {rss_kb} kB |",
+            events as f64 / secs,
+            reference_secs / secs
+        );
+    }
     println!(
         "| commit → redis, p50 / p95 / p99 (1000 inserts at 200/s) | {:.2} / {:.2} / {:.2} ms |",
         pct(0.50),
@@ -202,4 +220,29 @@ async fn main() {
         pct(0.99)
     );
     drop(walcast);
+}
+
+/// Starts `walcast run` and waits until `done`; seconds taken (start-up included), peak
+/// RSS in kB, and the still running process.
+async fn drain<F, Fut>(env: &Env, done: F) -> (f64, String, Walcast)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    let walcast = env.spawn_run();
+    eventually(
+        "walcast drained the backlog",
+        Duration::from_secs(1800),
+        done,
+    )
+    .await;
+    let secs = started.elapsed().as_secs_f64();
+    let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", walcast.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .unwrap_or_default();
+    (secs, rss_kb, walcast)
 }
