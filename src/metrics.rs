@@ -75,15 +75,16 @@ impl ChangeCounts {
     }
 }
 
-/// A sink applied `batch` after `took`, confirmed at `now`.
-pub fn sink_written(sink: &'static str, batch: &Batch, took: Duration, now: DateTime<Utc>) {
-    if batch.rows() == 0 {
+/// A sink applied `batches` in one write that took `took`, confirmed at `now`.
+pub fn sink_written(sink: &'static str, batches: &[&Batch], took: Duration, now: DateTime<Utc>) {
+    let with_rows = batches.iter().filter(|b| b.rows() > 0).count();
+    if with_rows == 0 {
         return;
     }
-    counter!(SINK_BATCHES_TOTAL, "sink" => sink, "outcome" => "ok").increment(1);
+    counter!(SINK_BATCHES_TOTAL, "sink" => sink, "outcome" => "ok").increment(with_rows as u64);
     histogram!(SINK_WRITE_SECONDS, "sink" => sink).record(took.as_secs_f64());
     let end_to_end = histogram!(END_TO_END_SECONDS, "sink" => sink);
-    for event in &batch.events {
+    for event in batches.iter().flat_map(|b| &b.events) {
         let seconds = (now - event.commit_ts).num_microseconds().unwrap_or(0) as f64 / 1e6;
         end_to_end.record(seconds.max(0.0));
     }

@@ -316,25 +316,25 @@ async fn replayed_and_overlapping_batches_never_count_twice() {
         event(1, at(100, 0), ALICE, &content),
         event(2, at(100, 1), BOB, &content),
     ]);
-    sink.write(&first).await.unwrap();
+    sink.write(&[&first]).await.unwrap();
     let once = aggregate_state(&db).await;
     assert!(!once.is_empty());
     assert_eq!(sink.checkpoint().await.unwrap(), Some(at(100, 1)));
 
     // A replay after a crash: same positions, at or below the checkpoint.
-    sink.write(&first).await.unwrap();
+    sink.write(&[&first]).await.unwrap();
     // An overlapping backfill: the same ids at later positions, with a new user.
-    sink.write(&batch(vec![
+    sink.write(&[&batch(vec![
         event(2, at(200, 0), BOB, &content),
         event(1, at(200, 1), ALICE, &content),
-    ]))
+    ])])
     .await
     .unwrap();
     assert_eq!(aggregate_state(&db).await, once);
     assert_eq!(count(&db, "analytics.enriched_events").await, 2);
 
     // A new event by a user already counted adds an event, not a user.
-    sink.write(&batch(vec![event(3, at(300, 0), ALICE, &content)]))
+    sink.write(&[&batch(vec![event(3, at(300, 0), ALICE, &content)])])
         .await
         .unwrap();
     let (events, users): (i64, i64) = {
@@ -479,6 +479,48 @@ async fn redis_outage_holds_the_slot_and_loses_nothing() {
     assert_eq!(s.redis.total().await, expected, "nothing doubled");
     assert!(
         walcast.log().contains("sink write failed, retrying"),
+        "{}",
+        walcast.log()
+    );
+    s.verify();
+}
+
+#[tokio::test]
+async fn a_lost_analytics_connection_is_retried_and_loses_nothing() {
+    let s = stack().await;
+    let walcast = s.run();
+    let writer = {
+        let db = s.pg.client("app").await;
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                load(&db, 200, 200).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    for at in [2_000, 8_000] {
+        eventually(&format!("{at} events in analytics"), WAIT, || async {
+            s.analytics_count().await >= at
+        })
+        .await;
+        let terminated: i64 =
+            s.db.query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = 'walcast-postgres-sink'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(terminated >= 1, "found the sink's session");
+    }
+    writer.await.unwrap();
+    s.wait_delivered(20_000, &walcast, Duration::from_secs(60))
+        .await;
+    assert!(
+        walcast
+            .log()
+            .contains("reconnected to the analytics database"),
         "{}",
         walcast.log()
     );

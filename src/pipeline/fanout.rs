@@ -7,12 +7,21 @@
 //! ```
 //!
 //! Sinks write concurrently: a slow sink delays no other sink's writes, only the
-//! acknowledgement. Each sink's queue is bounded; when a slow sink's queue is full the
-//! fan-out waits, the source's queue fills, and the source stops reading: backpressure
-//! all the way to the walsender instead of a growing buffer. Confirmations travel on an
-//! unbounded channel on purpose: they are bounded by the batches in flight (the queue
-//! capacities), and a bounded one could deadlock a sink blocked on reporting while the
-//! fan-out is blocked on that sink's full queue.
+//! acknowledgement. Each sink's queue is bounded in rows, not in batches (a semaphore of
+//! row permits, released when the sink has written them): under a trickle of one-row
+//! transactions a sink that stalls for a second still has room for thousands of them, so
+//! the other sinks go on undisturbed; under a flood it holds a couple of full batches.
+//! When a slow sink's queue is full the fan-out waits, the source's queue fills, and the
+//! source stops reading: backpressure all the way to the walsender instead of a growing
+//! buffer.
+//!
+//! A sink that fell behind catches up by writing everything queued (up to a batch's worth
+//! of rows) in one write: one Redis script, one PostgreSQL transaction, instead of paying
+//! the per-write cost once per small batch.
+//!
+//! Confirmations travel on an unbounded channel on purpose: they are bounded by the
+//! batches in flight (the queue capacities), and a bounded one could deadlock a sink
+//! blocked on reporting while the fan-out is blocked on that sink's full queue.
 //!
 //! A transient sink error is retried with exponential backoff and jitter, forever: the
 //! acknowledgement simply waits. A permanent one ends the fan-out with that error, having
@@ -23,7 +32,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rand::Rng;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::ack::AckTracker;
@@ -32,11 +41,27 @@ use crate::lsn::Lsn;
 use crate::metrics;
 use crate::sink::{Sink, SinkError};
 
-/// Batches a sink may have queued beyond the one it is writing.
-const SINK_QUEUE: usize = 4;
-
 /// A batch with its sequence number, shared by all sink tasks.
 type Numbered = Arc<(u64, Batch)>;
+
+/// A batch in one sink's queue, holding its share of that queue's capacity until written.
+type Queued = (Numbered, OwnedSemaphorePermit);
+
+/// How much each sink may have queued, and how much one write may take.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Rows a sink may have queued or in its current write.
+    pub queue_rows: usize,
+    /// Rows one write takes from the queue at most (a single larger batch is still
+    /// written whole).
+    pub write_rows: usize,
+}
+
+/// One sink's queue: the channel and its capacity in rows.
+struct Queue {
+    tx: mpsc::UnboundedSender<Queued>,
+    capacity: Arc<Semaphore>,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("sink {sink} failed: {source}")]
@@ -48,22 +73,21 @@ pub struct FanoutError {
 
 /// The sink tasks, before the fan-out starts.
 pub struct Sinks {
+    limits: QueueLimits,
     tasks: JoinSet<Result<(), FanoutError>>,
-    queues: Vec<mpsc::Sender<Numbered>>,
+    queues: Vec<Queue>,
     confirm_tx: mpsc::UnboundedSender<(usize, u64)>,
     confirm_rx: mpsc::UnboundedReceiver<(usize, u64)>,
 }
 
-impl Default for Sinks {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Sinks {
-    pub fn new() -> Self {
+    pub fn new(limits: QueueLimits) -> Self {
         let (confirm_tx, confirm_rx) = mpsc::unbounded_channel();
         Sinks {
+            limits: QueueLimits {
+                queue_rows: limits.queue_rows.clamp(1, Semaphore::MAX_PERMITS),
+                write_rows: limits.write_rows.max(1),
+            },
             tasks: JoinSet::new(),
             queues: Vec::new(),
             confirm_tx,
@@ -74,10 +98,15 @@ impl Sinks {
     /// Starts the task that feeds `sink`.
     pub fn add<S: Sink>(&mut self, sink: S) {
         let index = self.queues.len();
-        let (tx, rx) = mpsc::channel(SINK_QUEUE);
-        self.queues.push(tx);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.queues.push(Queue {
+            tx,
+            capacity: Arc::new(Semaphore::new(self.limits.queue_rows)),
+        });
         let confirm = self.confirm_tx.clone();
-        self.tasks.spawn(sink_task(sink, index, rx, confirm));
+        let write_rows = self.limits.write_rows;
+        self.tasks
+            .spawn(sink_task(sink, index, rx, write_rows, confirm));
     }
 
     pub fn len(&self) -> usize {
@@ -98,6 +127,7 @@ pub async fn run(
     ack: watch::Sender<Lsn>,
 ) -> Result<(), FanoutError> {
     let Sinks {
+        limits,
         mut tasks,
         queues,
         confirm_tx,
@@ -126,11 +156,18 @@ pub async fn run(
             batch = batches.recv(), if queues.is_some() => match batch {
                 Some(batch) => {
                     let seq = tracker.dispatch(batch.ack_lsn);
+                    // An acknowledgement marker takes one permit; a batch larger than the
+                    // whole queue takes all of it.
+                    let rows = batch.rows().clamp(1, limits.queue_rows) as u32;
                     let numbered = Arc::new((seq, batch));
                     for queue in queues.iter().flatten() {
+                        let permit = Arc::clone(&queue.capacity)
+                            .acquire_many_owned(rows)
+                            .await
+                            .expect("the semaphore is never closed");
                         // A closed queue means that sink's task ended with an error, which
                         // the join arm reports next.
-                        let _ = queue.send(Arc::clone(&numbered)).await;
+                        let _ = queue.tx.send((Arc::clone(&numbered), permit));
                     }
                 }
                 // Input closed: let the sink tasks drain their queues and end.
@@ -151,22 +188,46 @@ pub async fn run(
     Ok(())
 }
 
-/// Writes every batch of its queue to one sink, in order, retrying transient errors.
+/// Writes every batch of its queue to one sink, in order, retrying transient errors. What
+/// has queued up while a write was in progress goes into the next write together, up to
+/// `write_rows` rows.
 async fn sink_task<S: Sink>(
     mut sink: S,
     index: usize,
-    mut queue: mpsc::Receiver<Numbered>,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
+    write_rows: usize,
     confirm: mpsc::UnboundedSender<(usize, u64)>,
 ) -> Result<(), FanoutError> {
     let name = sink.name();
-    while let Some(numbered) = queue.recv().await {
-        let (seq, batch) = &*numbered;
+    // A batch taken from the queue but left for the next write.
+    let mut carried: Option<Queued> = None;
+    loop {
+        let first = match carried.take() {
+            Some(queued) => queued,
+            None => match queue.recv().await {
+                Some(queued) => queued,
+                None => break,
+            },
+        };
+        let mut rows = first.0.1.rows();
+        let mut group = vec![first];
+        while rows < write_rows {
+            let Ok(next) = queue.try_recv() else { break };
+            if rows + next.0.1.rows() > write_rows {
+                carried = Some(next);
+                break;
+            }
+            rows += next.0.1.rows();
+            group.push(next);
+        }
+        let seq = group.last().expect("one at least").0.0;
+        let batches: Vec<&Batch> = group.iter().map(|(numbered, _)| &numbered.1).collect();
         let mut attempt: u32 = 0;
         loop {
             let started = std::time::Instant::now();
-            match sink.write(batch).await {
+            match sink.write(&batches).await {
                 Ok(()) => {
-                    metrics::sink_written(name, batch, started.elapsed(), Utc::now());
+                    metrics::sink_written(name, &batches, started.elapsed(), Utc::now());
                     break;
                 }
                 Err(err) if err.is_transient() => {
@@ -185,7 +246,11 @@ async fn sink_task<S: Sink>(
                 }
             }
         }
-        if confirm.send((index, *seq)).is_err() {
+        // Confirming the last batch of the group confirms all before it; dropping the group
+        // returns its rows to the queue's capacity.
+        drop(batches);
+        drop(group);
+        if confirm.send((index, seq)).is_err() {
             break; // the fan-out ended
         }
     }

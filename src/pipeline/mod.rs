@@ -15,7 +15,7 @@ mod fanout;
 
 pub use ack::AckTracker;
 pub use batch::Batcher;
-pub use fanout::{FanoutError, Sinks};
+pub use fanout::{FanoutError, QueueLimits, Sinks};
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -37,6 +37,8 @@ use crate::{Error, source};
 
 /// Batches the source may have closed ahead of the fan-out.
 const BATCH_QUEUE: usize = 2;
+/// Full batches' worth of rows each sink may have queued.
+const SINK_QUEUE_BATCHES: usize = 2;
 /// How long shutdown waits for the final status update to reach PostgreSQL.
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(5);
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -98,7 +100,10 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
 /// Connects every configured sink and reads its checkpoint, so a sink that cannot start
 /// stops walcast before replication begins.
 async fn open_sinks(config: &RunConfig) -> Result<Sinks, Error> {
-    let mut sinks = Sinks::new();
+    let mut sinks = Sinks::new(QueueLimits {
+        queue_rows: SINK_QUEUE_BATCHES * config.batch_max_events,
+        write_rows: config.batch_max_events,
+    });
     for kind in &config.sinks {
         let start = |source| Error::SinkStart {
             sink: kind.name(),

@@ -16,7 +16,7 @@ pub mod redis;
 
 use std::future::Future;
 
-use crate::event::Batch;
+use crate::event::{Batch, EnrichedEvent};
 use crate::lsn::Position;
 
 /// A destination for enriched events. Batches arrive in commit order. After a restart a
@@ -29,10 +29,25 @@ pub trait Sink: Send + 'static {
     /// The highest position this sink has durably applied, read at start-up.
     fn checkpoint(&mut self) -> impl Future<Output = Result<Option<Position>, SinkError>> + Send;
 
-    /// Durably applies the batch and its checkpoint together. `Ok` means the batch may be
-    /// acknowledged upstream as far as this sink is concerned. Must be safe to call again
-    /// with the same batch after an error.
-    fn write(&mut self, batch: &Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Durably applies consecutive batches, in order, and the checkpoint, all together.
+    /// More than one batch arrives when the sink fell behind: writing them at once lets it
+    /// catch up. `Ok` means they may be acknowledged upstream as far as this sink is
+    /// concerned. Must be safe to call again with the same batches after an error.
+    fn write(&mut self, batches: &[&Batch]) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// The events of consecutive batches, in order.
+pub fn events<'a>(batches: &'a [&'a Batch]) -> impl Iterator<Item = &'a EnrichedEvent> + 'a {
+    batches.iter().flat_map(|batch| &batch.events)
+}
+
+/// Position of the last row of the batches; `None` when they hold only acknowledgement
+/// markers.
+pub fn last_position(batches: &[&Batch]) -> Option<Position> {
+    batches
+        .iter()
+        .filter_map(|batch| batch.last_position())
+        .max()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -33,6 +33,9 @@ use crate::lsn::Position;
 /// The sink's name in `analytics.walcast_checkpoint` and in metric labels.
 pub const NAME: &str = "postgres";
 
+/// How the sink's sessions appear in `pg_stat_activity`, unless the URL names one.
+pub const APPLICATION_NAME: &str = "walcast-postgres-sink";
+
 /// Analytics migrations, applied in order, each once (recorded in
 /// `analytics.walcast_migrations`). Hand-rolled rather than a migration crate: the runner
 /// is one transaction under an advisory lock, and a crate would impose its own file naming
@@ -211,8 +214,11 @@ impl PostgresSink {
     /// Connects, applies the analytics migrations that are missing, and prepares the
     /// session. Returns the migrations it applied.
     pub async fn connect(
-        config: tokio_postgres::Config,
+        mut config: tokio_postgres::Config,
     ) -> Result<(Self, Vec<&'static str>), SinkError> {
+        if config.get_application_name().is_none() {
+            config.application_name(APPLICATION_NAME);
+        }
         let mut client = connect(&config).await?;
         let version: String = client
             .query_one("SHOW server_version_num", &[])
@@ -325,11 +331,11 @@ impl Sink for PostgresSink {
             })
     }
 
-    async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        let Some(last) = batch.last_position() else {
-            return Ok(()); // an acknowledgement marker: nothing to write
+    async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
+        let Some(last) = super::last_position(batches) else {
+            return Ok(()); // acknowledgement markers: nothing to write
         };
-        let result = self.apply(batch, last).await;
+        let result = self.apply(batches, last).await;
         if result.is_err() && self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             self.session = None;
         }
@@ -338,23 +344,26 @@ impl Sink for PostgresSink {
 }
 
 impl PostgresSink {
-    async fn apply(&mut self, batch: &Batch, last: Position) -> Result<(), SinkError> {
+    async fn apply(&mut self, batches: &[&Batch], last: Position) -> Result<(), SinkError> {
         let session = self.session().await?;
         let context = "writing a batch to the analytics database";
         let pg = |source| SinkError::Postgres { context, source };
         let tx = session.client.transaction().await.map_err(pg)?;
-        if !batch.events.is_empty() {
+        if super::events(batches).next().is_some() {
             let copy = tx
                 .copy_in::<_, Bytes>("COPY pg_temp.walcast_stage FROM STDIN")
                 .await
                 .map_err(pg)?;
             let mut copy = std::pin::pin!(copy);
-            copy.send(copy_rows(&batch.events)).await.map_err(pg)?;
+            copy.send(copy_rows(super::events(batches)))
+                .await
+                .map_err(pg)?;
             copy.as_mut().finish().await.map_err(pg)?;
             tx.query_one(&session.apply, &[&NAME]).await.map_err(pg)?;
         }
-        if !batch.dead_letters.is_empty() {
-            let columns = DeadLetterColumns::new(&batch.dead_letters);
+        let dead: Vec<&DeadLetter> = batches.iter().flat_map(|b| &b.dead_letters).collect();
+        if !dead.is_empty() {
+            let columns = DeadLetterColumns::new(&dead);
             tx.execute(
                 &session.dead_letters,
                 &[
@@ -391,7 +400,7 @@ struct DeadLetterColumns {
 }
 
 impl DeadLetterColumns {
-    fn new(dead: &[DeadLetter]) -> Self {
+    fn new(dead: &[&DeadLetter]) -> Self {
         DeadLetterColumns {
             reasons: dead.iter().map(|d| d.reason).collect(),
             details: dead.iter().map(|d| d.detail.clone()).collect(),
@@ -427,8 +436,8 @@ pub fn raw_json(values: &[(String, Option<String>)]) -> String {
 ///
 /// Written by hand: neither tokio-postgres nor postgres-protocol encodes COPY text rows,
 /// and the binary format would need a numeric encoder; the text format is a few escapes.
-pub fn copy_rows(events: &[EnrichedEvent]) -> Bytes {
-    let mut out = String::with_capacity(events.len() * 400);
+pub fn copy_rows<'a>(events: impl Iterator<Item = &'a EnrichedEvent>) -> Bytes {
+    let mut out = String::with_capacity(events.size_hint().0 * 400);
     for event in events {
         let content = event.content.as_deref();
         let extra = (!event.extra.is_empty()).then(|| raw_json(&event.extra));

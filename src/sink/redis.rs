@@ -127,14 +127,16 @@ impl Sink for RedisSink {
             .transpose()
     }
 
-    async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        let Some(last) = batch.last_position() else {
-            return Ok(()); // an acknowledgement marker: nothing to write
+    async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
+        let Some(last) = super::last_position(batches) else {
+            return Ok(()); // acknowledgement markers: nothing to write
         };
         let now = Utc::now().timestamp();
         let mut invocation = self.script.key(CHECKPOINT_KEY);
-        invocation.arg(batch.events.len()).arg(last.to_sortable());
-        for event in &batch.events {
+        invocation
+            .arg(super::events(batches).count())
+            .arg(last.to_sortable());
+        for event in super::events(batches) {
             let minute_start = event
                 .event_ts
                 .duration_trunc(ChronoDuration::minutes(1))
