@@ -26,6 +26,7 @@ pub const SINK_WRITE_SECONDS: &str = "walcast_sink_write_seconds";
 pub const END_TO_END_SECONDS: &str = "walcast_end_to_end_seconds";
 pub const CONTENT_CACHE_ENTRIES: &str = "walcast_content_cache_entries";
 pub const FLUSHED_LSN: &str = "walcast_flushed_lsn";
+pub const REPLICATION_RECONNECTS_TOTAL: &str = "walcast_replication_reconnects_total";
 
 /// Starts the Prometheus endpoint at `addr` (`/metrics`).
 pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
@@ -92,6 +93,11 @@ pub fn sink_written(sink: &'static str, batches: &[&Batch], took: Duration, now:
 
 pub fn sink_failed(sink: &'static str, outcome: &'static str) {
     counter!(SINK_BATCHES_TOTAL, "sink" => sink, "outcome" => outcome).increment(1);
+}
+
+/// A new replication session replaced one that was lost.
+pub fn replication_reconnected() {
+    counter!(REPLICATION_RECONNECTS_TOTAL).increment(1);
 }
 
 pub fn flushed(lsn: Lsn) {

@@ -528,6 +528,26 @@ async fn a_lost_analytics_connection_is_retried_and_loses_nothing() {
 }
 
 #[tokio::test]
+async fn postgres_restart_mid_stream_reconnects_and_delivers_everything_once() {
+    let mut s = stack().await;
+    let walcast = s.run();
+    load(&s.db, 20_000, 500).await;
+    eventually("streaming", WAIT, || async {
+        s.analytics_count().await >= 3_000
+    })
+    .await;
+    s.pg.restart().await;
+    s.db = s.pg.client("app").await;
+    load(&s.db, 5_000, 500).await;
+    s.wait_delivered(25_000, &walcast, Duration::from_secs(60))
+        .await;
+    let log = walcast.log();
+    assert!(log.contains("replication connection lost"), "{log}");
+    assert!(log.contains("replication resumed"), "{log}");
+    s.verify();
+}
+
+#[tokio::test]
 async fn rows_that_cannot_be_events_become_dead_letters_and_the_stream_goes_on() {
     let s = stack().await;
     let walcast = s.run();

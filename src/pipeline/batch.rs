@@ -64,6 +64,12 @@ impl Batcher {
         !self.open.is_empty()
     }
 
+    /// Drops the open batch: its rows will be read again (a new replication session
+    /// replays from the last acknowledged position).
+    pub fn discard(&mut self) {
+        self.open = Batch::default();
+    }
+
     /// Closes the open batch; `None` when there is nothing to send.
     pub fn take(&mut self) -> Option<Batch> {
         if self.open.is_empty() {

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rand::Rng;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::ack::AckTracker;
@@ -74,6 +74,10 @@ pub struct FanoutError {
 /// The sink tasks, before the fan-out starts.
 pub struct Sinks {
     limits: QueueLimits,
+    /// Notified when a sink finds its server shutting down (see
+    /// [`SinkError::is_server_shutdown`]): the source drops and reopens its replication
+    /// connection.
+    pub release_source: Arc<Notify>,
     tasks: JoinSet<Result<(), FanoutError>>,
     queues: Vec<Queue>,
     confirm_tx: mpsc::UnboundedSender<(usize, u64)>,
@@ -88,6 +92,7 @@ impl Sinks {
                 queue_rows: limits.queue_rows.clamp(1, Semaphore::MAX_PERMITS),
                 write_rows: limits.write_rows.max(1),
             },
+            release_source: Arc::new(Notify::new()),
             tasks: JoinSet::new(),
             queues: Vec::new(),
             confirm_tx,
@@ -105,8 +110,9 @@ impl Sinks {
         });
         let confirm = self.confirm_tx.clone();
         let write_rows = self.limits.write_rows;
+        let release = Arc::clone(&self.release_source);
         self.tasks
-            .spawn(sink_task(sink, index, rx, write_rows, confirm));
+            .spawn(sink_task(sink, index, rx, write_rows, confirm, release));
     }
 
     pub fn len(&self) -> usize {
@@ -128,6 +134,7 @@ pub async fn run(
 ) -> Result<(), FanoutError> {
     let Sinks {
         limits,
+        release_source: _,
         mut tasks,
         queues,
         confirm_tx,
@@ -197,6 +204,7 @@ async fn sink_task<S: Sink>(
     mut queue: mpsc::UnboundedReceiver<Queued>,
     write_rows: usize,
     confirm: mpsc::UnboundedSender<(usize, u64)>,
+    release_source: Arc<Notify>,
 ) -> Result<(), FanoutError> {
     let name = sink.name();
     // A batch taken from the queue but left for the next write.
@@ -232,6 +240,9 @@ async fn sink_task<S: Sink>(
                 }
                 Err(err) if err.is_transient() => {
                     metrics::sink_failed(name, "retry");
+                    if err.is_server_shutdown() {
+                        release_source.notify_one();
+                    }
                     let delay = backoff(attempt);
                     attempt += 1;
                     tracing::warn!(sink = name, error = %err, attempt, retry_in_ms = delay.as_millis() as u64, "sink write failed, retrying");
@@ -258,7 +269,7 @@ async fn sink_task<S: Sink>(
 }
 
 /// Exponential backoff from 100 ms to 10 s with full jitter on the upper half.
-fn backoff(attempt: u32) -> Duration {
+pub(super) fn backoff(attempt: u32) -> Duration {
     let ceiling_ms = 100u64.saturating_mul(1 << attempt.min(7)).min(10_000);
     let ms = rand::rng().random_range(ceiling_ms / 2..=ceiling_ms);
     Duration::from_millis(ms)

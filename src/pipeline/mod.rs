@@ -18,13 +18,14 @@ pub use batch::Batcher;
 pub use fanout::{FanoutError, QueueLimits, Sinks};
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
-use crate::config::{RunConfig, SinkKind};
+use crate::config::{RunConfig, SinkKind, SourceArgs};
 use crate::decode::{self, Change};
 use crate::enrich::{ContentCache, Enricher, Outcome};
 use crate::event::Batch;
@@ -77,6 +78,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     tracing::info!(entries = cache.len(), "content cache loaded");
 
     let sinks = open_sinks(&config).await?;
+    let release_source = Arc::clone(&sinks.release_source);
 
     let repl = source::start_replication(&config.source, durable, config.status_interval).await?;
     tracing::info!(slot = %config.source.slot, from = %durable, "replication started");
@@ -86,6 +88,8 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     let fanout = tokio::spawn(fanout::run(sinks, batch_rx, durable, ack_tx));
     let source_loop = SourceLoop {
         repl,
+        source: config.source.clone(),
+        status_interval: config.status_interval,
         enricher: Enricher::new(cache),
         batcher: Batcher::new(config.batch_max_events, config.batch_max_bytes, durable),
         counts: ChangeCounts::default(),
@@ -93,6 +97,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         batch_tx,
         ack_rx,
         acked: durable,
+        release_source,
     };
     source_loop.run(fanout, shutdown).await
 }
@@ -146,6 +151,8 @@ struct Tx {
 
 struct SourceLoop {
     repl: ReplicationClient,
+    source: SourceArgs,
+    status_interval: Duration,
     enricher: Enricher,
     batcher: Batcher,
     counts: ChangeCounts,
@@ -153,6 +160,7 @@ struct SourceLoop {
     batch_tx: mpsc::Sender<Batch>,
     ack_rx: watch::Receiver<Lsn>,
     acked: Lsn,
+    release_source: Arc<Notify>,
 }
 
 impl SourceLoop {
@@ -171,17 +179,35 @@ impl SourceLoop {
                 joined = &mut fanout => return finish_fanout(joined),
                 // Priority 3: report a new flush position.
                 Ok(()) = self.ack_rx.changed() => self.report_ack(),
+                // Priority 3b: a sink's server (maybe this one) is shutting down: let go of
+                // the replication connection so the shutdown is not held up waiting for a
+                // confirmation that sink cannot give, and come back when it can.
+                () = self.release_source.notified() => {
+                    let why = "a sink's database server is shutting down";
+                    match self.reconnect(why, &mut shutdown).await {
+                        Ok(true) => {}
+                        Ok(false) => break Ok(()),
+                        Err(err) => break Err(err),
+                    }
+                }
                 // Priority 4: the next replication event. `recv` is cancel-safe (an mpsc
                 // receive), so losing the race to another arm loses nothing.
-                event = self.repl.recv() => match event {
-                    Ok(Some(event)) => {
-                        if let Err(err) = self.handle(event).await {
-                            break Err(err);
-                        }
+                event = self.repl.recv() => {
+                    let lost = match event {
+                        Ok(Some(event)) => match self.handle(event).await {
+                            Ok(()) => continue,
+                            Err(err) => break Err(err),
+                        },
+                        Ok(None) => "the server ended the replication stream".to_owned(),
+                        Err(err) if source::is_reconnectable(&err) => err.to_string(),
+                        Err(err) => break Err(source::ReplicationError::Protocol(err).into()),
+                    };
+                    match self.reconnect(&lost, &mut shutdown).await {
+                        Ok(true) => {}
+                        Ok(false) => break Ok(()),
+                        Err(err) => break Err(err),
                     }
-                    Ok(None) => break Ok(()),
-                    Err(err) => break Err(source::ReplicationError::Protocol(err).into()),
-                },
+                }
                 // Priority 5: nothing ready on the input: close the batch now rather than
                 // wait for it to fill.
                 () = std::future::ready(()), if self.batcher.has_pending() => {
@@ -197,6 +223,46 @@ impl SourceLoop {
             return outcome;
         }
         self.shutdown(fanout).await
+    }
+
+    /// The replication connection is gone: drop what was read of an unfinished batch (the
+    /// slot replays it) and open a new session from the last position every sink
+    /// confirmed, retrying with backoff. Batches already handed to the sinks are applied
+    /// meanwhile; what the new session replays of them, the sinks' checkpoints skip.
+    /// `Ok(false)` when shutdown came first.
+    async fn reconnect(
+        &mut self,
+        why: &str,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<bool, Error> {
+        tracing::warn!(reason = why, resume_from = %self.acked, "replication connection lost, reconnecting");
+        // Close the old connection now (when it is still open, the server may be waiting
+        // for it to go away).
+        self.repl.abort();
+        self.tx = None;
+        self.batcher.discard();
+        self.enricher.reset_session();
+        let mut attempt: u32 = 0;
+        loop {
+            let delay = fanout::backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                () = shutdown.as_mut() => return Ok(false),
+                () = tokio::time::sleep(delay) => {}
+            }
+            match source::start_replication(&self.source, self.acked, self.status_interval).await {
+                Ok(repl) => {
+                    self.repl = repl;
+                    metrics::replication_reconnected();
+                    tracing::info!(from = %self.acked, attempt, "replication resumed");
+                    return Ok(true);
+                }
+                Err(err) if err.is_transient() => {
+                    tracing::warn!(error = %err, attempt, "reconnect failed, retrying");
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
     }
 
     async fn handle(&mut self, event: ReplicationEvent) -> Result<(), Error> {

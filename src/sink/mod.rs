@@ -54,7 +54,7 @@ pub fn last_position(batches: &[&Batch]) -> Option<Position> {
 pub enum SinkError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    #[error("{context}: {source}{}", postgres_hint(source))]
+    #[error("{context}: {}{}", postgres_detail(source), postgres_hint(source))]
     Postgres {
         context: &'static str,
         #[source]
@@ -73,6 +73,15 @@ pub enum SinkError {
 /// system errors.
 fn is_transient_sqlstate(code: &str) -> bool {
     matches!(&code[..2], "08" | "40" | "53" | "57" | "58") || code == "55P03"
+}
+
+/// The server's own words (`ERROR 23514: new row … violates check constraint …`) where
+/// tokio-postgres would print only "db error".
+fn postgres_detail(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => err.to_string(),
+    }
 }
 
 /// What an operator can do about a permanent PostgreSQL error.
@@ -111,6 +120,19 @@ impl SinkError {
                 .code()
                 .is_none_or(|code| is_transient_sqlstate(code.code())),
             SinkError::BadCheckpoint(_) | SinkError::Unsupported(_) => false,
+        }
+    }
+
+    /// Whether the sink's server is shutting down or starting up (SQLSTATE 57P01, 57P02,
+    /// 57P03). When that server is also the source, PostgreSQL's shutdown waits for the
+    /// walsender, which waits for walcast to confirm, which waits for this sink: the
+    /// pipeline must let go of the replication connection so the server can stop.
+    pub fn is_server_shutdown(&self) -> bool {
+        match self {
+            SinkError::Postgres { source, .. } => source
+                .code()
+                .is_some_and(|code| matches!(code.code(), "57P01" | "57P02" | "57P03")),
+            _ => false,
         }
     }
 }

@@ -7,4 +7,4 @@ mod stream;
 pub use setup::{
     SetupError, SlotInfo, create_schema, ensure, preflight, slot_info, teardown, wal_lsn,
 };
-pub use stream::{ReplicationError, connect, start_replication};
+pub use stream::{ReplicationError, connect, is_reconnectable, start_replication};

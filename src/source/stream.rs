@@ -33,13 +33,31 @@ pub enum ReplicationError {
 }
 
 impl ReplicationError {
-    /// Whether reconnecting may help (the connection dropped) rather than needing an
-    /// operator (the slot is gone or taken).
+    /// Whether reconnecting may help (the connection dropped, the server restarted) rather
+    /// than needing an operator (the slot is gone, the configuration is wrong).
     pub fn is_transient(&self) -> bool {
         match self {
-            ReplicationError::Protocol(e) => e.is_transient(),
+            ReplicationError::Protocol(e) => is_reconnectable(e),
+            // Right after a dropped connection the old walsender may still hold the slot
+            // for a moment.
+            ReplicationError::SlotInUse { .. } => true,
             _ => false,
         }
+    }
+}
+
+/// Whether the replication connection may work again after reconnecting: I/O errors, and
+/// server errors of SQLSTATE class 08 (connection exception), 53 (insufficient resources)
+/// or 57 (operator intervention: shutdown, restart, crash recovery).
+pub fn is_reconnectable(err: &PgWireError) -> bool {
+    match err {
+        PgWireError::Io(_) | PgWireError::Task(_) => true,
+        PgWireError::Server(message) => message.split("SQLSTATE ").nth(1).is_some_and(|code| {
+            ["08", "53", "57"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }),
+        _ => false,
     }
 }
 
@@ -123,4 +141,32 @@ pub(crate) fn classify(err: PgWireError, slot: &str) -> ReplicationError {
         }
     }
     ReplicationError::Protocol(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn reconnects_after_io_errors_and_server_restarts_only() {
+        let io = PgWireError::Io(Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(is_reconnectable(&io));
+        let shutdown = PgWireError::Server(
+            "FATAL: terminating connection due to administrator command (SQLSTATE 57P01)".into(),
+        );
+        assert!(is_reconnectable(&shutdown));
+        let starting = PgWireError::Server(
+            "FATAL: the database system is starting up (SQLSTATE 57P03)".into(),
+        );
+        assert!(is_reconnectable(&starting));
+        let auth = PgWireError::Server(
+            "FATAL: password authentication failed for user \"x\" (SQLSTATE 28P01)".into(),
+        );
+        assert!(!is_reconnectable(&auth));
+        assert!(!is_reconnectable(&PgWireError::Auth("bad".into())));
+    }
 }
