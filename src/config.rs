@@ -161,6 +161,27 @@ pub struct RedisArgs {
     pub redis_url: String,
 }
 
+/// Which sinks are in use.
+#[derive(Debug, Clone, Args)]
+pub struct SinkArgs {
+    /// Sinks in use, comma-separated: redis, postgres.
+    #[arg(
+        long = "sinks",
+        value_name = "SINKS",
+        env = "WALCAST_SINKS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "redis,postgres"
+    )]
+    pub kinds: Vec<SinkKind>,
+}
+
+impl SinkArgs {
+    pub fn contains(&self, kind: SinkKind) -> bool {
+        self.kinds.contains(&kind)
+    }
+}
+
 /// Settings of `walcast run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunConfig {
@@ -173,15 +194,8 @@ pub struct RunConfig {
     #[command(flatten)]
     pub analytics: AnalyticsArgs,
 
-    /// Sinks to deliver to, comma-separated: redis, postgres.
-    #[arg(
-        long,
-        env = "WALCAST_SINKS",
-        value_enum,
-        value_delimiter = ',',
-        default_value = "redis,postgres"
-    )]
-    pub sinks: Vec<SinkKind>,
+    #[command(flatten)]
+    pub sinks: SinkArgs,
 
     /// Address of the Prometheus endpoint (/metrics). Empty disables it.
     #[arg(long, env = "WALCAST_METRICS_ADDR", default_value = "0.0.0.0:9187")]
@@ -205,13 +219,13 @@ pub struct RunConfig {
 impl RunConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.source.validate()?;
-        if self.sinks.is_empty() {
+        if self.sinks.kinds.is_empty() {
             return Err(invalid("WALCAST_SINKS", "name at least one sink"));
         }
-        let mut seen = self.sinks.clone();
+        let mut seen = self.sinks.kinds.clone();
         seen.sort_by_key(|s| s.name());
         seen.dedup();
-        if seen.len() != self.sinks.len() {
+        if seen.len() != self.sinks.kinds.len() {
             return Err(invalid("WALCAST_SINKS", "a sink is named twice"));
         }
         if self.batch_max_events == 0 {
@@ -226,7 +240,7 @@ impl RunConfig {
                 "must be between 1ms and 60s (PostgreSQL's wal_sender_timeout defaults to 60s)",
             ));
         }
-        if self.sinks.contains(&SinkKind::Postgres) {
+        if self.sinks.contains(SinkKind::Postgres) {
             self.analytics.pg_config(&self.source)?;
         }
         self.metrics_addr()?;

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use walcast::config::{
-    AnalyticsArgs, LogArgs, LogFormat, RedisArgs, RunConfig, SinkKind, SourceArgs,
+    AnalyticsArgs, LogArgs, LogFormat, RedisArgs, RunConfig, SinkArgs, SinkKind, SourceArgs,
 };
 use walcast::shutdown::{self, CancellationToken};
 use walcast::sink::Sink;
@@ -42,20 +42,10 @@ enum Command {
 #[derive(Debug, Args)]
 struct VerifyArgs {
     #[command(flatten)]
-    source: SourceArgs,
+    endpoints: StatusArgs,
+    /// Which sinks to check (the webhook cannot be checked from here).
     #[command(flatten)]
-    redis: RedisArgs,
-    #[command(flatten)]
-    analytics: AnalyticsArgs,
-    /// Sinks to check, comma-separated (the webhook cannot be checked from here).
-    #[arg(
-        long,
-        env = "WALCAST_SINKS",
-        value_enum,
-        value_delimiter = ',',
-        default_value = "redis,postgres"
-    )]
-    sinks: Vec<SinkKind>,
+    sinks: SinkArgs,
 }
 
 #[derive(Debug, Args)]
@@ -228,10 +218,15 @@ async fn analytics_client(
 
 /// Prints the reconciliation report; `false` when something differs.
 async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
-    args.source.validate()?;
-    let source_client = connect(&args.source).await?;
-    let analytics = if args.sinks.contains(&SinkKind::Postgres) {
-        Some(analytics_client(&args.analytics, &args.source).await?)
+    let StatusArgs {
+        source: source_args,
+        redis: redis_args,
+        analytics: analytics_args,
+    } = &args.endpoints;
+    source_args.validate()?;
+    let source_client = connect(source_args).await?;
+    let analytics = if args.sinks.contains(SinkKind::Postgres) {
+        Some(analytics_client(analytics_args, source_args).await?)
     } else {
         None
     };
@@ -245,8 +240,8 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
                 .context("reconciling the analytics schema")?,
         );
     }
-    if args.sinks.contains(&SinkKind::Redis) {
-        let mut conn = redis_sink::connect(&args.redis.redis_url)
+    if args.sinks.contains(SinkKind::Redis) {
+        let mut conn = redis_sink::connect(&redis_args.redis_url)
             .await
             .context("connecting to WALCAST_REDIS_URL")?;
         report.redis_total = Some(

@@ -126,51 +126,39 @@ pub async fn analytics(
     analytics: &Client,
 ) -> Result<AnalyticsReport, tokio_postgres::Error> {
     let mut report = AnalyticsReport::default();
-    let dead: Vec<i64> = analytics
-        .query(
-            "SELECT DISTINCT (raw->>'id')::bigint FROM analytics.dead_letters
-             WHERE origin = 'source' AND source_table = 'engagement_events'
-               AND raw->>'id' ~ '^-?[0-9]+$'",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let dead = ids(
+        analytics,
+        "SELECT DISTINCT (raw->>'id')::bigint FROM analytics.dead_letters
+         WHERE origin = 'source' AND source_table = 'engagement_events'
+           AND raw->>'id' ~ '^-?[0-9]+$'",
+        &[],
+    )
+    .await?;
     let mut after = i64::MIN;
     loop {
-        let page: Vec<i64> = source
-            .query(
-                "SELECT id FROM engagement_events WHERE id > $1 ORDER BY id LIMIT $2",
-                &[&after, &PAGE],
-            )
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let page = ids(
+            source,
+            "SELECT id FROM engagement_events WHERE id > $1 ORDER BY id LIMIT $2",
+            &[&after, &PAGE],
+        )
+        .await?;
         let Some(&last) = page.last() else { break };
-        let held: Vec<i64> = analytics
-            .query(
-                "SELECT id FROM analytics.enriched_events WHERE id > $1 AND id <= $2 ORDER BY id",
-                &[&after, &last],
-            )
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let held = ids(
+            analytics,
+            "SELECT id FROM analytics.enriched_events WHERE id > $1 AND id <= $2 ORDER BY id",
+            &[&after, &last],
+        )
+        .await?;
         report.events += held.len() as u64;
         compare_sorted(&page, &held, &dead, &mut report);
         after = last;
     }
-    let beyond: Vec<i64> = analytics
-        .query(
-            "SELECT id FROM analytics.enriched_events WHERE id > $1 ORDER BY id",
-            &[&after],
-        )
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let beyond = ids(
+        analytics,
+        "SELECT id FROM analytics.enriched_events WHERE id > $1 ORDER BY id",
+        &[&after],
+    )
+    .await?;
     report.events += beyond.len() as u64;
     compare_sorted(&[], &beyond, &dead, &mut report);
     for (table, keys, filter) in AGGREGATES {
@@ -181,6 +169,20 @@ pub async fn analytics(
         report.aggregate_diffs.push((table, diffs as u64));
     }
     Ok(report)
+}
+
+/// The first column of every row, as ids.
+async fn ids(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    Ok(client
+        .query(sql, params)
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
 }
 
 /// Merges one page of source ids with the analytics ids of the same range.

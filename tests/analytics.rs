@@ -9,7 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use support::{
-    Env, Postgres, Redis, Walcast, confirmed_flush, count, current_lsn, eventually, scrape_metrics,
+    Postgres, Redis, Stack, Walcast, confirmed_flush, count, current_lsn, eventually,
+    scrape_metrics,
 };
 use walcast::enrich::Content;
 use walcast::event::{Batch, EnrichedEvent, Hundredths};
@@ -26,30 +27,18 @@ const ALICE: &str = "10000000-0000-0000-0000-00000000000a";
 const BOB: &str = "10000000-0000-0000-0000-00000000000b";
 const CAROL: &str = "10000000-0000-0000-0000-00000000000c";
 
-struct Stack {
-    pg: Postgres,
-    redis: Redis,
-    db: tokio_postgres::Client,
-    env: Env,
-}
-
 /// PostgreSQL with the source schema and three content rows (a 300 s podcast, a video of
 /// length 0, a newsletter of unknown length), without the foreign key so events may name
 /// content that does not exist; and Redis.
 async fn stack_with(redis: Redis) -> Stack {
-    let pg = Postgres::start().await;
-    let db = pg.create_source_db("app").await;
-    db.batch_execute(&format!(
+    let content = format!(
         "ALTER TABLE engagement_events DROP CONSTRAINT engagement_events_content_id_fkey;
          INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts) VALUES
            ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now()),
            ('{VIDEO}', 'video', 'A video', 'video', 0, now()),
            ('{LETTER}', 'letter', 'A letter', 'newsletter', NULL, now())"
-    ))
-    .await
-    .unwrap();
-    let env = Env::new(&pg, "app", &redis);
-    Stack { pg, redis, db, env }
+    );
+    Stack::start(redis, &content).await
 }
 
 async fn stack() -> Stack {
@@ -57,22 +46,8 @@ async fn stack() -> Stack {
 }
 
 impl Stack {
-    fn run(&self) -> Walcast {
-        let out = self.env.output(&["setup"]);
-        assert!(
-            out.status.success(),
-            "walcast setup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.env.spawn_run()
-    }
-
     async fn analytics_count(&self) -> i64 {
         count(&self.db, "analytics.enriched_events").await
-    }
-
-    async fn source_count(&self) -> i64 {
-        count(&self.db, "engagement_events").await
     }
 
     /// Waits until both sinks hold `n` events.

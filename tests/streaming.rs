@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::{
-    Env, Postgres, Redis, Walcast, confirmed_flush, current_lsn, eventually, poll_until,
-    scrape_metrics,
+    Redis, Stack, Walcast, confirmed_flush, current_lsn, eventually, poll_until, scrape_metrics,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -16,42 +15,17 @@ const ZERO_LENGTH: &str = "00000000-0000-0000-0000-000000000002";
 const NO_LENGTH: &str = "00000000-0000-0000-0000-000000000003";
 const USER: &str = "10000000-0000-0000-0000-000000000001";
 
-struct Stack {
-    pg: Postgres,
-    redis: Redis,
-    db: tokio_postgres::Client,
-    env: Env,
-}
-
 async fn stack() -> Stack {
-    let pg = Postgres::start().await;
-    let redis = Redis::start().await;
-    let db = pg.create_source_db("app").await;
-    db.batch_execute(&format!(
+    let content = format!(
         "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts) VALUES
            ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now()),
            ('{ZERO_LENGTH}', 'zero', 'Zero length', 'video', 0, now()),
            ('{NO_LENGTH}', 'nolen', 'No length', 'newsletter', NULL, now())"
-    ))
-    .await
-    .unwrap();
-    let env = Env::new(&pg, "app", &redis);
-    Stack { pg, redis, db, env }
+    );
+    Stack::start(Redis::start().await, &content).await
 }
 
 impl Stack {
-    /// `walcast setup` (slot and publication), then `walcast run` in the background: rows
-    /// committed after setup returns are streamed.
-    fn run(&self) -> Walcast {
-        let out = self.env.output(&["setup"]);
-        assert!(
-            out.status.success(),
-            "walcast setup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.env.spawn_run()
-    }
-
     /// Inserts one event and returns its id.
     async fn insert(&self, content: Option<&str>, duration_ms: Option<i32>) -> i64 {
         self.db
@@ -73,14 +47,6 @@ impl Stack {
                 walcast.log()
             ),
         }
-    }
-
-    async fn source_count(&self) -> i64 {
-        self.db
-            .query_one("SELECT count(*) FROM engagement_events", &[])
-            .await
-            .unwrap()
-            .get(0)
     }
 }
 

@@ -109,7 +109,7 @@ async fn open_sinks(config: &RunConfig) -> Result<Sinks, Error> {
         queue_rows: SINK_QUEUE_BATCHES * config.batch_max_events,
         write_rows: config.batch_max_events,
     });
-    for kind in &config.sinks {
+    for kind in &config.sinks.kinds {
         let start = |source| Error::SinkStart {
             sink: kind.name(),
             source,

@@ -647,6 +647,42 @@ pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
     }
 }
 
+/// A source database with the source schema, a Redis, and the environment for walcast.
+pub struct Stack {
+    pub pg: Postgres,
+    pub redis: Redis,
+    pub db: tokio_postgres::Client,
+    pub env: Env,
+}
+
+impl Stack {
+    /// PostgreSQL with database `app` holding the source schema, then `content_sql` run
+    /// there, and `redis`.
+    pub async fn start(redis: Redis, content_sql: &str) -> Stack {
+        let pg = Postgres::start().await;
+        let db = pg.create_source_db("app").await;
+        db.batch_execute(content_sql).await.unwrap();
+        let env = Env::new(&pg, "app", &redis);
+        Stack { pg, redis, db, env }
+    }
+
+    /// `walcast setup` (slot and publication), then `walcast run` in the background: rows
+    /// committed after setup returns are streamed.
+    pub fn run(&self) -> Walcast {
+        let out = self.env.output(&["setup"]);
+        assert!(
+            out.status.success(),
+            "walcast setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.env.spawn_run()
+    }
+
+    pub async fn source_count(&self) -> i64 {
+        count(&self.db, "engagement_events").await
+    }
+}
+
 /// The slot's confirmed_flush_lsn as a number.
 pub async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Option<u64> {
     let row = client
