@@ -40,6 +40,8 @@ use crate::{Error, source};
 const BATCH_QUEUE: usize = 2;
 /// Full batches' worth of rows each sink may have queued.
 const SINK_QUEUE_BATCHES: usize = 2;
+/// How long `run` waits at start for a slot that is still held before it gives up.
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for the final status update to reach PostgreSQL.
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(5);
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -58,7 +60,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
             context: "connecting to WALCAST_SOURCE_URL",
             source,
         })?;
-    for done in source::ensure(&client, &config.source).await? {
+    for done in ensure_source(&client, &config.source).await? {
         tracing::info!("{done}");
     }
     let slot = source::slot_info(&client, &config.source.slot)
@@ -100,6 +102,35 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         release_source,
     };
     source_loop.run(fanout, shutdown).await
+}
+
+/// `source::ensure`, waiting a while for a slot that is still held. After walcast was
+/// killed, the server keeps the slot active until its walsender notices the connection is
+/// gone, which under load can take seconds; a restart right away must not fail on that.
+async fn ensure_source(
+    client: &tokio_postgres::Client,
+    source_args: &SourceArgs,
+) -> Result<Vec<String>, Error> {
+    let deadline = Instant::now() + SLOT_RELEASE_WAIT;
+    let mut attempt = 0;
+    loop {
+        match source::ensure(client, source_args).await {
+            Err(source::SetupError::SlotInUse { pid, .. }) if Instant::now() < deadline => {
+                if attempt == 0 {
+                    tracing::warn!(
+                        slot = %source_args.slot,
+                        pid,
+                        wait_s = SLOT_RELEASE_WAIT.as_secs(),
+                        "slot is held by another connection (the walsender of a walcast that \
+                         stopped may not have noticed yet); waiting for it to be released"
+                    );
+                }
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            result => return Ok(result?),
+        }
+    }
 }
 
 /// Connects every configured sink and reads its checkpoint, so a sink that cannot start
