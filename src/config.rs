@@ -214,6 +214,23 @@ pub struct RunConfig {
     /// e.g. `1s`.
     #[arg(long, env = "WALCAST_STATUS_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub status_interval: Duration,
+
+    /// How often to write a heartbeat (`pg_logical_emit_message`) into the WAL so a quiet
+    /// database still moves the slot, e.g. `10s`; `0` disables it.
+    #[arg(long, env = "WALCAST_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_interval)]
+    pub heartbeat_interval: Duration,
+
+    /// Log a warning when the slot holds back more WAL than this, e.g. `1GiB`, `500MB`.
+    #[arg(long, env = "WALCAST_RETAINED_WAL_WARN", default_value = "1GiB")]
+    pub retained_wal_warn: bytesize::ByteSize,
+}
+
+/// A duration such as `10s` or `1m30s`, or a bare `0`.
+fn parse_interval(s: &str) -> Result<Duration, humantime::DurationError> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
 }
 
 impl RunConfig {
@@ -240,11 +257,24 @@ impl RunConfig {
                 "must be between 1ms and 60s (PostgreSQL's wal_sender_timeout defaults to 60s)",
             ));
         }
+        if !self.heartbeat_interval.is_zero()
+            && self.heartbeat_interval < Duration::from_millis(100)
+        {
+            return Err(invalid(
+                "WALCAST_HEARTBEAT_INTERVAL",
+                "must be 0 (off) or at least 100ms",
+            ));
+        }
         if self.sinks.contains(SinkKind::Postgres) {
             self.analytics.pg_config(&self.source)?;
         }
         self.metrics_addr()?;
         Ok(())
+    }
+
+    /// The heartbeat period; `None` when disabled.
+    pub fn heartbeat(&self) -> Option<Duration> {
+        (!self.heartbeat_interval.is_zero()).then_some(self.heartbeat_interval)
     }
 
     /// The metrics listen address; `None` when disabled.
@@ -258,5 +288,26 @@ impl RunConfig {
                 format!("{:?}: {e}", self.metrics_addr),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_accept_a_bare_zero_and_humantime() {
+        assert_eq!(parse_interval("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_interval("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_interval("1m30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_interval("ten").is_err());
+    }
+
+    #[test]
+    fn sizes_accept_binary_and_decimal_units() {
+        let bytes = |s: &str| s.parse::<bytesize::ByteSize>().unwrap().as_u64();
+        assert_eq!(bytes("1GiB"), 1 << 30);
+        assert_eq!(bytes("500MB"), 500_000_000);
+        assert_eq!(bytes("4096"), 4096);
     }
 }

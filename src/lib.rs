@@ -14,19 +14,22 @@
 //! - [`pipeline`]: the source loop, batching, fan-out and the one owner of LSN progress.
 //! - [`sink`]: the `Sink` trait and one module per destination.
 //! - [`event`], [`lsn`]: plain data — events, batches, WAL positions.
-//! - [`config`], [`metrics`], [`shutdown`]: settings, metric names, stopping cleanly.
-//! - [`verify`]: reconciles every sink with the source.
+//! - [`config`], [`metrics`], [`health`], [`shutdown`]: settings, metric names, the
+//!   `/metrics` `/healthz` `/readyz` endpoint, stopping cleanly.
+//! - [`verify`], [`status`]: reconcile every sink with the source; where slot and sinks stand.
 
 pub mod config;
 pub mod decode;
 pub mod enrich;
 pub mod event;
+pub mod health;
 pub mod lsn;
 pub mod metrics;
 pub mod pipeline;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod verify;
 
 /// Why a walcast command stopped.

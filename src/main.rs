@@ -7,9 +7,7 @@ use walcast::config::{
     AnalyticsArgs, LogArgs, LogFormat, RedisArgs, RunConfig, SinkArgs, SinkKind, SourceArgs,
 };
 use walcast::shutdown::{self, CancellationToken};
-use walcast::sink::Sink;
-use walcast::sink::postgres as postgres_sink;
-use walcast::sink::redis::{self as redis_sink, RedisSink};
+use walcast::sink::redis as redis_sink;
 use walcast::{source, verify};
 
 /// PostgreSQL change-data-capture for engagement analytics.
@@ -30,7 +28,8 @@ enum Command {
     Setup(SetupArgs),
     /// Drop the slot and the publication.
     Teardown(SourceArgs),
-    /// The slot's position and lag, and each sink's checkpoint.
+    /// The slot's position, lag, retained WAL and wal_status, and each sink's checkpoint.
+    /// Exits 1 when the slot is missing or invalidated or a checkpoint cannot be read.
     Status(StatusArgs),
     /// Top content by engagement seconds over the last N minutes, from Redis.
     Top(TopArgs),
@@ -42,7 +41,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct VerifyArgs {
     #[command(flatten)]
-    endpoints: StatusArgs,
+    endpoints: Endpoints,
     /// Which sinks to check (the webhook cannot be checked from here).
     #[command(flatten)]
     sinks: SinkArgs,
@@ -59,6 +58,19 @@ struct SetupArgs {
 
 #[derive(Debug, Args)]
 struct StatusArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    /// Which sinks' checkpoints to read.
+    #[command(flatten)]
+    sinks: SinkArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The servers walcast reads from and writes to.
+#[derive(Debug, Args)]
+struct Endpoints {
     #[command(flatten)]
     source: SourceArgs,
     #[command(flatten)]
@@ -86,11 +98,29 @@ async fn main() -> std::process::ExitCode {
     match dispatch(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("error: {err:#}");
+            let message = chain(&err);
+            tracing::error!("{message}");
+            eprintln!("error: {message}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by ": ", leaving out a cause whose text the message
+/// already holds (several errors quote their source in their own message).
+fn chain(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
@@ -132,7 +162,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Status(args) => status(args).await?,
+        Command::Status(args) => {
+            if !status(args).await? {
+                std::process::exit(1);
+            }
+        }
         Command::Verify(args) => {
             if !verify(args).await? {
                 std::process::exit(1);
@@ -161,50 +195,20 @@ async fn connect(source_args: &SourceArgs) -> anyhow::Result<tokio_postgres::Cli
         .context("connecting to WALCAST_SOURCE_URL")
 }
 
-async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    args.source.validate()?;
-    let client = connect(&args.source).await?;
-    let current = source::wal_lsn(&client).await?;
-    match source::slot_info(&client, &args.source.slot).await? {
-        None => println!(
-            "slot {}: does not exist (run walcast setup)",
-            args.source.slot
-        ),
-        Some(slot) => {
-            let flushed = slot.confirmed_flush_lsn.unwrap_or_default();
-            println!("slot {}", args.source.slot);
-            println!(
-                "  active               {}",
-                slot.active_pid
-                    .map_or("no".to_owned(), |pid| format!("yes (pid {pid})"))
-            );
-            println!("  confirmed_flush_lsn  {flushed}");
-            println!("  current_wal_lsn      {current}");
-            println!("  lag_bytes            {}", current.bytes_since(flushed));
-            println!(
-                "  wal_status           {}",
-                slot.wal_status.as_deref().unwrap_or("-")
-            );
-        }
+async fn status(args: StatusArgs) -> anyhow::Result<bool> {
+    let Endpoints {
+        source: source_args,
+        redis,
+        analytics,
+    } = &args.endpoints;
+    source_args.validate()?;
+    let report = walcast::status::collect(source_args, redis, analytics, &args.sinks).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
     }
-    match RedisSink::connect(&args.redis.redis_url).await {
-        Ok(mut sink) => match sink.checkpoint().await {
-            Ok(Some(position)) => println!("sink redis checkpoint {position}"),
-            Ok(None) => println!("sink redis checkpoint none (nothing applied yet)"),
-            Err(err) => println!("sink redis checkpoint unreadable: {err}"),
-        },
-        Err(err) => println!("sink redis unreachable: {err}"),
-    }
-    let analytics = analytics_client(&args.analytics, &args.source).await;
-    match analytics {
-        Ok(client) => match postgres_sink::read_checkpoint(&client, postgres_sink::NAME).await {
-            Ok(Some(position)) => println!("sink postgres checkpoint {position}"),
-            Ok(None) => println!("sink postgres checkpoint none (nothing applied yet)"),
-            Err(err) => println!("sink postgres checkpoint unreadable: {err}"),
-        },
-        Err(err) => println!("sink postgres unreachable: {err:#}"),
-    }
-    Ok(())
+    Ok(report.is_healthy())
 }
 
 async fn analytics_client(
@@ -218,7 +222,7 @@ async fn analytics_client(
 
 /// Prints the reconciliation report; `false` when something differs.
 async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
-    let StatusArgs {
+    let Endpoints {
         source: source_args,
         redis: redis_args,
         analytics: analytics_args,

@@ -5,12 +5,11 @@
 //! `reason`). Recording happens per batch, not per row, except the end-to-end histogram,
 //! which gets one observation per delivered event so its count equals events delivered.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::event::Batch;
 use crate::lsn::Lsn;
@@ -27,19 +26,21 @@ pub const END_TO_END_SECONDS: &str = "walcast_end_to_end_seconds";
 pub const CONTENT_CACHE_ENTRIES: &str = "walcast_content_cache_entries";
 pub const FLUSHED_LSN: &str = "walcast_flushed_lsn";
 pub const REPLICATION_RECONNECTS_TOTAL: &str = "walcast_replication_reconnects_total";
+pub const SINK_CHECKPOINT_LAG_BYTES: &str = "walcast_sink_checkpoint_lag_bytes";
+pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walcast_slot_safe_wal_size_bytes";
+pub const HEARTBEATS_TOTAL: &str = "walcast_heartbeats_total";
 
-/// Starts the Prometheus endpoint at `addr` (`/metrics`).
-pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
+/// Installs the Prometheus recorder; the handle renders `/metrics` (see `health::serve`).
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let buckets = [
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ];
     PrometheusBuilder::new()
-        .with_http_listener(addr)
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
             &buckets,
         )?
-        .install()
+        .install_recorder()
 }
 
 /// Changes decoded by the source, per table and operation, counted over one batch.
@@ -108,7 +109,29 @@ pub fn content_cache_entries(n: usize) {
     gauge!(CONTENT_CACHE_ENTRIES).set(n as f64);
 }
 
-/// WAL the server has sent beyond what every sink confirmed.
+/// The server's current WAL position minus what every sink confirmed.
 pub fn replication_lag_bytes(bytes: u64) {
     gauge!(REPLICATION_LAG_BYTES).set(bytes as f64);
+}
+
+/// How long the oldest unconfirmed transaction has waited since its commit.
+pub fn replication_lag_seconds(lag: Duration) {
+    gauge!(REPLICATION_LAG_SECONDS).set(lag.as_secs_f64());
+}
+
+/// What `pg_replication_slots` says about the slot.
+pub fn slot(retained_wal_bytes: u64, safe_wal_size: Option<i64>) {
+    gauge!(SLOT_RETAINED_WAL_BYTES).set(retained_wal_bytes as f64);
+    if let Some(bytes) = safe_wal_size {
+        gauge!(SLOT_SAFE_WAL_SIZE_BYTES).set(bytes as f64);
+    }
+}
+
+/// The server's current WAL position minus what `sink` has applied.
+pub fn sink_checkpoint_lag_bytes(sink: &'static str, bytes: u64) {
+    gauge!(SINK_CHECKPOINT_LAG_BYTES, "sink" => sink).set(bytes as f64);
+}
+
+pub fn heartbeat() {
+    counter!(HEARTBEATS_TOTAL).increment(1);
 }

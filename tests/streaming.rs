@@ -406,34 +406,6 @@ async fn sigterm_finishes_the_batch_acknowledges_and_exits_0() {
 }
 
 #[tokio::test]
-async fn idle_publication_does_not_pin_wal() {
-    let s = stack().await;
-    let walcast = s.run();
-    s.db.batch_execute("CREATE TABLE unrelated (v text)")
-        .await
-        .unwrap();
-    let start = confirmed_flush(&s.db, "walcast").await.unwrap();
-    // Heavy writes to a table outside the publication.
-    s.db.batch_execute(
-        "INSERT INTO unrelated SELECT repeat('x', 500) FROM generate_series(1, 20000)",
-    )
-    .await
-    .unwrap();
-    let written = current_lsn(&s.db).await;
-    assert!(written - start > 8 * 1024 * 1024, "the load wrote WAL");
-    eventually(
-        "keepalives moved the slot past the unrelated writes",
-        WAIT,
-        || async {
-            // Nudge the walsender so it reports the new WAL end promptly.
-            confirmed_flush(&s.db, "walcast").await.unwrap() >= written
-        },
-    )
-    .await;
-    assert!(walcast.log().contains("replication started"));
-}
-
-#[tokio::test]
 async fn top_prints_content_by_engagement_over_minute_buckets() {
     let s = stack().await;
     let walcast = s.run();

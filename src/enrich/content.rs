@@ -95,7 +95,7 @@ impl ContentCache {
                 None => None,
                 Some(s) => Some(
                     s.parse::<i32>()
-                        .map_err(|_| format!("length_seconds {s:?} is not an integer"))?,
+                        .map_err(|_| "length_seconds is not an integer".to_owned())?,
                 ),
             },
         };

@@ -37,6 +37,7 @@ use tokio::task::JoinSet;
 
 use super::ack::AckTracker;
 use crate::event::Batch;
+use crate::health::Health;
 use crate::lsn::Lsn;
 use crate::metrics;
 use crate::sink::{Sink, SinkError};
@@ -74,6 +75,7 @@ pub struct FanoutError {
 /// The sink tasks, before the fan-out starts.
 pub struct Sinks {
     limits: QueueLimits,
+    health: Arc<Health>,
     /// Notified when a sink finds its server shutting down (see
     /// [`SinkError::is_server_shutdown`]): the source drops and reopens its replication
     /// connection.
@@ -85,9 +87,11 @@ pub struct Sinks {
 }
 
 impl Sinks {
-    pub fn new(limits: QueueLimits) -> Self {
+    /// `health` has one entry per sink, in the order they are added.
+    pub fn new(limits: QueueLimits, health: Arc<Health>) -> Self {
         let (confirm_tx, confirm_rx) = mpsc::unbounded_channel();
         Sinks {
+            health,
             limits: QueueLimits {
                 queue_rows: limits.queue_rows.clamp(1, Semaphore::MAX_PERMITS),
                 write_rows: limits.write_rows.max(1),
@@ -110,9 +114,12 @@ impl Sinks {
         });
         let confirm = self.confirm_tx.clone();
         let write_rows = self.limits.write_rows;
-        let release = Arc::clone(&self.release_source);
+        let shared = Shared {
+            release_source: Arc::clone(&self.release_source),
+            health: Arc::clone(&self.health),
+        };
         self.tasks
-            .spawn(sink_task(sink, index, rx, write_rows, confirm, release));
+            .spawn(sink_task(sink, index, rx, write_rows, confirm, shared));
     }
 
     pub fn len(&self) -> usize {
@@ -134,6 +141,7 @@ pub async fn run(
 ) -> Result<(), FanoutError> {
     let Sinks {
         limits,
+        health: _,
         release_source: _,
         mut tasks,
         queues,
@@ -195,6 +203,12 @@ pub async fn run(
     Ok(())
 }
 
+/// What a sink task shares with the rest of the process.
+struct Shared {
+    release_source: Arc<Notify>,
+    health: Arc<Health>,
+}
+
 /// Writes every batch of its queue to one sink, in order, retrying transient errors. What
 /// has queued up while a write was in progress goes into the next write together, up to
 /// `write_rows` rows.
@@ -204,9 +218,10 @@ async fn sink_task<S: Sink>(
     mut queue: mpsc::UnboundedReceiver<Queued>,
     write_rows: usize,
     confirm: mpsc::UnboundedSender<(usize, u64)>,
-    release_source: Arc<Notify>,
+    shared: Shared,
 ) -> Result<(), FanoutError> {
     let name = sink.name();
+    let health = shared.health.sink(index);
     // A batch taken from the queue but left for the next write.
     let mut carried: Option<Queued> = None;
     loop {
@@ -236,12 +251,17 @@ async fn sink_task<S: Sink>(
             match sink.write(&batches).await {
                 Ok(()) => {
                     metrics::sink_written(name, &batches, started.elapsed(), Utc::now());
+                    health.set_failing(false);
+                    if let Some(lsn) = batches.iter().filter_map(|b| b.ack_lsn).max() {
+                        health.set_confirmed(lsn);
+                    }
                     break;
                 }
                 Err(err) if err.is_transient() => {
                     metrics::sink_failed(name, "retry");
+                    health.set_failing(true);
                     if err.is_server_shutdown() {
-                        release_source.notify_one();
+                        shared.release_source.notify_one();
                     }
                     let delay = backoff(attempt);
                     attempt += 1;

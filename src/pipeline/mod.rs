@@ -17,6 +17,7 @@ pub use ack::AckTracker;
 pub use batch::Batcher;
 pub use fanout::{FanoutError, QueueLimits, Sinks};
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,11 +25,13 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
 
 use crate::config::{RunConfig, SinkKind, SourceArgs};
 use crate::decode::{self, Change};
 use crate::enrich::{ContentCache, Enricher, Outcome};
 use crate::event::Batch;
+use crate::health::{self, Health, Probe};
 use crate::lsn::{Lsn, Position};
 use crate::metrics::{self, ChangeCounts};
 use crate::sink::Sink;
@@ -50,8 +53,15 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// Streams until `shutdown` completes or an error stops it.
 pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     config.validate()?;
+    let health = Health::new(&config.sinks.kinds);
+    // Tasks that live as long as this function: dropping the set stops them.
+    let mut background = JoinSet::new();
     if let Some(addr) = config.metrics_addr()? {
-        metrics::install(addr).map_err(|e| Error::Metrics(e.to_string()))?;
+        let handle = metrics::install().map_err(|e| Error::Metrics(e.to_string()))?;
+        let bound = health::serve(addr, handle, Arc::clone(&health))
+            .await
+            .map_err(|e| Error::Metrics(format!("cannot listen on {addr}: {e}")))?;
+        tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     }
     let pg_config = config.source.pg_config()?;
     let client = source::connect(&pg_config)
@@ -68,7 +78,14 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         .ok_or_else(|| source::ReplicationError::SlotMissing {
             slot: config.source.slot.clone(),
         })?;
+    if slot.is_lost() {
+        return Err(source::ReplicationError::SlotInvalidated {
+            slot: config.source.slot.clone(),
+        }
+        .into());
+    }
     let durable = slot.confirmed_flush_lsn.unwrap_or_default();
+    health.start_at(durable);
 
     let cache = ContentCache::load(&client)
         .await
@@ -79,10 +96,24 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     metrics::content_cache_entries(cache.len());
     tracing::info!(entries = cache.len(), "content cache loaded");
 
-    let sinks = open_sinks(&config).await?;
+    let sinks = open_sinks(&config, &health).await?;
+    for (index, probe) in probes(&config)?.into_iter().enumerate() {
+        background.spawn(health::probe_forever(probe, Arc::clone(&health), index));
+    }
     let release_source = Arc::clone(&sinks.release_source);
+    let monitor = tokio::spawn(
+        source::Monitor {
+            config: pg_config,
+            slot: config.source.slot.clone(),
+            heartbeat: config.heartbeat(),
+            retained_wal_warn: config.retained_wal_warn.as_u64(),
+            health: Arc::clone(&health),
+        }
+        .run(),
+    );
 
     let repl = source::start_replication(&config.source, durable, config.status_interval).await?;
+    health.set_replicating(true);
     tracing::info!(slot = %config.source.slot, from = %durable, "replication started");
 
     let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
@@ -100,8 +131,30 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         ack_rx,
         acked: durable,
         release_source,
+        health,
+        unapplied: VecDeque::new(),
     };
-    source_loop.run(fanout, shutdown).await
+    let result = source_loop.run(fanout, monitor, shutdown).await;
+    drop(background);
+    result
+}
+
+/// One probe per sink, in the fan-out's order.
+fn probes(config: &RunConfig) -> Result<Vec<Probe>, Error> {
+    config
+        .sinks
+        .kinds
+        .iter()
+        .map(|kind| match kind {
+            SinkKind::Redis => Probe::redis(&config.redis.redis_url).map_err(|e| {
+                Error::Config(crate::config::ConfigError::Invalid {
+                    setting: "WALCAST_REDIS_URL",
+                    problem: e.to_string(),
+                })
+            }),
+            SinkKind::Postgres => Ok(Probe::postgres(config.analytics.pg_config(&config.source)?)),
+        })
+        .collect()
 }
 
 /// `source::ensure`, waiting a while for a slot that is still held. After walcast was
@@ -135,11 +188,14 @@ async fn ensure_source(
 
 /// Connects every configured sink and reads its checkpoint, so a sink that cannot start
 /// stops walcast before replication begins.
-async fn open_sinks(config: &RunConfig) -> Result<Sinks, Error> {
-    let mut sinks = Sinks::new(QueueLimits {
-        queue_rows: SINK_QUEUE_BATCHES * config.batch_max_events,
-        write_rows: config.batch_max_events,
-    });
+async fn open_sinks(config: &RunConfig, health: &Arc<Health>) -> Result<Sinks, Error> {
+    let mut sinks = Sinks::new(
+        QueueLimits {
+            queue_rows: SINK_QUEUE_BATCHES * config.batch_max_events,
+            write_rows: config.batch_max_events,
+        },
+        Arc::clone(health),
+    );
     for kind in &config.sinks.kinds {
         let start = |source| Error::SinkStart {
             sink: kind.name(),
@@ -192,12 +248,20 @@ struct SourceLoop {
     ack_rx: watch::Receiver<Lsn>,
     acked: Lsn,
     release_source: Arc<Notify>,
+    health: Arc<Health>,
+    /// Commit LSN and time of transactions read but not yet confirmed by every sink, oldest
+    /// first, for the lag in seconds. Only the oldest matters, so it is capped.
+    unapplied: VecDeque<(Lsn, DateTime<Utc>)>,
 }
+
+/// Most transactions `SourceLoop::unapplied` remembers.
+const UNAPPLIED_CAP: usize = 65_536;
 
 impl SourceLoop {
     async fn run(
         mut self,
         mut fanout: tokio::task::JoinHandle<Result<(), FanoutError>>,
+        mut monitor: tokio::task::JoinHandle<Result<(), source::ReplicationError>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
         let mut shutdown = std::pin::pin!(shutdown);
@@ -208,6 +272,14 @@ impl SourceLoop {
                 () = &mut shutdown => break Ok(()),
                 // Priority 2: the fan-out ended early, which only a sink failure does.
                 joined = &mut fanout => return finish_fanout(joined),
+                // Priority 2b: the slot monitor ended, which only an invalidated or dropped
+                // slot does.
+                joined = &mut monitor => match joined {
+                    Ok(Err(err)) => break Err(err.into()),
+                    Ok(Ok(())) => {}
+                    Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                    Err(_) => {}
+                },
                 // Priority 3: report a new flush position.
                 Ok(()) = self.ack_rx.changed() => self.report_ack(),
                 // Priority 3b: a sink's server (maybe this one) is shutting down: let go of
@@ -231,7 +303,7 @@ impl SourceLoop {
                         },
                         Ok(None) => "the server ended the replication stream".to_owned(),
                         Err(err) if source::is_reconnectable(&err) => err.to_string(),
-                        Err(err) => break Err(source::ReplicationError::Protocol(err).into()),
+                        Err(err) => break Err(source::classify(err, &self.source.slot).into()),
                     };
                     match self.reconnect(&lost, &mut shutdown).await {
                         Ok(true) => {}
@@ -248,6 +320,7 @@ impl SourceLoop {
                 }
             }
         };
+        monitor.abort();
         if outcome.is_err() {
             // Acknowledge nothing more: the next start resumes from the slot.
             fanout.abort();
@@ -270,6 +343,7 @@ impl SourceLoop {
         // Close the old connection now (when it is still open, the server may be waiting
         // for it to go away).
         self.repl.abort();
+        self.health.set_replicating(false);
         self.tx = None;
         self.batcher.discard();
         self.enricher.reset_session();
@@ -284,6 +358,7 @@ impl SourceLoop {
             match source::start_replication(&self.source, self.acked, self.status_interval).await {
                 Ok(repl) => {
                     self.repl = repl;
+                    self.health.set_replicating(true);
                     metrics::replication_reconnected();
                     tracing::info!(from = %self.acked, attempt, "replication resumed");
                     return Ok(true);
@@ -303,11 +378,18 @@ impl SourceLoop {
                 commit_time_micros,
                 ..
             } => {
-                self.tx = Some(Tx {
+                let tx = Tx {
                     commit_lsn: final_lsn.into(),
                     commit_ts: pg_timestamp(commit_time_micros),
                     seq: 0,
-                });
+                };
+                if self.unapplied.is_empty() {
+                    self.health.set_oldest_unapplied(Some(tx.commit_ts));
+                }
+                if self.unapplied.len() < UNAPPLIED_CAP {
+                    self.unapplied.push_back((tx.commit_lsn, tx.commit_ts));
+                }
+                self.tx = Some(tx);
             }
             ReplicationEvent::XLogData {
                 data, wal_start, ..
@@ -327,8 +409,6 @@ impl SourceLoop {
                 if self.tx.is_none() {
                     self.batcher.mark(wal_end.into());
                 }
-                let wal_end: Lsn = wal_end.into();
-                metrics::replication_lag_bytes(wal_end.bytes_since(self.acked));
             }
             ReplicationEvent::Message {
                 transactional,
@@ -382,7 +462,9 @@ impl SourceLoop {
                 self.batcher.push_event(*event, data.len());
             }
             Ok(Outcome::DeadLetter(dead)) => {
-                tracing::warn!(%lsn, position = %dead.position, reason = dead.reason, detail = %dead.detail, "row rejected");
+                // The detail quotes the offending value: it goes to the dead letters table,
+                // never to the log.
+                tracing::warn!(%lsn, position = %dead.position, table = %dead.table, reason = dead.reason, "row rejected");
                 self.batcher.push_dead_letter(*dead, data.len());
             }
             Ok(Outcome::Applied) => {}
@@ -409,8 +491,17 @@ impl SourceLoop {
         let lsn = *self.ack_rx.borrow_and_update();
         self.acked = lsn;
         self.repl.update_applied_lsn(lsn.into());
-        let wal_end: Lsn = self.repl.metrics().last_wal_end().into();
-        metrics::replication_lag_bytes(wal_end.bytes_since(lsn));
+        self.health.set_acked(lsn);
+        // A transaction is confirmed once the flush position passed its commit record.
+        while self
+            .unapplied
+            .front()
+            .is_some_and(|(commit, _)| *commit < lsn)
+        {
+            self.unapplied.pop_front();
+        }
+        self.health
+            .set_oldest_unapplied(self.unapplied.front().map(|(_, ts)| *ts));
     }
 
     /// Stop reading, flush the open batch, let every sink confirm, send the final status

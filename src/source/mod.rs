@@ -1,10 +1,12 @@
 //! The source database: the checks and objects walcast needs there (publication, slot),
 //! ordinary connections, and the replication connection.
 
+mod monitor;
 mod setup;
 mod stream;
 
+pub use monitor::{HEARTBEAT_PREFIX, Monitor};
 pub use setup::{
     SetupError, SlotInfo, create_schema, ensure, preflight, slot_info, teardown, wal_lsn,
 };
-pub use stream::{ReplicationError, connect, is_reconnectable, start_replication};
+pub use stream::{ReplicationError, classify, connect, is_reconnectable, start_replication};

@@ -87,7 +87,34 @@ pub struct SlotInfo {
     pub database: Option<String>,
     pub active_pid: Option<i32>,
     pub confirmed_flush_lsn: Option<Lsn>,
+    /// The oldest WAL the slot may still need; everything from here on is kept.
+    pub restart_lsn: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (the slot was invalidated).
     pub wal_status: Option<String>,
+    /// Bytes that can still be written before the slot risks invalidation; `None` when
+    /// `max_slot_wal_keep_size` is unlimited.
+    pub safe_wal_size: Option<i64>,
+    /// The server's WAL write position when the row was read.
+    pub current_wal_lsn: Lsn,
+}
+
+impl SlotInfo {
+    /// WAL the slot holds back: the server's position minus `restart_lsn`.
+    pub fn retained_wal_bytes(&self) -> u64 {
+        self.restart_lsn
+            .map_or(0, |restart| self.current_wal_lsn.bytes_since(restart))
+    }
+
+    /// The server's position minus `confirmed_flush_lsn`.
+    pub fn lag_bytes(&self) -> u64 {
+        self.current_wal_lsn
+            .bytes_since(self.confirmed_flush_lsn.unwrap_or_default())
+    }
+
+    /// Whether PostgreSQL invalidated the slot (it removed WAL the slot still needed).
+    pub fn is_lost(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost")
+    }
 }
 
 /// Checks everything that does not depend on walcast's own objects.
@@ -289,18 +316,26 @@ async fn check_slot(client: &Client, slot: &str, info: &SlotInfo) -> Result<(), 
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, SetupError> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, wal_status \
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
+                    restart_lsn::text, wal_status, safe_wal_size, pg_current_wal_lsn()::text \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .context("looking up the replication slot")?;
+    let lsn = |row: &tokio_postgres::Row, i: usize| {
+        row.get::<_, Option<String>>(i)
+            .and_then(|s| s.parse::<Lsn>().ok())
+    };
     Ok(row.map(|row| SlotInfo {
         plugin: row.get(0),
         database: row.get(1),
         active_pid: row.get(2),
-        confirmed_flush_lsn: row.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
-        wal_status: row.get(4),
+        confirmed_flush_lsn: lsn(&row, 3),
+        restart_lsn: lsn(&row, 4),
+        wal_status: row.get(5),
+        safe_wal_size: row.get(6),
+        current_wal_lsn: lsn(&row, 7).unwrap_or_default(),
     }))
 }
 

@@ -26,6 +26,15 @@ pub enum ReplicationError {
          stopped); run walcast setup, then walcast backfill to re-copy what was missed"
     )]
     SlotMissing { slot: String },
+    #[error(
+        "replication slot {slot} was invalidated: PostgreSQL removed WAL it still needed \
+         because it held back more than max_slot_wal_keep_size (wal_status = lost), so the \
+         changes in that WAL can no longer be streamed. To recover: walcast teardown, then \
+         walcast backfill (it creates a new slot and copies engagement_events again; every sink \
+         skips what it already has), then walcast run. To keep it from happening again, raise \
+         max_slot_wal_keep_size and alert on walcast_slot_retained_wal_bytes"
+    )]
+    SlotInvalidated { slot: String },
     #[error("replication connection: {0}")]
     Protocol(#[from] PgWireError),
     #[error(transparent)]
@@ -124,7 +133,7 @@ pub async fn start_replication(
 }
 
 /// Turns the server's refusals to start into errors that say what to do.
-pub(crate) fn classify(err: PgWireError, slot: &str) -> ReplicationError {
+pub fn classify(err: PgWireError, slot: &str) -> ReplicationError {
     if let PgWireError::Server(message) = &err {
         // SQLSTATE 55006 object_in_use: "replication slot ... is active for PID ..."
         if message.contains("55006") {
@@ -136,6 +145,18 @@ pub(crate) fn classify(err: PgWireError, slot: &str) -> ReplicationError {
         // SQLSTATE 42704 undefined_object: "replication slot ... does not exist"
         if message.contains("42704") && message.contains("slot") {
             return ReplicationError::SlotMissing {
+                slot: slot.to_owned(),
+            };
+        }
+        // SQLSTATE 55000 object_not_in_prerequisite_state: "cannot read from logical
+        // replication slot ..." (PostgreSQL 15; later versions say "can no longer get
+        // changes from replication slot ..."), whose detail, which does not reach us, says
+        // "This slot has been invalidated because it exceeded the maximum reserved size."
+        if message.contains("55000")
+            && (message.contains("cannot read from logical replication slot")
+                || message.contains("can no longer get changes"))
+        {
+            return ReplicationError::SlotInvalidated {
                 slot: slot.to_owned(),
             };
         }
@@ -168,5 +189,17 @@ mod tests {
         );
         assert!(!is_reconnectable(&auth));
         assert!(!is_reconnectable(&PgWireError::Auth("bad".into())));
+    }
+
+    #[test]
+    fn an_invalidated_slot_is_named_with_the_way_out() {
+        for message in [
+            "cannot read from logical replication slot \"walcast\" (SQLSTATE 55000)",
+            "can no longer get changes from replication slot \"walcast\" (SQLSTATE 55000)",
+        ] {
+            let err = classify(PgWireError::Server(message.into()), "walcast");
+            assert!(matches!(err, ReplicationError::SlotInvalidated { .. }));
+            assert!(err.to_string().contains("walcast backfill"));
+        }
     }
 }

@@ -474,6 +474,10 @@ impl Redis {
         json.map(|j| serde_json::from_str(&j).unwrap())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server is running").id()
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -515,9 +519,13 @@ impl Env {
     }
 
     pub fn set(mut self, name: &str, value: &str) -> Env {
+        self.put(name, value);
+        self
+    }
+
+    pub fn put(&mut self, name: &str, value: &str) {
         self.vars.retain(|(k, _)| k != name);
         self.vars.push((name.into(), value.into()));
-        self
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -623,17 +631,44 @@ impl Drop for Walcast {
 
 /// GET /metrics with a plain HTTP/1.0 request (no client library needed).
 pub async fn scrape_metrics(port: u16) -> String {
+    http_get(port, "/metrics").await.1
+}
+
+/// GET `path` on walcast's metrics port: status code and body.
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    try_http_get(port, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} on port {port}: {e}"))
+}
+
+/// As [`http_get`], or the I/O error (nothing listening yet, say).
+pub async fn try_http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_owned();
+    Ok((status, body))
+}
+
+/// The value of one series in a Prometheus text exposition, e.g.
+/// `walcast_sink_checkpoint_lag_bytes{sink="redis"}`.
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
 }
 
 /// `SELECT count(*)` of a table, 0 when it does not exist yet.

@@ -1,0 +1,149 @@
+//! The slot monitor: an ordinary connection to the source that, every second, reads the
+//! slot's row in `pg_replication_slots` and turns it into the lag gauges; writes the
+//! heartbeat; and stops walcast when PostgreSQL has invalidated the slot.
+//!
+//! It never stops walcast for its own connection trouble: while the source is down the
+//! replication stream reconnects, and so does the monitor.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use super::{ReplicationError, SlotInfo, connect, slot_info};
+use crate::health::Health;
+use crate::metrics;
+
+/// How often the slot is read.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// The prefix of heartbeat messages in the WAL.
+pub const HEARTBEAT_PREFIX: &str = "walcast_heartbeat";
+
+pub struct Monitor {
+    pub config: tokio_postgres::Config,
+    pub slot: String,
+    pub heartbeat: Option<Duration>,
+    pub retained_wal_warn: u64,
+    pub health: Arc<Health>,
+}
+
+impl Monitor {
+    /// Runs until the slot is invalidated or dropped.
+    pub async fn run(mut self) -> Result<(), ReplicationError> {
+        let mut client: Option<tokio_postgres::Client> = None;
+        let mut connect_failed = false;
+        let mut above_warn = false;
+        let mut last_heartbeat = Instant::now();
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            metrics::replication_lag_seconds(self.health.lag(Utc::now()));
+            if client
+                .as_ref()
+                .is_none_or(tokio_postgres::Client::is_closed)
+            {
+                match connect(&self.config).await {
+                    Ok(new) => {
+                        client = Some(new);
+                        connect_failed = false;
+                    }
+                    Err(error) => {
+                        if !connect_failed {
+                            tracing::warn!(%error, "slot monitor cannot reach the source; lag gauges are stale until it can");
+                        }
+                        connect_failed = true;
+                        continue;
+                    }
+                }
+            }
+            let db = client.as_ref().expect("connected above");
+            match slot_info(db, &self.slot).await {
+                Ok(Some(info)) => {
+                    self.observe(&info, &mut above_warn)?;
+                }
+                Ok(None) => {
+                    return Err(ReplicationError::SlotMissing {
+                        slot: self.slot.clone(),
+                    });
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "reading the slot failed");
+                    client = None;
+                    continue;
+                }
+            }
+            if let Some(every) = self.heartbeat
+                && last_heartbeat.elapsed() >= every
+            {
+                last_heartbeat = Instant::now();
+                self.beat(db).await;
+            }
+        }
+    }
+
+    fn observe(&self, info: &SlotInfo, above_warn: &mut bool) -> Result<(), ReplicationError> {
+        if info.is_lost() {
+            return Err(ReplicationError::SlotInvalidated {
+                slot: self.slot.clone(),
+            });
+        }
+        let current = info.current_wal_lsn;
+        let flushed = self
+            .health
+            .acked()
+            .max(info.confirmed_flush_lsn.unwrap_or_default());
+        metrics::replication_lag_bytes(current.bytes_since(flushed));
+        let retained = info.retained_wal_bytes();
+        metrics::slot(retained, info.safe_wal_size);
+        for sink in self.health.sinks() {
+            metrics::sink_checkpoint_lag_bytes(sink.name, current.bytes_since(sink.confirmed()));
+        }
+        let above = retained > self.retained_wal_warn;
+        if above && !*above_warn {
+            let behind: Vec<String> = self
+                .health
+                .sinks()
+                .iter()
+                .map(|s| format!("{}={}", s.name, current.bytes_since(s.confirmed())))
+                .collect();
+            tracing::warn!(
+                slot = %self.slot,
+                retained_wal_bytes = retained,
+                threshold_bytes = self.retained_wal_warn,
+                wal_status = info.wal_status.as_deref().unwrap_or("-"),
+                safe_wal_size = ?info.safe_wal_size,
+                sinks_behind_bytes = %behind.join(","),
+                "the slot holds back more WAL than WALCAST_RETAINED_WAL_WARN; the sink furthest \
+                 behind is holding it"
+            );
+        } else if !above && *above_warn {
+            tracing::info!(slot = %self.slot, retained_wal_bytes = retained, "retained WAL back under the threshold");
+        }
+        *above_warn = above;
+        Ok(())
+    }
+
+    /// Writes a non-transactional logical message. It reaches no sink (walcast does not ask
+    /// pgoutput for messages); it only gives the walsender WAL to move past, so the slot's
+    /// confirmed position advances on a database where nothing else is written.
+    async fn beat(&mut self, db: &tokio_postgres::Client) {
+        let result = db
+            .execute(
+                "SELECT pg_logical_emit_message(false, $1, '')",
+                &[&HEARTBEAT_PREFIX],
+            )
+            .await;
+        match result {
+            Ok(_) => metrics::heartbeat(),
+            Err(error)
+                if error.code()
+                    == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
+                tracing::warn!(%error, "heartbeat disabled: the role may not call pg_logical_emit_message; grant EXECUTE on it or set WALCAST_HEARTBEAT_INTERVAL=0");
+                self.heartbeat = None;
+            }
+            Err(error) => tracing::debug!(%error, "heartbeat failed"),
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! `walcast status`: where the slot stands and where each sink's checkpoint stands, read
+//! from the servers (it needs no running walcast).
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{AnalyticsArgs, RedisArgs, SinkArgs, SinkKind, SourceArgs};
+use crate::lsn::{Lsn, Position};
+use crate::sink::Sink;
+use crate::sink::postgres as postgres_sink;
+use crate::sink::redis::RedisSink;
+use crate::source;
+
+/// How long each sink may take to answer.
+const SINK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub slot: Slot,
+    pub sinks: Vec<SinkCheckpoint>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Slot {
+    pub name: String,
+    pub exists: bool,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub current_wal_lsn: String,
+    pub confirmed_flush_lsn: Option<String>,
+    pub restart_lsn: Option<String>,
+    /// `current_wal_lsn - confirmed_flush_lsn`.
+    pub lag_bytes: Option<u64>,
+    /// `current_wal_lsn - restart_lsn`: WAL the server keeps for this slot.
+    pub retained_wal_bytes: Option<u64>,
+    pub wal_status: Option<String>,
+    pub safe_wal_size: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SinkCheckpoint {
+    pub sink: &'static str,
+    /// `commit_lsn#seq` of the last applied event; `None` when nothing was applied yet.
+    pub checkpoint: Option<String>,
+    /// `current_wal_lsn` minus the checkpoint's commit LSN.
+    pub lag_bytes: Option<u64>,
+    /// Why the checkpoint could not be read.
+    pub error: Option<String>,
+}
+
+impl Report {
+    /// The slot exists, is not invalidated, and every sink's checkpoint could be read.
+    pub fn is_healthy(&self) -> bool {
+        self.slot.exists
+            && self.slot.wal_status.as_deref() != Some("lost")
+            && self.sinks.iter().all(|s| s.error.is_none())
+    }
+}
+
+/// Reads the slot from the source and each sink's checkpoint from its server.
+pub async fn collect(
+    source_args: &SourceArgs,
+    redis: &RedisArgs,
+    analytics: &AnalyticsArgs,
+    sinks: &SinkArgs,
+) -> anyhow::Result<Report> {
+    use anyhow::Context;
+    let client = source::connect(&source_args.pg_config()?)
+        .await
+        .context("connecting to WALCAST_SOURCE_URL")?;
+    let info = source::slot_info(&client, &source_args.slot).await?;
+    let current = match &info {
+        Some(info) => info.current_wal_lsn,
+        None => source::wal_lsn(&client).await?,
+    };
+    let text = |lsn: Option<Lsn>| lsn.map(|l| l.to_string());
+    let slot = Slot {
+        name: source_args.slot.clone(),
+        exists: info.is_some(),
+        active: info.as_ref().is_some_and(|i| i.active_pid.is_some()),
+        active_pid: info.as_ref().and_then(|i| i.active_pid),
+        current_wal_lsn: current.to_string(),
+        confirmed_flush_lsn: text(info.as_ref().and_then(|i| i.confirmed_flush_lsn)),
+        restart_lsn: text(info.as_ref().and_then(|i| i.restart_lsn)),
+        lag_bytes: info.as_ref().map(source::SlotInfo::lag_bytes),
+        retained_wal_bytes: info.as_ref().map(source::SlotInfo::retained_wal_bytes),
+        wal_status: info.as_ref().and_then(|i| i.wal_status.clone()),
+        safe_wal_size: info.as_ref().and_then(|i| i.safe_wal_size),
+    };
+    let mut checkpoints = Vec::new();
+    for kind in &sinks.kinds {
+        let read = tokio::time::timeout(
+            SINK_TIMEOUT,
+            read_checkpoint(*kind, redis, analytics, source_args),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", SINK_TIMEOUT.as_secs())));
+        checkpoints.push(match read {
+            Ok(position) => SinkCheckpoint {
+                sink: kind.name(),
+                checkpoint: position.map(|p| p.to_string()),
+                lag_bytes: position.map(|p| current.bytes_since(p.commit_lsn)),
+                error: None,
+            },
+            Err(error) => SinkCheckpoint {
+                sink: kind.name(),
+                checkpoint: None,
+                lag_bytes: None,
+                error: Some(error),
+            },
+        });
+    }
+    Ok(Report {
+        slot,
+        sinks: checkpoints,
+    })
+}
+
+async fn read_checkpoint(
+    kind: SinkKind,
+    redis: &RedisArgs,
+    analytics: &AnalyticsArgs,
+    source_args: &SourceArgs,
+) -> Result<Option<Position>, String> {
+    match kind {
+        SinkKind::Redis => {
+            let mut sink = RedisSink::connect(&redis.redis_url)
+                .await
+                .map_err(|e| format!("unreachable: {e}"))?;
+            sink.checkpoint().await.map_err(|e| e.to_string())
+        }
+        SinkKind::Postgres => {
+            let config = analytics
+                .pg_config(source_args)
+                .map_err(|e| e.to_string())?;
+            let client = source::connect(&config)
+                .await
+                .map_err(|e| format!("unreachable: {e}"))?;
+            postgres_sink::read_checkpoint(&client, postgres_sink::NAME)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.slot;
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+        writeln!(f, "slot {}", s.name)?;
+        if !s.exists {
+            writeln!(f, "  does not exist (run walcast setup)")?;
+        } else {
+            let active = s
+                .active_pid
+                .map_or("no".to_owned(), |pid| format!("yes (pid {pid})"));
+            writeln!(f, "  active               {active}")?;
+            writeln!(
+                f,
+                "  confirmed_flush_lsn  {}",
+                or_dash(s.confirmed_flush_lsn.clone())
+            )?;
+            writeln!(
+                f,
+                "  restart_lsn          {}",
+                or_dash(s.restart_lsn.clone())
+            )?;
+            writeln!(f, "  current_wal_lsn      {}", s.current_wal_lsn)?;
+            writeln!(
+                f,
+                "  lag_bytes            {}",
+                or_dash(s.lag_bytes.map(|b| b.to_string()))
+            )?;
+            writeln!(
+                f,
+                "  retained_wal_bytes   {}",
+                or_dash(s.retained_wal_bytes.map(|b| b.to_string()))
+            )?;
+            writeln!(
+                f,
+                "  wal_status           {}",
+                or_dash(s.wal_status.clone())
+            )?;
+            writeln!(
+                f,
+                "  safe_wal_size        {}",
+                s.safe_wal_size
+                    .map_or("unlimited (max_slot_wal_keep_size = -1)".to_owned(), |b| b
+                        .to_string())
+            )?;
+            if s.wal_status.as_deref() == Some("lost") {
+                writeln!(
+                    f,
+                    "  the slot was invalidated: walcast teardown, walcast backfill, walcast run"
+                )?;
+            }
+        }
+        writeln!(f, "sinks")?;
+        for sink in &self.sinks {
+            match (&sink.error, &sink.checkpoint) {
+                (Some(error), _) => writeln!(f, "  {:<9} error: {error}", sink.sink)?,
+                (None, None) => writeln!(f, "  {:<9} nothing applied yet", sink.sink)?,
+                (None, Some(checkpoint)) => writeln!(
+                    f,
+                    "  {:<9} checkpoint {checkpoint}  lag_bytes {}",
+                    sink.sink,
+                    or_dash(sink.lag_bytes.map(|b| b.to_string()))
+                )?,
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,314 @@
+//! What an operator relies on, end to end against real servers: the lag gauges, the
+//! end-to-end histogram, /healthz and /readyz, `walcast status`, the heartbeat, and the
+//! exit on an invalidated slot.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{
+    Redis, Stack, confirmed_flush, current_lsn, eventually, http_get, metric, scrape_metrics,
+    signal_pid, try_http_get, wait_for,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
+
+async fn stack() -> Stack {
+    stack_with(Redis::start().await).await
+}
+
+async fn stack_with(redis: Redis) -> Stack {
+    Stack::start(
+        redis,
+        &format!(
+            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
+             VALUES ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now())"
+        ),
+    )
+    .await
+}
+
+/// `n` events in transactions of `per_tx`.
+async fn load(db: &tokio_postgres::Client, n: i64, per_tx: i64) {
+    for start in (0..n).step_by(per_tx as usize) {
+        let rows = per_tx.min(n - start);
+        db.batch_execute(&format!(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
+             SELECT '{EPISODE}', gen_random_uuid(), 'play', now(), 1000 * g, 'ios'
+             FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+/// `/readyz` answers 200 (`false` also while nothing listens yet).
+async fn ready(port: u16) -> bool {
+    matches!(try_http_get(port, "/readyz").await, Ok((200, _)))
+}
+
+#[tokio::test]
+async fn lag_gauges_rise_while_a_sink_stalls_and_return_to_zero_after() {
+    let s = stack().await;
+    let walcast = s.run();
+    let port = s.env.metrics_port;
+    load(&s.db, 10, 10).await;
+    eventually("first events delivered, ready", WAIT, || async {
+        s.redis.total().await == 10 && ready(port).await
+    })
+    .await;
+
+    // Redis stops answering (frozen, connections open): its writes hang.
+    signal_pid(s.redis.pid(), libc::SIGSTOP);
+    load(&s.db, 1_000, 100).await;
+    let stalled =
+        wait_for("lag gauges to show the stalled sink", WAIT, || async {
+            let m = scrape_metrics(port).await;
+            let lag_bytes = metric(&m, "walcast_replication_lag_bytes")?;
+            let lag_seconds = metric(&m, "walcast_replication_lag_seconds")?;
+            let redis = metric(&m, r#"walcast_sink_checkpoint_lag_bytes{sink="redis"}"#)?;
+            let postgres = metric(&m, r#"walcast_sink_checkpoint_lag_bytes{sink="postgres"}"#)?;
+            let (status, body) = http_get(port, "/readyz").await;
+            (lag_bytes > 0.0 && lag_seconds >= 2.0 && redis > postgres && status == 503)
+                .then_some((lag_bytes, lag_seconds, redis, postgres, body))
+        })
+        .await;
+    let (lag_bytes, lag_seconds, redis_lag, postgres_lag, body) = stalled;
+    assert!(body.contains("redis"), "/readyz names the sink: {body}");
+    eprintln!(
+        "stalled: lag {lag_bytes} bytes, {lag_seconds} s; checkpoint lag redis {redis_lag}, postgres {postgres_lag}"
+    );
+    let flushed_while_stalled = confirmed_flush(&s.db, "walcast").await.unwrap();
+
+    signal_pid(s.redis.pid(), libc::SIGCONT);
+    eventually("caught up: gauges back near zero, ready", WAIT, || async {
+        let m = scrape_metrics(port).await;
+        s.redis.total().await == 1_010
+            && metric(&m, "walcast_replication_lag_seconds") == Some(0.0)
+            && metric(&m, "walcast_replication_lag_bytes").is_some_and(|b| b < 65_536.0)
+            && ready(port).await
+    })
+    .await;
+    assert!(confirmed_flush(&s.db, "walcast").await.unwrap() > flushed_while_stalled);
+
+    // One end-to-end observation per event delivered, per sink.
+    eventually("end-to-end counts equal events delivered", WAIT, || async {
+        let m = scrape_metrics(port).await;
+        ["redis", "postgres"].iter().all(|sink| {
+            metric(
+                &m,
+                &format!("walcast_end_to_end_seconds_count{{sink=\"{sink}\"}}"),
+            ) == Some(1_010.0)
+        })
+    })
+    .await;
+    let m = scrape_metrics(port).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"walcast_events_total{table="engagement_events",op="insert"}"#
+        ),
+        Some(1_010.0),
+        "metrics:\n{m}"
+    );
+    assert!(walcast.log().contains("sink unreachable"));
+}
+
+#[tokio::test]
+async fn readyz_turns_not_ready_while_redis_is_down_and_ready_after() {
+    let mut s = stack_with(Redis::start_persistent().await).await;
+    let _walcast = s.run();
+    let port = s.env.metrics_port;
+    eventually("ready", WAIT, || ready(port)).await;
+    assert_eq!(http_get(port, "/healthz").await, (200, "ok\n".to_owned()));
+
+    s.redis.stop();
+    let body = wait_for("/readyz to report redis", WAIT, || async {
+        let (status, body) = http_get(port, "/readyz").await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(
+        body.contains("sink redis is unreachable"),
+        "readyz body: {body}"
+    );
+    assert!(!body.contains("postgres"), "only redis is down: {body}");
+    assert_eq!(http_get(port, "/healthz").await.0, 200, "alive all along");
+
+    s.redis.restart().await;
+    eventually("ready again", WAIT, || ready(port)).await;
+    load(&s.db, 1, 1).await;
+    eventually("events flow again", WAIT, || async {
+        s.redis.total().await == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn heartbeat_moves_the_slot_of_a_quiet_database() {
+    let mut s = stack().await;
+    s.env.put("WALCAST_HEARTBEAT_INTERVAL", "1s");
+    let _walcast = s.run();
+    let port = s.env.metrics_port;
+    eventually("ready", WAIT, || ready(port)).await;
+    // Nothing is written by the test from here: only the heartbeat writes WAL.
+    eventually("a heartbeat", WAIT, || async {
+        metric(&scrape_metrics(port).await, "walcast_heartbeats_total").is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    let after_heartbeat = current_lsn(&s.db).await;
+    eventually("the slot moved past the heartbeat", WAIT, || async {
+        confirmed_flush(&s.db, "walcast").await.unwrap() >= after_heartbeat
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_publication_keeps_retained_wal_small_under_unrelated_writes() {
+    let s = stack().await;
+    let _walcast = s.run();
+    let port = s.env.metrics_port;
+    eventually("ready", WAIT, || ready(port)).await;
+    s.db.batch_execute("CREATE TABLE unrelated (v text)")
+        .await
+        .unwrap();
+    let start = current_lsn(&s.db).await;
+    for _ in 0..4 {
+        s.db.batch_execute(
+            "INSERT INTO unrelated SELECT repeat('x', 500) FROM generate_series(1, 20000)",
+        )
+        .await
+        .unwrap();
+    }
+    let end = current_lsn(&s.db).await;
+    let written = end - start;
+    assert!(
+        written > 32 * 1024 * 1024,
+        "the load wrote {written} bytes of WAL"
+    );
+    eventually(
+        "keepalives moved the slot past the unrelated writes",
+        WAIT,
+        || async { confirmed_flush(&s.db, "walcast").await.unwrap() >= end },
+    )
+    .await;
+    eventually(
+        "retained WAL back under 16 MiB",
+        Duration::from_secs(60),
+        || async {
+            // A checkpoint logs the running transactions, which lets the slot's restart_lsn
+            // move up to what walcast confirmed.
+            s.db.batch_execute("CHECKPOINT").await.unwrap();
+            metric(
+                &scrape_metrics(port).await,
+                "walcast_slot_retained_wal_bytes",
+            )
+            .is_some_and(|b| b < 16.0 * 1024.0 * 1024.0)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn status_prints_the_slot_and_each_checkpoint_as_a_table_and_as_json() {
+    let s = stack().await;
+    let _walcast = s.run();
+    load(&s.db, 5, 5).await;
+    eventually("delivered", WAIT, || async { s.redis.total().await == 5 }).await;
+    eventually("analytics checkpoint", WAIT, || async {
+        let out = s.env.output(&["status", "--json"]);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        out.status.success()
+            && report["sinks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|sink| sink["checkpoint"].is_string())
+    })
+    .await;
+
+    let out = s.env.output(&["status", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let slot = &report["slot"];
+    assert_eq!(slot["name"], "walcast");
+    assert_eq!(slot["exists"], true);
+    assert_eq!(slot["active"], true);
+    assert_eq!(slot["wal_status"], "reserved");
+    assert!(slot["retained_wal_bytes"].is_u64());
+    assert!(slot["lag_bytes"].is_u64());
+    assert!(
+        slot["safe_wal_size"].is_null(),
+        "max_slot_wal_keep_size is unlimited"
+    );
+    let sinks: Vec<&str> = report["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|sink| sink["sink"].as_str().unwrap())
+        .collect();
+    assert_eq!(sinks, ["redis", "postgres"]);
+
+    let out = s.env.output(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    for line in [
+        "wal_status           reserved",
+        "retained_wal_bytes",
+        "redis     checkpoint",
+        "postgres  checkpoint",
+    ] {
+        assert!(table.contains(line), "{line:?} in:\n{table}");
+    }
+}
+
+#[tokio::test]
+async fn an_invalidated_slot_stops_walcast_with_the_way_out() {
+    let s = stack().await;
+    let mut walcast = s.run();
+    let port = s.env.metrics_port;
+    load(&s.db, 1, 1).await;
+    eventually("ready", WAIT, || async {
+        s.redis.total().await == 1 && ready(port).await
+    })
+    .await;
+    for sql in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+        "SELECT pg_reload_conf()",
+        "CREATE TABLE unrelated (v text)",
+    ] {
+        s.db.batch_execute(sql).await.unwrap();
+    }
+
+    // A stalled sink holds the slot while far more WAL than allowed is written.
+    signal_pid(s.redis.pid(), libc::SIGSTOP);
+    load(&s.db, 1, 1).await;
+    for _ in 0..3 {
+        s.db.batch_execute(
+            "INSERT INTO unrelated SELECT repeat('x', 500) FROM generate_series(1, 30000);
+             SELECT pg_switch_wal();",
+        )
+        .await
+        .unwrap();
+    }
+    s.db.batch_execute("CHECKPOINT").await.unwrap();
+    let status = walcast.wait_exit(WAIT).await;
+    signal_pid(s.redis.pid(), libc::SIGCONT);
+    assert!(!status.success(), "walcast exits non-zero");
+    let log = walcast.log();
+    assert!(
+        log.contains("was invalidated") && log.contains("walcast backfill"),
+        "the error says what happened and how to recover:\n{log}"
+    );
+
+    // The next start says the same at once, and so does status.
+    let out = s.env.output(&["run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("was invalidated"), "{stderr}");
+    let out = s.env.output(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "status exits 1 for a lost slot");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["slot"]["wal_status"], "lost");
+}
