@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use clap::{Args, ValueEnum};
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +182,102 @@ impl SinkArgs {
     pub fn contains(&self, kind: SinkKind) -> bool {
         self.kinds.contains(&kind)
     }
+}
+
+/// Settings of `walcast backfill`.
+#[derive(Debug, Clone, Args)]
+pub struct BackfillConfig {
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub analytics: AnalyticsArgs,
+
+    #[command(flatten)]
+    pub sinks: SinkArgs,
+
+    /// Only events with `event_ts` at or after this time (RFC 3339, e.g.
+    /// `2026-11-21T09:00:00Z`).
+    #[arg(long, env = "WALCAST_BACKFILL_SINCE", value_parser = parse_time)]
+    pub since: Option<DateTime<Utc>>,
+
+    /// Only events with `event_ts` before this time (RFC 3339).
+    #[arg(long, env = "WALCAST_BACKFILL_UNTIL", value_parser = parse_time)]
+    pub until: Option<DateTime<Utc>>,
+
+    /// Only events with `id` at or above this.
+    #[arg(long, env = "WALCAST_BACKFILL_FROM_ID")]
+    pub from_id: Option<i64>,
+
+    /// Only events with `id` at or below this.
+    #[arg(long, env = "WALCAST_BACKFILL_TO_ID")]
+    pub to_id: Option<i64>,
+
+    /// Rows read per page and written per batch.
+    #[arg(long, env = "WALCAST_BATCH_MAX_EVENTS", default_value_t = 5000)]
+    pub batch_max_events: usize,
+}
+
+impl BackfillConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.source.validate()?;
+        if self.sinks.kinds.is_empty() {
+            return Err(invalid("WALCAST_SINKS", "name at least one sink"));
+        }
+        if let (Some(since), Some(until)) = (self.since, self.until)
+            && since >= until
+        {
+            return Err(invalid("--until", "must be later than --since"));
+        }
+        if let (Some(from), Some(to)) = (self.from_id, self.to_id)
+            && from > to
+        {
+            return Err(invalid("--to-id", "must be at least --from-id"));
+        }
+        if self.batch_max_events == 0 {
+            return Err(invalid("WALCAST_BATCH_MAX_EVENTS", "must be at least 1"));
+        }
+        if self.sinks.contains(SinkKind::Postgres) {
+            self.analytics.pg_config(&self.source)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a range was given (otherwise: the whole table).
+    pub fn is_range(&self) -> bool {
+        self.since.is_some()
+            || self.until.is_some()
+            || self.from_id.is_some()
+            || self.to_id.is_some()
+    }
+
+    /// A stable name for this backfill's range, under which each sink keeps its resume
+    /// cursor: the same command run again after an interruption resumes.
+    pub fn job(&self) -> String {
+        if !self.is_range() {
+            return "all".to_owned();
+        }
+        let time =
+            |t: Option<DateTime<Utc>>| t.map_or(String::new(), |t| crate::event::rfc3339(&t));
+        let id = |i: Option<i64>| i.map_or(String::new(), |i| i.to_string());
+        format!(
+            "ids:{}..{},time:{}..{}",
+            id(self.from_id),
+            id(self.to_id),
+            time(self.since),
+            time(self.until)
+        )
+    }
+}
+
+/// An RFC 3339 timestamp.
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{e}; expected RFC 3339, e.g. 2026-11-21T09:00:00Z"))
 }
 
 /// Settings of `walcast run`.

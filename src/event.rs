@@ -141,11 +141,28 @@ pub struct Batch {
     pub commit_ts: Option<DateTime<Utc>>,
     /// Approximate size in bytes of the rows, for the batch byte limit.
     pub bytes: usize,
+    /// Set on the batches of `walcast backfill`: rows read from the table rather than the
+    /// WAL. Sinks apply them idempotently by event id, leave their stream checkpoint alone,
+    /// and store the backfill's resume cursor instead.
+    pub backfill: Option<BackfillMark>,
+}
+
+/// Where a backfill stands after a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillMark {
+    /// The backfill's name (its range), under which the cursor is stored.
+    pub job: Arc<str>,
+    /// The highest id read so far; `None` in the last batch, when the backfill finished
+    /// and the cursor is removed.
+    pub cursor: Option<i64>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.dead_letters.is_empty() && self.ack_lsn.is_none()
+        self.events.is_empty()
+            && self.dead_letters.is_empty()
+            && self.ack_lsn.is_none()
+            && self.backfill.is_none()
     }
 
     /// Events plus dead letters.

@@ -16,8 +16,10 @@
 //! - [`event`], [`lsn`]: plain data — events, batches, WAL positions.
 //! - [`config`], [`metrics`], [`health`], [`shutdown`]: settings, metric names, the
 //!   `/metrics` `/healthz` `/readyz` endpoint, stopping cleanly.
+//! - [`backfill`]: existing rows through the same enrichment and sinks.
 //! - [`verify`], [`status`]: reconcile every sink with the source; where slot and sinks stand.
 
+pub mod backfill;
 pub mod config;
 pub mod decode;
 pub mod enrich;
@@ -57,4 +59,6 @@ pub enum Error {
     },
     #[error("metrics endpoint at WALCAST_METRICS_ADDR: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Backfill(#[from] backfill::BackfillError),
 }

@@ -4,7 +4,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use walcast::config::{
-    AnalyticsArgs, LogArgs, LogFormat, RedisArgs, RunConfig, SinkArgs, SinkKind, SourceArgs,
+    AnalyticsArgs, BackfillConfig, LogArgs, LogFormat, RedisArgs, RunConfig, SinkArgs, SinkKind,
+    SourceArgs,
 };
 use walcast::shutdown::{self, CancellationToken};
 use walcast::sink::redis as redis_sink;
@@ -24,6 +25,10 @@ struct Cli {
 enum Command {
     /// Stream: ensure publication and slot, load the content cache, replicate, fan out, ack.
     Run(Box<RunConfig>),
+    /// Copy existing engagement_events through the same enrichment and sinks: the initial
+    /// snapshot (no slot yet: creates it with its snapshot), the whole table again, or a
+    /// range. Safe to run twice and while `walcast run` streams; an interrupted run resumes.
+    Backfill(Box<BackfillConfig>),
     /// Check the source database and create the publication and slot (idempotent).
     Setup(SetupArgs),
     /// Drop the slot and the publication.
@@ -129,6 +134,28 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let token = CancellationToken::new();
             shutdown::on_signals(token.clone());
             walcast::pipeline::run(*config, token.cancelled_owned()).await?;
+        }
+        Command::Backfill(config) => {
+            let token = CancellationToken::new();
+            shutdown::on_signals(token.clone());
+            let summary = walcast::backfill::run(*config, token.cancelled_owned()).await?;
+            let seconds = summary.elapsed.as_secs_f64();
+            let resumed = summary
+                .resumed_after
+                .map_or(String::new(), |id| format!(", resumed after id {id}"));
+            println!(
+                "backfill {}: {} rows ({} dead letters) in {:.1} s, {:.0} rows/s{resumed}",
+                summary.job,
+                summary.rows,
+                summary.dead_letters,
+                seconds,
+                summary.rows as f64 / seconds.max(1e-3),
+            );
+            if summary.interrupted {
+                anyhow::bail!(
+                    "interrupted: what was read is applied; run the same command again to resume"
+                );
+            }
         }
         Command::Setup(args) => {
             args.source.validate()?;

@@ -11,7 +11,7 @@ mod content;
 mod transform;
 
 pub use content::{Content, ContentCache};
-pub use transform::{engagement_pct, engagement_seconds, parse_timestamptz};
+pub use transform::{engagement_pct, engagement_seconds, event as row_event, parse_timestamptz};
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -96,7 +96,7 @@ pub fn raw_values(rel: &Relation, tuple: &Tuple) -> Vec<(String, Option<String>)
 }
 
 /// Builds the event for an inserted row, or says why the row cannot be one.
-pub(super) fn event(
+pub fn event(
     rel: &Relation,
     tuple: &Tuple,
     position: Position,

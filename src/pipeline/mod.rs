@@ -11,7 +11,7 @@
 
 mod ack;
 mod batch;
-mod fanout;
+pub(crate) mod fanout;
 
 pub use ack::AckTracker;
 pub use batch::Batcher;
@@ -27,7 +27,7 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{RunConfig, SinkKind, SourceArgs};
+use crate::config::{AnalyticsArgs, RedisArgs, RunConfig, SinkArgs, SinkKind, SourceArgs};
 use crate::decode::{self, Change};
 use crate::enrich::{ContentCache, Enricher, Outcome};
 use crate::event::Batch;
@@ -96,7 +96,8 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     metrics::content_cache_entries(cache.len());
     tracing::info!(entries = cache.len(), "content cache loaded");
 
-    let sinks = open_sinks(&config, &health).await?;
+    let (sinks, _) =
+        open_sinks(&config.endpoints(), config.batch_max_events, &health, None).await?;
     for (index, probe) in probes(&config)?.into_iter().enumerate() {
         background.spawn(health::probe_forever(probe, Arc::clone(&health), index));
     }
@@ -186,39 +187,73 @@ async fn ensure_source(
     }
 }
 
+/// Where the sinks are, and which are in use.
+pub struct SinkEndpoints<'a> {
+    pub source: &'a SourceArgs,
+    pub redis: &'a RedisArgs,
+    pub analytics: &'a AnalyticsArgs,
+    pub sinks: &'a SinkArgs,
+}
+
+impl RunConfig {
+    fn endpoints(&self) -> SinkEndpoints<'_> {
+        SinkEndpoints {
+            source: &self.source,
+            redis: &self.redis,
+            analytics: &self.analytics,
+            sinks: &self.sinks,
+        }
+    }
+}
+
 /// Connects every configured sink and reads its checkpoint, so a sink that cannot start
-/// stops walcast before replication begins.
-async fn open_sinks(config: &RunConfig, health: &Arc<Health>) -> Result<Sinks, Error> {
+/// stops walcast before replication begins. With `backfill_job`, also reads each sink's
+/// cursor of that backfill (in the sinks' order).
+pub(crate) async fn open_sinks(
+    endpoints: &SinkEndpoints<'_>,
+    batch_max_events: usize,
+    health: &Arc<Health>,
+    backfill_job: Option<&str>,
+) -> Result<(Sinks, Vec<Option<i64>>), Error> {
     let mut sinks = Sinks::new(
         QueueLimits {
-            queue_rows: SINK_QUEUE_BATCHES * config.batch_max_events,
-            write_rows: config.batch_max_events,
+            queue_rows: SINK_QUEUE_BATCHES * batch_max_events,
+            write_rows: batch_max_events,
         },
         Arc::clone(health),
     );
-    for kind in &config.sinks.kinds {
+    let mut cursors = Vec::new();
+    for kind in &endpoints.sinks.kinds {
         let start = |source| Error::SinkStart {
             sink: kind.name(),
             source,
         };
         match kind {
             SinkKind::Redis => {
-                let sink = RedisSink::connect(&config.redis.redis_url)
+                let sink = RedisSink::connect(&endpoints.redis.redis_url)
                     .await
                     .map_err(start)?;
-                sinks.add(ready(sink).await.map_err(start)?);
+                let mut sink = ready(sink).await.map_err(start)?;
+                if let Some(job) = backfill_job {
+                    cursors.push(sink.backfill_cursor(job).await.map_err(start)?);
+                }
+                sinks.add(sink);
             }
             SinkKind::Postgres => {
-                let pg_config = config.analytics.pg_config(&config.source)?;
+                let pg_config = endpoints.analytics.pg_config(endpoints.source)?;
                 let (sink, migrated) = PostgresSink::connect(pg_config).await.map_err(start)?;
                 for version in migrated {
                     tracing::info!(sink = sink.name(), version, "analytics migration applied");
                 }
-                sinks.add(ready(sink).await.map_err(start)?);
+                let mut sink = ready(sink).await.map_err(start)?;
+                if let Some(job) = backfill_job {
+                    cursors.push(sink.backfill_cursor(job).await.map_err(start)?);
+                }
+                sinks.add(sink);
             }
         }
     }
-    Ok(sinks)
+    Ok((sinks, cursors))
 }
 
 /// Reads the sink's checkpoint, which also proves the sink reachable.

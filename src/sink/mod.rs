@@ -9,14 +9,16 @@
 //!    it. After a crash the slot replays from the last acknowledged commit, which may be
 //!    behind what a sink applied; the checkpoint makes that replay a no-op.
 //! 2. Each write is idempotent per event id, so a backfill overlapping the stream changes
-//!    nothing twice.
+//!    nothing twice. Backfill batches (rows read from the table, with no WAL position of
+//!    their own) rely on this rule alone: they bypass the checkpoint, and each sink stores
+//!    the backfill's resume cursor with them instead.
 
 pub mod postgres;
 pub mod redis;
 
 use std::future::Future;
 
-use crate::event::{Batch, EnrichedEvent};
+use crate::event::{BackfillMark, Batch, EnrichedEvent};
 use crate::lsn::Position;
 
 /// A destination for enriched events. Batches arrive in commit order. After a restart a
@@ -34,6 +36,18 @@ pub trait Sink: Send + 'static {
     /// catch up. `Ok` means they may be acknowledged upstream as far as this sink is
     /// concerned. Must be safe to call again with the same batches after an error.
     fn write(&mut self, batches: &[&Batch]) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Where an interrupted backfill named `job` got to in this sink: the highest id it
+    /// applied, stored with the data by `write` (see [`Batch::backfill`]).
+    fn backfill_cursor(
+        &mut self,
+        job: &str,
+    ) -> impl Future<Output = Result<Option<i64>, SinkError>> + Send;
+}
+
+/// The backfill state after the last of consecutive batches; `None` for streamed batches.
+pub fn backfill_mark<'a>(batches: &[&'a Batch]) -> Option<&'a BackfillMark> {
+    batches.last().and_then(|batch| batch.backfill.as_ref())
 }
 
 /// The events of consecutive batches, in order.

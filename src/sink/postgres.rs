@@ -27,7 +27,7 @@ use futures_util::SinkExt;
 use tokio_postgres::{Client, Statement};
 
 use super::{Sink, SinkError};
-use crate::event::{Batch, DeadLetter, EnrichedEvent, rfc3339};
+use crate::event::{BackfillMark, Batch, DeadLetter, EnrichedEvent, rfc3339};
 use crate::lsn::Position;
 
 /// The sink's name in `analytics.walcast_checkpoint` and in metric labels.
@@ -40,10 +40,13 @@ pub const APPLICATION_NAME: &str = "walcast-postgres-sink";
 /// `analytics.walcast_migrations`). Hand-rolled rather than a migration crate: the runner
 /// is one transaction under an advisory lock, and a crate would impose its own file naming
 /// and history table on sql/, which also holds the source schema.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "003_analytics_schema",
-    include_str!("../../sql/003_analytics_schema.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "003_analytics_schema",
+        include_str!("../../sql/003_analytics_schema.sql"),
+    ),
+    ("004_backfill", include_str!("../../sql/004_backfill.sql")),
+];
 
 /// Columns of the staging table, in COPY order; `enriched_events` has these plus
 /// `ingested_at`.
@@ -68,7 +71,8 @@ pub const AGGREGATES: [(&str, &str, &str); 4] = [
 ];
 
 /// The statement that moves staged events into the facts table and increments the
-/// aggregates by exactly the rows it inserted. `$1` is the sink name (for the checkpoint).
+/// aggregates by exactly the rows it inserted. `$1` is the sink name whose checkpoint
+/// filters the staged rows; a backfill passes a name that has none.
 fn apply_statement() -> String {
     let mut sql = format!(
         "WITH checkpoint AS (
@@ -141,12 +145,24 @@ aggregate_{i} AS (
     sql
 }
 
+/// Unique by (origin, commit_lsn, seq) for rows from the stream, by row id for rows of a
+/// backfill: either way a replay inserts nothing twice.
 const INSERT_DEAD_LETTERS: &str = "INSERT INTO analytics.dead_letters
-    (origin, reason, detail, source_table, commit_lsn, seq, raw)
-SELECT 'source', reason, detail, source_table, lsn::pg_lsn, seq, raw::jsonb
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[])
-    AS d(reason, detail, source_table, lsn, seq, raw)
-ON CONFLICT (origin, commit_lsn, seq) DO NOTHING";
+    (origin, reason, detail, source_table, commit_lsn, seq, raw, row_id)
+SELECT $7, reason, detail, source_table, lsn::pg_lsn, seq, raw::jsonb, row_id
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $8::int8[])
+    AS d(reason, detail, source_table, lsn, seq, raw, row_id)
+ON CONFLICT DO NOTHING";
+
+/// The checkpoint filter of a backfill: no sink has this name, so nothing is filtered.
+const NO_CHECKPOINT: &str = "";
+
+const SAVE_BACKFILL_CURSOR: &str = "INSERT INTO analytics.walcast_backfill AS b
+    (job, last_id, updated_at)
+VALUES ($1, $2, now())
+ON CONFLICT (job) DO UPDATE SET last_id = excluded.last_id, updated_at = excluded.updated_at";
+
+const END_BACKFILL: &str = "DELETE FROM analytics.walcast_backfill WHERE job = $1";
 
 const SAVE_CHECKPOINT: &str = "INSERT INTO analytics.walcast_checkpoint AS c
     (sink, commit_lsn, seq, updated_at)
@@ -331,11 +347,29 @@ impl Sink for PostgresSink {
             })
     }
 
+    async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
+        let session = self.session().await?;
+        let row = session
+            .client
+            .query_opt(
+                "SELECT last_id FROM analytics.walcast_backfill WHERE job = $1",
+                &[&job],
+            )
+            .await
+            .map_err(|source| SinkError::Postgres {
+                context: "reading the backfill cursor",
+                source,
+            })?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
     async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
-        let Some(last) = super::last_position(batches) else {
-            return Ok(()); // acknowledgement markers: nothing to write
+        let progress = match (super::backfill_mark(batches), super::last_position(batches)) {
+            (Some(mark), _) => Progress::Backfill(mark),
+            (None, Some(last)) => Progress::Stream(last),
+            (None, None) => return Ok(()), // acknowledgement markers: nothing to write
         };
-        let result = self.apply(batches, last).await;
+        let result = self.apply(batches, progress).await;
         if result.is_err() && self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             self.session = None;
         }
@@ -343,8 +377,16 @@ impl Sink for PostgresSink {
     }
 }
 
+/// What a write records besides the rows, in the same transaction.
+enum Progress<'a> {
+    /// The stream's checkpoint moves to this position.
+    Stream(Position),
+    /// A backfill's cursor moves (or, when it finished, goes).
+    Backfill(&'a BackfillMark),
+}
+
 impl PostgresSink {
-    async fn apply(&mut self, batches: &[&Batch], last: Position) -> Result<(), SinkError> {
+    async fn apply(&mut self, batches: &[&Batch], progress: Progress<'_>) -> Result<(), SinkError> {
         let session = self.session().await?;
         let context = "writing a batch to the analytics database";
         let pg = |source| SinkError::Postgres { context, source };
@@ -359,11 +401,21 @@ impl PostgresSink {
                 .await
                 .map_err(pg)?;
             copy.as_mut().finish().await.map_err(pg)?;
-            tx.query_one(&session.apply, &[&NAME]).await.map_err(pg)?;
+            let checkpoint_of = match progress {
+                Progress::Stream(_) => NAME,
+                Progress::Backfill(_) => NO_CHECKPOINT,
+            };
+            tx.query_one(&session.apply, &[&checkpoint_of])
+                .await
+                .map_err(pg)?;
         }
         let dead: Vec<&DeadLetter> = batches.iter().flat_map(|b| &b.dead_letters).collect();
         if !dead.is_empty() {
             let columns = DeadLetterColumns::new(&dead);
+            let origin = match progress {
+                Progress::Stream(_) => "source",
+                Progress::Backfill(_) => "backfill",
+            };
             tx.execute(
                 &session.dead_letters,
                 &[
@@ -373,18 +425,35 @@ impl PostgresSink {
                     &columns.lsns,
                     &columns.seqs,
                     &columns.raws,
+                    &origin,
+                    &columns.row_ids,
                 ],
             )
             .await
             .map_err(pg)?;
         }
-        let seq = i32::try_from(last.seq).unwrap_or(i32::MAX);
-        tx.execute(
-            &session.save_checkpoint,
-            &[&NAME, &last.commit_lsn.to_string(), &seq],
-        )
-        .await
-        .map_err(pg)?;
+        match progress {
+            Progress::Stream(last) => {
+                let seq = i32::try_from(last.seq).unwrap_or(i32::MAX);
+                tx.execute(
+                    &session.save_checkpoint,
+                    &[&NAME, &last.commit_lsn.to_string(), &seq],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            Progress::Backfill(BackfillMark {
+                job,
+                cursor: Some(id),
+            }) => {
+                tx.execute(SAVE_BACKFILL_CURSOR, &[&&**job, id])
+                    .await
+                    .map_err(pg)?;
+            }
+            Progress::Backfill(BackfillMark { job, cursor: None }) => {
+                tx.execute(END_BACKFILL, &[&&**job]).await.map_err(pg)?;
+            }
+        }
         tx.commit().await.map_err(pg)
     }
 }
@@ -397,6 +466,8 @@ struct DeadLetterColumns {
     lsns: Vec<String>,
     seqs: Vec<i32>,
     raws: Vec<String>,
+    /// The row's `id`, when it has one that parses.
+    row_ids: Vec<Option<i64>>,
 }
 
 impl DeadLetterColumns {
@@ -414,6 +485,15 @@ impl DeadLetterColumns {
                 .map(|d| i32::try_from(d.position.seq).unwrap_or(i32::MAX))
                 .collect(),
             raws: dead.iter().map(|d| raw_json(&d.raw)).collect(),
+            row_ids: dead
+                .iter()
+                .map(|d| {
+                    d.raw
+                        .iter()
+                        .find(|(name, _)| name == "id")
+                        .and_then(|(_, value)| value.as_deref()?.parse().ok())
+                })
+                .collect(),
         }
     }
 }

@@ -3,8 +3,9 @@
 //! One batch is one Lua script call, so the whole batch and the checkpoint apply
 //! atomically: a crash (of walcast or of the connection) leaves either all of a batch or
 //! none of it. Inside the script each event is guarded twice: by the checkpoint (position
-//! at or below it: already applied) and by `SET event:{id} NX` (the event key exists:
-//! already applied, e.g. by a backfill), so counters never count an event twice.
+//! at or below it: already applied) and by its bit in `walcast:ids:{n}` (set: already
+//! applied, e.g. by a backfill or by the stream before a backfill), so counters never count
+//! an event twice, however old it is.
 //!
 //! Keys (DESIGN.md, "Redis"):
 //!
@@ -16,10 +17,15 @@
 //! | `top:minute:{YYYYMMDDHHMM}` | sorted set, expires 2 h after its minute | content_id by engagement seconds |
 //! | `stats:events` | hash | `total`, `type:{event_type}`, `device:{device}` |
 //! | `walcast:checkpoint:redis` | string | last applied position |
+//! | `walcast:ids:{n}` | bitmap | bit `id mod 2^23` of shard `n = id div 2^23`: the event was applied (1 MiB per 8,388,608 ids) |
+//! | `walcast:backfill:{job}` | string | resume cursor of an unfinished backfill: the highest id applied |
 //!
 //! A NULL `event_type` or `device` is counted under `unknown`. Events without content go
 //! to no list or leaderboard. An event whose minute bucket has already expired (older than
 //! 2 h) does not touch the leaderboards, so history never inflates "the last N minutes".
+//! A backfilled event older than that retention also joins no recent-events list and no
+//! stream: those are for what is happening now. It is counted in `stats:events` and
+//! stored under `event:{id}` like any other.
 
 use std::time::Duration;
 
@@ -35,47 +41,70 @@ pub const CHECKPOINT_KEY: &str = "walcast:checkpoint:redis";
 pub const EVENT_TTL_SECONDS: u64 = 24 * 3600;
 /// How long a minute bucket lives after its minute ends.
 pub const BUCKET_RETENTION_SECONDS: i64 = 2 * 3600;
+/// The prefix of the backfill cursor keys.
+pub const BACKFILL_KEY_PREFIX: &str = "walcast:backfill:";
+/// Ids per `walcast:ids:{n}` bitmap: 2^23, 1 MiB each.
+const IDS_PER_SHARD: i64 = 1 << 23;
 /// Values passed to the script per event.
 #[cfg(test)]
-const ARGS_PER_EVENT: usize = 9;
+const ARGS_PER_EVENT: usize = 12;
 
-/// KEYS[1] = checkpoint key; ARGV[1] = event count; ARGV[2] = the batch's last position
-/// (the new checkpoint); then per event: position, id, json, content_id or '', event_type,
-/// device, minute bucket or '', bucket expiry (unix seconds), score.
+/// KEYS[1] = the checkpoint key (mode `stream`) or the backfill's cursor key (mode
+/// `backfill`); ARGV[1] = event count; ARGV[2] = mode; ARGV[3] = the new checkpoint, or
+/// the new cursor ('' when the backfill finished: the cursor is removed); then per event:
+/// position, id, ids bitmap key, bit offset, json, content_id or '', event_type, device,
+/// minute bucket or '', bucket expiry (unix seconds), score, '1' when it joins the recent
+/// lists and streams.
 const APPLY_BATCH: &str = r#"
-local checkpoint = redis.call('GET', KEYS[1])
+local stream = ARGV[2] == 'stream'
+local checkpoint = false
+if stream then
+  checkpoint = redis.call('GET', KEYS[1])
+end
 local n = tonumber(ARGV[1])
 local applied = 0
 for i = 0, n - 1 do
-  local a = 3 + i * 9
+  local a = 4 + i * 12
   local pos = ARGV[a]
-  if checkpoint == false or pos > checkpoint then
-    local id = ARGV[a + 1]
-    local json = ARGV[a + 2]
-    if redis.call('SET', 'event:' .. id, json, 'EX', 86400, 'NX') then
-      local content_id = ARGV[a + 3]
-      local event_type = ARGV[a + 4]
+  if not stream or checkpoint == false or pos > checkpoint then
+    if redis.call('SETBIT', ARGV[a + 2], ARGV[a + 3], 1) == 0 then
+      local id = ARGV[a + 1]
+      local json = ARGV[a + 4]
+      local content_id = ARGV[a + 5]
+      local event_type = ARGV[a + 6]
+      local recent = ARGV[a + 11] == '1'
+      redis.call('SET', 'event:' .. id, json, 'EX', 86400)
       if content_id ~= '' then
-        local list = 'content:' .. content_id .. ':events'
-        redis.call('LPUSH', list, id)
-        redis.call('LTRIM', list, 0, 99)
-        local minute = ARGV[a + 6]
+        if recent then
+          local list = 'content:' .. content_id .. ':events'
+          redis.call('LPUSH', list, id)
+          redis.call('LTRIM', list, 0, 99)
+        end
+        local minute = ARGV[a + 8]
         if minute ~= '' then
           local top = 'top:minute:' .. minute
-          redis.call('ZINCRBY', top, ARGV[a + 8], content_id)
-          redis.call('EXPIREAT', top, ARGV[a + 7])
+          redis.call('ZINCRBY', top, ARGV[a + 10], content_id)
+          redis.call('EXPIREAT', top, ARGV[a + 9])
         end
       end
-      redis.call('XADD', 'events:' .. event_type, 'MAXLEN', '~', 100000, '*', 'event', json)
+      if recent then
+        redis.call('XADD', 'events:' .. event_type, 'MAXLEN', '~', 100000, '*', 'event', json)
+      end
       redis.call('HINCRBY', 'stats:events', 'total', 1)
       redis.call('HINCRBY', 'stats:events', 'type:' .. event_type, 1)
-      redis.call('HINCRBY', 'stats:events', 'device:' .. ARGV[a + 5], 1)
+      redis.call('HINCRBY', 'stats:events', 'device:' .. ARGV[a + 7], 1)
       applied = applied + 1
     end
   end
 end
-if ARGV[2] ~= '' and (checkpoint == false or ARGV[2] > checkpoint) then
-  redis.call('SET', KEYS[1], ARGV[2])
+if stream then
+  if ARGV[3] ~= '' and (checkpoint == false or ARGV[3] > checkpoint) then
+    redis.call('SET', KEYS[1], ARGV[3])
+  end
+elseif ARGV[3] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[3])
 end
 return applied
 "#;
@@ -128,14 +157,28 @@ impl Sink for RedisSink {
     }
 
     async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
-        let Some(last) = super::last_position(batches) else {
-            return Ok(()); // acknowledgement markers: nothing to write
-        };
         let now = Utc::now().timestamp();
-        let mut invocation = self.script.key(CHECKPOINT_KEY);
+        let backfill = super::backfill_mark(batches);
+        let last = super::last_position(batches);
+        let (key, mode, mark) = match backfill {
+            Some(mark) => (
+                format!("{BACKFILL_KEY_PREFIX}{}", mark.job),
+                "backfill",
+                mark.cursor.map_or(String::new(), |id| id.to_string()),
+            ),
+            // Acknowledgement markers only: nothing to write.
+            None if last.is_none() => return Ok(()),
+            None => (
+                CHECKPOINT_KEY.to_owned(),
+                "stream",
+                last.map_or(String::new(), |p| p.to_sortable()),
+            ),
+        };
+        let mut invocation = self.script.key(key);
         invocation
             .arg(super::events(batches).count())
-            .arg(last.to_sortable());
+            .arg(mode)
+            .arg(mark);
         for event in super::events(batches) {
             let minute_start = event
                 .event_ts
@@ -147,20 +190,40 @@ impl Sink for RedisSink {
             } else {
                 String::new()
             };
+            // Streamed events are news whatever their event time; backfilled ones only
+            // while their minute is still kept.
+            let recent = backfill.is_none() || expires_at > now;
             invocation
                 .arg(event.position.to_sortable())
                 .arg(event.id)
+                .arg(format!(
+                    "walcast:ids:{}",
+                    event.id.div_euclid(IDS_PER_SHARD)
+                ))
+                .arg(event.id.rem_euclid(IDS_PER_SHARD))
                 .arg(event.to_json())
                 .arg(event.content_id.as_deref().unwrap_or(""))
                 .arg(event.event_type.as_deref().unwrap_or("unknown"))
                 .arg(event.device.as_deref().unwrap_or("unknown"))
                 .arg(minute)
                 .arg(expires_at)
-                .arg(event.score());
+                .arg(event.score())
+                .arg(if recent { "1" } else { "" });
         }
         let mut conn = self.conn.clone();
         let _applied: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(())
+    }
+
+    async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
+        let mut conn = self.conn.clone();
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(format!("{BACKFILL_KEY_PREFIX}{job}"))
+            .query_async(&mut conn)
+            .await?;
+        stored
+            .map(|s| s.parse().map_err(|_| SinkError::BadCheckpoint(s)))
+            .transpose()
     }
 }
 
@@ -234,6 +297,6 @@ mod tests {
 
     #[test]
     fn script_reads_as_many_arguments_per_event_as_write_passes() {
-        assert!(APPLY_BATCH.contains(&format!("local a = 3 + i * {ARGS_PER_EVENT}")));
+        assert!(APPLY_BATCH.contains(&format!("local a = 4 + i * {ARGS_PER_EVENT}")));
     }
 }

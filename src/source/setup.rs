@@ -170,12 +170,24 @@ pub async fn preflight(client: &Client) -> Result<(), SetupError> {
 pub async fn ensure(client: &Client, source: &SourceArgs) -> Result<Vec<String>, SetupError> {
     preflight(client).await?;
     let mut done = Vec::new();
-    ensure_publication(client, &source.publication, &mut done).await?;
+    publish_tables(client, &source.publication, &mut done).await?;
     ensure_slot(client, &source.slot, &mut done).await?;
     Ok(done)
 }
 
-async fn ensure_publication(
+/// The checks and the publication, without the slot (which a backfill creates itself,
+/// together with its snapshot).
+pub async fn ensure_publication(
+    client: &Client,
+    source: &SourceArgs,
+) -> Result<Vec<String>, SetupError> {
+    preflight(client).await?;
+    let mut done = Vec::new();
+    publish_tables(client, &source.publication, &mut done).await?;
+    Ok(done)
+}
+
+async fn publish_tables(
     client: &Client,
     publication: &str,
     done: &mut Vec<String>,

@@ -91,6 +91,20 @@ pub async fn start_replication(
     durable: Lsn,
     status_interval: Duration,
 ) -> Result<ReplicationClient, ReplicationError> {
+    let config = replication_config(source)?
+        .with_ack_lsn(durable.into())
+        .with_status_interval(status_interval)
+        .with_wakeup_interval(Duration::from_secs(1));
+    let mut client = ReplicationClient::connect(config).await?;
+    client
+        .wait_started()
+        .await
+        .map_err(|e| classify(e, &source.slot))?;
+    Ok(client)
+}
+
+/// A replication session's settings from the source URL.
+fn replication_config(source: &SourceArgs) -> Result<ReplicationConfig, ConfigError> {
     let pg = source.pg_config()?;
     let host = match pg.get_hosts().first() {
         Some(Host::Tcp(host)) => host.clone(),
@@ -108,7 +122,7 @@ pub async fn start_replication(
         tokio_postgres::config::SslMode::Require => TlsConfig::require(),
         _ => TlsConfig::disabled(),
     };
-    let config = ReplicationConfig::new(
+    Ok(ReplicationConfig::new(
         host,
         user,
         password,
@@ -118,18 +132,56 @@ pub async fn start_replication(
     )
     .with_port(port)
     .with_tls(tls)
-    .with_ack_lsn(durable.into())
-    .with_status_interval(status_interval)
-    .with_wakeup_interval(Duration::from_secs(1))
     .with_options("-c DateStyle=ISO,MDY -c TimeZone=UTC -c extra_float_digits=3")
-    .with_application_name("walcast");
+    .with_application_name("walcast"))
+}
 
-    let mut client = ReplicationClient::connect(config).await?;
-    client
-        .wait_started()
+/// A slot just created together with a snapshot of the database at its consistent point.
+pub struct SnapshotSlot {
+    /// Holds the exported snapshot: it stays importable while this session is open and
+    /// idle. Drop it once a transaction has imported the snapshot.
+    pub session: ReplicationClient,
+    /// Where streaming from the new slot begins: every transaction that committed before
+    /// it is in the snapshot, every later one will be streamed.
+    pub consistent_point: Lsn,
+    /// For `SET TRANSACTION SNAPSHOT`.
+    pub snapshot_name: String,
+}
+
+/// Creates the slot with `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')` on a replication
+/// session, which ordinary connections cannot run.
+pub async fn create_slot_with_snapshot(
+    source: &SourceArgs,
+) -> Result<SnapshotSlot, ReplicationError> {
+    let mut session = ReplicationClient::connect_gated(replication_config(source)?).await?;
+    // The slot name was validated as [a-z0-9_]+ (config.rs), so it needs no quoting.
+    let rows = session
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+            source.slot
+        ))
         .await
         .map_err(|e| classify(e, &source.slot))?;
-    Ok(client)
+    // slot_name, consistent_point, snapshot_name, output_plugin
+    let text = |i: usize| -> Option<String> {
+        let value = rows.first()?.get(i)?.as_ref()?;
+        Some(String::from_utf8_lossy(value).into_owned())
+    };
+    let (Some(point), Some(snapshot_name)) = (text(1), text(2)) else {
+        return Err(ReplicationError::Protocol(PgWireError::Protocol(
+            "CREATE_REPLICATION_SLOT returned no consistent point or snapshot".into(),
+        )));
+    };
+    let consistent_point = point.parse().map_err(|_| {
+        ReplicationError::Protocol(PgWireError::Protocol(format!(
+            "CREATE_REPLICATION_SLOT returned consistent point {point:?}"
+        )))
+    })?;
+    Ok(SnapshotSlot {
+        session,
+        consistent_point,
+        snapshot_name,
+    })
 }
 
 /// Turns the server's refusals to start into errors that say what to do.

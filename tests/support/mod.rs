@@ -547,14 +547,21 @@ impl Env {
 
     /// Starts `walcast run` in the background.
     pub fn spawn_run(&self) -> Walcast {
+        self.spawn(&["run"])
+    }
+
+    /// Starts a walcast command in the background, its stdout and stderr in `log()`.
+    pub fn spawn(&self, args: &[&str]) -> Walcast {
         let log = tempfile::NamedTempFile::new().unwrap();
+        // One open file for both, so their writes share an offset instead of overwriting.
+        let file = log.reopen().unwrap();
         let child = self
-            .command(&["run"])
+            .command(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
             .spawn()
-            .expect("start walcast run");
+            .expect("start walcast");
         Walcast {
             child: Some(child),
             log,

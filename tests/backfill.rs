@@ -1,0 +1,302 @@
+//! `walcast backfill` end to end: the initial snapshot under concurrent writes followed by
+//! streaming, reprocessing a range twice while streaming, and resuming after a SIGKILL.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use support::{Redis, Stack, count, eventually, wait_for};
+
+const WAIT: Duration = Duration::from_secs(60);
+const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
+const VIDEO: &str = "00000000-0000-0000-0000-000000000002";
+
+async fn stack() -> Stack {
+    Stack::start(
+        Redis::start().await,
+        &format!(
+            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts) VALUES
+               ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now()),
+               ('{VIDEO}', 'video', 'A video', 'video', 600, now())"
+        ),
+    )
+    .await
+}
+
+/// `n` events spread over both contents, event types, devices and the last 6 hours, with
+/// a few NULL durations and users, in one statement.
+async fn preload(db: &tokio_postgres::Client, n: i64) {
+    db.batch_execute(&format!(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
+         SELECT CASE WHEN g % 3 = 0 THEN '{VIDEO}'::uuid ELSE '{EPISODE}'::uuid END,
+                CASE WHEN g % 11 = 0 THEN NULL ELSE md5((g % 500)::text)::uuid END,
+                (ARRAY['play', 'pause', 'finish', 'click'])[1 + g % 4],
+                now() - (g % 360) * interval '1 minute',
+                CASE WHEN g % 7 = 0 THEN NULL ELSE (g % 600) * 1000 END,
+                (ARRAY['ios', 'android', 'web'])[1 + g % 3]
+         FROM generate_series(1, {n}) g"
+    ))
+    .await
+    .unwrap();
+}
+
+/// Inserts small transactions until told to stop; counts what it inserted.
+fn writer(db: tokio_postgres::Client, stop: Arc<AtomicBool>, inserted: Arc<AtomicI64>) {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            db.batch_execute(&format!(
+                "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
+                 SELECT '{EPISODE}', gen_random_uuid(), 'play', now(), 1000, 'ios'
+                 FROM generate_series(1, 20)"
+            ))
+            .await
+            .unwrap();
+            inserted.fetch_add(20, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+}
+
+/// Runs a walcast command to completion in a process of its own: exit status, output.
+async fn walcast(s: &Stack, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = s.env.spawn(args);
+    let status = child.wait_exit(WAIT).await;
+    (status, child.log())
+}
+
+/// Waits until both sinks hold as many events as the source; returns that number.
+async fn wait_all_delivered(s: &Stack) -> i64 {
+    wait_for("every source row in both sinks", WAIT, || async {
+        let expected = s.source_count().await;
+        (count(&s.db, "analytics.enriched_events").await == expected
+            && s.redis.total().await == expected)
+            .then_some(expected)
+    })
+    .await
+}
+
+fn assert_verified(s: &Stack) {
+    let out = s.env.output(&["verify"]);
+    assert!(
+        out.status.success(),
+        "walcast verify:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_snapshot_under_concurrent_writes_then_streaming_delivers_every_row_once() {
+    let s = stack().await;
+    preload(&s.db, 200_000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let inserted = Arc::new(AtomicI64::new(0));
+    writer(
+        s.pg.client("app").await,
+        Arc::clone(&stop),
+        Arc::clone(&inserted),
+    );
+    eventually("the writer is writing", WAIT, || async {
+        inserted.load(Ordering::Relaxed) > 0
+    })
+    .await;
+
+    let (status, log) = walcast(&s, &["backfill"]).await;
+    assert!(status.success(), "backfill failed:\n{log}");
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| l.starts_with("backfill "))
+            .collect::<String>()
+    );
+    assert!(log.contains("created the slot with a snapshot"), "{log}");
+    let copied = count(&s.db, "analytics.enriched_events").await;
+    assert!(copied >= 200_000, "the snapshot held the preload: {copied}");
+
+    let walcast = s.env.spawn_run();
+    let at_start = inserted.load(Ordering::Relaxed);
+    eventually("the writer went on while streaming", WAIT, || async {
+        inserted.load(Ordering::Relaxed) >= at_start + 2_000
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let total = wait_all_delivered(&s).await;
+    assert_eq!(total, 200_000 + inserted.load(Ordering::Relaxed));
+    assert_verified(&s);
+    assert!(walcast.log().contains("replication started"));
+}
+
+/// Everything a reader can see in both sinks, as text.
+async fn sink_state(s: &Stack) -> String {
+    let mut state = String::new();
+    for table in [
+        "content_engagement_metrics",
+        "content_engagement_daily",
+        "content_type_analysis",
+        "device_analysis",
+    ] {
+        let row = s
+            .db
+            .query_one(
+                &format!("SELECT coalesce(string_agg(t::text, ';' ORDER BY t::text), '') FROM analytics.{table} t"),
+                &[],
+            )
+            .await
+            .unwrap();
+        state.push_str(&format!("{table}: {}\n", row.get::<_, String>(0)));
+    }
+    state.push_str(&format!(
+        "facts: {} dead letters: {}\n",
+        count(&s.db, "analytics.enriched_events").await,
+        count(&s.db, "analytics.dead_letters").await
+    ));
+    let mut conn = s.redis.conn().await;
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.sort();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let value = match kind.as_str() {
+            "hash" => {
+                let mut v: Vec<(String, String)> = redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                v.sort();
+                format!("{v:?}")
+            }
+            "zset" => {
+                let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                format!("{v:?}")
+            }
+            "list" => {
+                let v: Vec<String> = redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                format!("{v:?}")
+            }
+            "stream" => {
+                let n: i64 = redis::cmd("XLEN")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                format!("{n} entries")
+            }
+            // event:{id} JSON, bitmaps and the checkpoint: counted by the keys listed.
+            _ => continue,
+        };
+        state.push_str(&format!("{key}: {value}\n"));
+    }
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprocessing_a_range_twice_while_streaming_changes_nothing_more_than_once() {
+    let s = stack().await;
+    let _walcast = s.run();
+    preload(&s.db, 3_000).await;
+    wait_all_delivered(&s).await;
+
+    // Reprocess by id and by event time while a writer keeps the stream busy.
+    let stop = Arc::new(AtomicBool::new(false));
+    let inserted = Arc::new(AtomicI64::new(0));
+    writer(
+        s.pg.client("app").await,
+        Arc::clone(&stop),
+        Arc::clone(&inserted),
+    );
+    let since = "2000-01-01T00:00:00Z";
+    let until = "2100-01-01T00:00:00Z";
+    let by_id = ["backfill", "--from-id", "500", "--to-id", "2500"];
+    let by_time = ["backfill", "--since", since, "--until", until];
+    for args in [&by_id[..], &by_time[..]] {
+        let (status, log) = walcast(&s, args).await;
+        assert!(status.success(), "{log}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let total = wait_all_delivered(&s).await;
+    assert_eq!(total, 3_000 + inserted.load(Ordering::Relaxed));
+    let once = sink_state(&s).await;
+
+    for args in [&by_id[..], &by_time[..]] {
+        let (status, log) = walcast(&s, args).await;
+        assert!(status.success(), "{log}");
+        assert!(
+            !log.contains("resumed"),
+            "a finished backfill starts over: {log}"
+        );
+    }
+    let twice = sink_state(&s).await;
+    assert_eq!(once, twice, "a second reprocessing changed sink state");
+    assert_eq!(s.redis.total().await, total);
+    assert_verified(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_backfill_resumes_and_doubles_nothing() {
+    let s = stack().await;
+    preload(&s.db, 200_000).await;
+    let mut first = s.env.spawn(&["backfill"]);
+    eventually("the backfill is under way", WAIT, || async {
+        count(&s.db, "analytics.enriched_events").await >= 40_000
+    })
+    .await;
+    first.kill9();
+    let at_kill = count(&s.db, "analytics.enriched_events").await;
+    assert!(at_kill < 200_000, "killed before the end ({at_kill})");
+    let cursor: i64 =
+        s.db.query_one(
+            "SELECT last_id FROM analytics.walcast_backfill WHERE job = 'all'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(cursor > 0);
+
+    let (status, log) = walcast(&s, &["backfill"]).await;
+    assert!(status.success(), "{log}");
+    assert!(log.contains("resumed after id"), "{log}");
+    assert_eq!(count(&s.db, "analytics.enriched_events").await, 200_000);
+    assert_eq!(s.redis.total().await, 200_000);
+    assert_eq!(
+        count(&s.db, "analytics.walcast_backfill").await,
+        0,
+        "cursor removed"
+    );
+    let mut conn = s.redis.conn().await;
+    let left: Option<String> = redis::cmd("GET")
+        .arg("walcast:backfill:all")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, None);
+    assert_verified(&s);
+
+    // The slot the first run created streams what comes next.
+    let _walcast = s.env.spawn_run();
+    preload(&s.db, 10).await;
+    assert_eq!(wait_all_delivered(&s).await, 200_010);
+}
