@@ -434,3 +434,62 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: BackfillConfig,
+    }
+
+    fn config(args: &[&str]) -> BackfillConfig {
+        let mut all = vec!["walcast", "--source-url", "postgres://u@h/db"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap().config
+    }
+
+    #[test]
+    fn the_job_is_named_by_its_range_so_a_rerun_finds_its_cursor() {
+        assert_eq!(config(&[]).job(), "all");
+        let ranged = config(&["--from-id", "5", "--since", "2026-11-21T09:00:00+01:00"]);
+        assert_eq!(ranged.job(), "ids:5..,time:2026-11-21T08:00:00.000000Z..");
+        assert!(ranged.is_range());
+    }
+
+    #[test]
+    fn the_range_resumes_after_the_cursor_but_never_before_from_id() {
+        let c = config(&["--from-id", "100", "--to-id", "200"]);
+        assert_eq!(Range::new(&c, None).after, Some(99));
+        assert_eq!(Range::new(&c, Some(150)).after, Some(150));
+        let range = Range::new(&c, Some(150));
+        assert_eq!(range.filter(range.after), "true AND id > 150 AND id <= 200");
+        let timed = config(&["--until", "2026-11-21T00:00:00Z"]);
+        let range = Range::new(&timed, None);
+        assert_eq!(
+            range.filter(None),
+            "true AND event_ts < '2026-11-21T00:00:00.000000Z'::timestamptz"
+        );
+    }
+
+    #[test]
+    fn bad_ranges_are_refused_with_the_option_named() {
+        let err = config(&["--from-id", "9", "--to-id", "1"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("--to-id"));
+        let err = config(&[
+            "--since",
+            "2026-11-21T00:00:00Z",
+            "--until",
+            "2026-11-20T00:00:00Z",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("--until"));
+    }
+}

@@ -59,9 +59,10 @@ impl EnrichedEvent {
         self.content.is_none()
     }
 
-    /// Engagement in seconds as the leaderboards score it: 1 when the duration is unknown.
-    pub fn score(&self) -> f64 {
-        self.engagement_seconds.map_or(1.0, Hundredths::as_f64)
+    /// Engagement as the leaderboards score it, in hundredths of a second: 1 s when the
+    /// duration is unknown.
+    pub fn score(&self) -> Hundredths {
+        self.engagement_seconds.unwrap_or(Hundredths(100))
     }
 
     /// The event as the JSON document every sink delivers.

@@ -53,8 +53,13 @@ const ARGS_PER_EVENT: usize = 12;
 /// `backfill`); ARGV[1] = event count; ARGV[2] = mode; ARGV[3] = the new checkpoint, or
 /// the new cursor ('' when the backfill finished: the cursor is removed); then per event:
 /// position, id, ids bitmap key, bit offset, json, content_id or '', event_type, device,
-/// minute bucket or '', bucket expiry (unix seconds), score, '1' when it joins the recent
-/// lists and streams.
+/// minute bucket or '', bucket expiry (unix seconds), score in hundredths of a second, '1'
+/// when it joins the recent lists and streams.
+///
+/// Per event it sets the id's bit and `event:{id}`, and appends to the stream; counters,
+/// leaderboard scores and recent lists are summed up over the batch and written once per
+/// key at the end (a `redis.call` costs about as much as the work it does, so this is what
+/// makes a batch cheap), with the same result as writing them event by event.
 const APPLY_BATCH: &str = r#"
 local stream = ARGV[2] == 'stream'
 local checkpoint = false
@@ -63,6 +68,16 @@ if stream then
 end
 local n = tonumber(ARGV[1])
 local applied = 0
+local counts, count_fields = {}, {}
+local scores, score_keys, expiries = {}, {}, {}
+local lists, list_keys = {}, {}
+local function count(field)
+  if counts[field] == nil then
+    counts[field] = 0
+    count_fields[#count_fields + 1] = field
+  end
+  counts[field] = counts[field] + 1
+end
 for i = 0, n - 1 do
   local a = 4 + i * 12
   local pos = ARGV[a]
@@ -77,25 +92,50 @@ for i = 0, n - 1 do
       if content_id ~= '' then
         if recent then
           local list = 'content:' .. content_id .. ':events'
-          redis.call('LPUSH', list, id)
-          redis.call('LTRIM', list, 0, 99)
+          if lists[list] == nil then
+            lists[list] = {}
+            list_keys[#list_keys + 1] = list
+          end
+          local ids = lists[list]
+          ids[#ids + 1] = id
         end
         local minute = ARGV[a + 8]
         if minute ~= '' then
           local top = 'top:minute:' .. minute
-          redis.call('ZINCRBY', top, ARGV[a + 10], content_id)
-          redis.call('EXPIREAT', top, ARGV[a + 9])
+          if scores[top] == nil then
+            scores[top] = {}
+            score_keys[#score_keys + 1] = top
+            expiries[top] = ARGV[a + 9]
+          end
+          local by_content = scores[top]
+          by_content[content_id] = (by_content[content_id] or 0) + tonumber(ARGV[a + 10])
         end
       end
       if recent then
         redis.call('XADD', 'events:' .. event_type, 'MAXLEN', '~', 100000, '*', 'event', json)
       end
-      redis.call('HINCRBY', 'stats:events', 'total', 1)
-      redis.call('HINCRBY', 'stats:events', 'type:' .. event_type, 1)
-      redis.call('HINCRBY', 'stats:events', 'device:' .. ARGV[a + 7], 1)
+      count('total')
+      count('type:' .. event_type)
+      count('device:' .. ARGV[a + 7])
       applied = applied + 1
     end
   end
+end
+for _, field in ipairs(count_fields) do
+  redis.call('HINCRBY', 'stats:events', field, counts[field])
+end
+for _, top in ipairs(score_keys) do
+  for content_id, hundredths in pairs(scores[top]) do
+    redis.call('ZINCRBY', top, string.format('%.2f', hundredths / 100), content_id)
+  end
+  redis.call('EXPIREAT', top, expiries[top])
+end
+for _, list in ipairs(list_keys) do
+  -- Only the newest 100 survive the trim; push them oldest first.
+  local ids = lists[list]
+  local from = math.max(1, #ids - 99)
+  redis.call('LPUSH', list, unpack(ids, from, #ids))
+  redis.call('LTRIM', list, 0, 99)
 end
 if stream then
   if ARGV[3] ~= '' and (checkpoint == false or ARGV[3] > checkpoint) then
@@ -207,7 +247,7 @@ impl Sink for RedisSink {
                 .arg(event.device.as_deref().unwrap_or("unknown"))
                 .arg(minute)
                 .arg(expires_at)
-                .arg(event.score())
+                .arg(event.score().0)
                 .arg(if recent { "1" } else { "" });
         }
         let mut conn = self.conn.clone();

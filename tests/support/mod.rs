@@ -528,7 +528,7 @@ impl Env {
         self.vars.push((name.into(), value.into()));
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_walcast"));
         cmd.args(args);
         for (k, _) in std::env::vars() {
