@@ -155,6 +155,7 @@ pub async fn run(
         redis: &config.redis,
         analytics: &config.analytics,
         sinks: &config.sinks,
+        webhook: &config.webhook,
     };
     let (sinks, cursors) =
         open_sinks(&endpoints, config.batch_max_events, &health, Some(&job)).await?;

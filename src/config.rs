@@ -115,6 +115,7 @@ impl AnalyticsArgs {
 pub enum SinkKind {
     Redis,
     Postgres,
+    Webhook,
 }
 
 impl SinkKind {
@@ -122,6 +123,7 @@ impl SinkKind {
         match self {
             SinkKind::Redis => "redis",
             SinkKind::Postgres => "postgres",
+            SinkKind::Webhook => "webhook",
         }
     }
 }
@@ -166,7 +168,7 @@ pub struct RedisArgs {
 /// Which sinks are in use.
 #[derive(Debug, Clone, Args)]
 pub struct SinkArgs {
-    /// Sinks in use, comma-separated: redis, postgres.
+    /// Sinks in use, comma-separated: redis, postgres, webhook.
     #[arg(
         long = "sinks",
         value_name = "SINKS",
@@ -184,6 +186,115 @@ impl SinkArgs {
     }
 }
 
+/// What the webhook sink does with a batch it could not deliver within its retry budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnFailure {
+    /// Store it in analytics.dead_letters and go on with the next batch.
+    DeadLetter,
+    /// Keep retrying: the pipeline holds and the acknowledgement waits.
+    Block,
+}
+
+/// The webhook sink (`WALCAST_SINKS=...,webhook`).
+#[derive(Debug, Clone, Args)]
+pub struct WebhookArgs {
+    /// Where batches are POSTed (http or https).
+    #[arg(long, env = "WALCAST_WEBHOOK_URL", hide_env_values = true)]
+    pub webhook_url: Option<String>,
+
+    /// HMAC-SHA256 key for the `Walcast-Signature` header; none: unsigned.
+    #[arg(long, env = "WALCAST_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// A file holding the secret (e.g. a mounted Docker or Kubernetes secret), instead of
+    /// WALCAST_WEBHOOK_SECRET.
+    #[arg(
+        long,
+        env = "WALCAST_WEBHOOK_SECRET_FILE",
+        conflicts_with = "webhook_secret"
+    )]
+    pub webhook_secret_file: Option<std::path::PathBuf>,
+
+    /// Most events in one POST.
+    #[arg(long, env = "WALCAST_WEBHOOK_BATCH_MAX_EVENTS", default_value_t = 500)]
+    pub webhook_batch_max_events: usize,
+
+    /// How long one POST may take, e.g. `10s`.
+    #[arg(long, env = "WALCAST_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
+
+    /// How long one batch is retried (5xx, 429, timeouts, connection errors) before the
+    /// failure policy applies, e.g. `5m`.
+    #[arg(long, env = "WALCAST_WEBHOOK_RETRY_BUDGET", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub webhook_retry_budget: Duration,
+
+    /// After a 4xx or an exhausted budget: `dead-letter` the batch and go on, or `block`.
+    #[arg(
+        long,
+        env = "WALCAST_WEBHOOK_ON_FAILURE",
+        value_enum,
+        default_value = "dead-letter"
+    )]
+    pub webhook_on_failure: OnFailure,
+}
+
+impl WebhookArgs {
+    /// The URL, required once the webhook sink is in use.
+    pub fn url(&self) -> Result<reqwest::Url, ConfigError> {
+        let url = self.webhook_url.as_deref().ok_or_else(|| {
+            invalid(
+                "WALCAST_WEBHOOK_URL",
+                "the webhook sink is in WALCAST_SINKS but no URL is set",
+            )
+        })?;
+        let parsed =
+            reqwest::Url::parse(url).map_err(|e| invalid("WALCAST_WEBHOOK_URL", format!("{e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(invalid(
+                "WALCAST_WEBHOOK_URL",
+                "must be an http or https URL",
+            ));
+        }
+        Ok(parsed)
+    }
+
+    /// The signing secret, from the variable or the file.
+    pub fn secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        if let Some(secret) = &self.webhook_secret {
+            return Ok(Some(secret.clone().into_bytes()));
+        }
+        let Some(path) = &self.webhook_secret_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            invalid(
+                "WALCAST_WEBHOOK_SECRET_FILE",
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        let secret = text.trim_end_matches(['\r', '\n']);
+        if secret.is_empty() {
+            return Err(invalid("WALCAST_WEBHOOK_SECRET_FILE", "the file is empty"));
+        }
+        Ok(Some(secret.as_bytes().to_vec()))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.url()?;
+        self.secret()?;
+        if self.webhook_batch_max_events == 0 {
+            return Err(invalid(
+                "WALCAST_WEBHOOK_BATCH_MAX_EVENTS",
+                "must be at least 1",
+            ));
+        }
+        if self.webhook_timeout.is_zero() {
+            return Err(invalid("WALCAST_WEBHOOK_TIMEOUT", "must be more than 0"));
+        }
+        Ok(())
+    }
+}
+
 /// Settings of `walcast backfill`.
 #[derive(Debug, Clone, Args)]
 pub struct BackfillConfig {
@@ -198,6 +309,9 @@ pub struct BackfillConfig {
 
     #[command(flatten)]
     pub sinks: SinkArgs,
+
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
 
     /// Only events with `event_ts` at or after this time (RFC 3339, e.g.
     /// `2026-11-21T09:00:00Z`).
@@ -240,8 +354,11 @@ impl BackfillConfig {
         if self.batch_max_events == 0 {
             return Err(invalid("WALCAST_BATCH_MAX_EVENTS", "must be at least 1"));
         }
-        if self.sinks.contains(SinkKind::Postgres) {
+        if self.sinks.contains(SinkKind::Postgres) || self.sinks.contains(SinkKind::Webhook) {
             self.analytics.pg_config(&self.source)?;
+        }
+        if self.sinks.contains(SinkKind::Webhook) {
+            self.webhook.validate()?;
         }
         Ok(())
     }
@@ -294,6 +411,9 @@ pub struct RunConfig {
 
     #[command(flatten)]
     pub sinks: SinkArgs,
+
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
 
     /// Address of the Prometheus endpoint (/metrics). Empty disables it.
     #[arg(long, env = "WALCAST_METRICS_ADDR", default_value = "0.0.0.0:9187")]
@@ -363,8 +483,11 @@ impl RunConfig {
                 "must be 0 (off) or at least 100ms",
             ));
         }
-        if self.sinks.contains(SinkKind::Postgres) {
+        if self.sinks.contains(SinkKind::Postgres) || self.sinks.contains(SinkKind::Webhook) {
             self.analytics.pg_config(&self.source)?;
+        }
+        if self.sinks.contains(SinkKind::Webhook) {
+            self.webhook.validate()?;
         }
         self.metrics_addr()?;
         Ok(())

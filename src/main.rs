@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 
 use walcast::config::{
     AnalyticsArgs, BackfillConfig, LogArgs, LogFormat, RedisArgs, RunConfig, SinkArgs, SinkKind,
-    SourceArgs,
+    SourceArgs, WebhookArgs,
 };
 use walcast::shutdown::{self, CancellationToken};
 use walcast::sink::redis as redis_sink;
@@ -38,9 +38,38 @@ enum Command {
     Status(StatusArgs),
     /// Top content by engagement seconds over the last N minutes, from Redis.
     Top(TopArgs),
+    /// Dead letters: send again what the webhook could not deliver.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
     /// Reconcile: every source event in every sink once, aggregates equal to the facts.
     /// Exits 1 when something differs.
     Verify(VerifyArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLettersCommand {
+    /// Send every dead-lettered batch of a sink that was not replayed yet again, oldest
+    /// first, under its original idempotency key; mark each one accepted. Exits 1 when
+    /// some are still not accepted.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ReplaySink {
+    Webhook,
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// The sink whose dead letters to send again.
+    #[arg(long, value_enum)]
+    sink: ReplaySink,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    analytics: AnalyticsArgs,
+    #[command(flatten)]
+    webhook: WebhookArgs,
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +216,18 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     "nothing to do: no slot {} and no publication {}",
                     source_args.slot, source_args.publication
                 );
+            }
+        }
+        Command::DeadLetters(DeadLettersCommand::Replay(args)) => {
+            let ReplaySink::Webhook = args.sink;
+            args.source.validate()?;
+            args.webhook.validate()?;
+            let deliverer = walcast::sink::webhook::Deliverer::new(&args.webhook)?;
+            let client = analytics_client(&args.analytics, &args.source).await?;
+            let (replayed, failed) = walcast::sink::webhook::replay(&deliverer, &client).await?;
+            println!("replayed {replayed} webhook dead letters; {failed} still not accepted");
+            if failed > 0 {
+                std::process::exit(1);
             }
         }
         Command::Status(args) => {

@@ -131,14 +131,15 @@ async fn read_checkpoint(
                 .map_err(|e| format!("unreachable: {e}"))?;
             sink.checkpoint().await.map_err(|e| e.to_string())
         }
-        SinkKind::Postgres => {
+        // Both keep their checkpoint in the analytics database, under their own name.
+        SinkKind::Postgres | SinkKind::Webhook => {
             let config = analytics
                 .pg_config(source_args)
                 .map_err(|e| e.to_string())?;
             let client = source::connect(&config)
                 .await
                 .map_err(|e| format!("unreachable: {e}"))?;
-            postgres_sink::read_checkpoint(&client, postgres_sink::NAME)
+            postgres_sink::read_checkpoint(&client, kind.name())
                 .await
                 .map_err(|e| e.to_string())
         }

@@ -274,7 +274,10 @@ async fn replayed_and_overlapping_batches_never_count_twice() {
     let db = pg.create_source_db("app").await;
     let config: tokio_postgres::Config = pg.url("app").parse().unwrap();
     let (mut sink, migrated) = PostgresSink::connect(config.clone()).await.unwrap();
-    assert_eq!(migrated, ["003_analytics_schema", "004_backfill"]);
+    assert_eq!(
+        migrated,
+        ["003_analytics_schema", "004_backfill", "005_webhook"]
+    );
     let content = Arc::new(Content {
         id: EPISODE.into(),
         slug: Some("episode".into()),

@@ -289,7 +289,7 @@ async fn sink_task<S: Sink>(
 }
 
 /// Exponential backoff from 100 ms to 10 s with full jitter on the upper half.
-pub(super) fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     let ceiling_ms = 100u64.saturating_mul(1 << attempt.min(7)).min(10_000);
     let ms = rand::rng().random_range(ceiling_ms / 2..=ceiling_ms);
     Duration::from_millis(ms)

@@ -27,7 +27,9 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{AnalyticsArgs, RedisArgs, RunConfig, SinkArgs, SinkKind, SourceArgs};
+use crate::config::{
+    AnalyticsArgs, RedisArgs, RunConfig, SinkArgs, SinkKind, SourceArgs, WebhookArgs,
+};
 use crate::decode::{self, Change};
 use crate::enrich::{ContentCache, Enricher, Outcome};
 use crate::event::Batch;
@@ -37,6 +39,7 @@ use crate::metrics::{self, ChangeCounts};
 use crate::sink::Sink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::redis::RedisSink;
+use crate::sink::webhook::WebhookSink;
 use crate::{Error, source};
 
 /// Batches the source may have closed ahead of the fan-out.
@@ -154,6 +157,8 @@ fn probes(config: &RunConfig) -> Result<Vec<Probe>, Error> {
                 })
             }),
             SinkKind::Postgres => Ok(Probe::postgres(config.analytics.pg_config(&config.source)?)),
+            // A system walcast does not control: judged by its deliveries, not probed.
+            SinkKind::Webhook => Ok(Probe::Deliveries),
         })
         .collect()
 }
@@ -193,6 +198,7 @@ pub struct SinkEndpoints<'a> {
     pub redis: &'a RedisArgs,
     pub analytics: &'a AnalyticsArgs,
     pub sinks: &'a SinkArgs,
+    pub webhook: &'a WebhookArgs,
 }
 
 impl RunConfig {
@@ -202,6 +208,7 @@ impl RunConfig {
             redis: &self.redis,
             analytics: &self.analytics,
             sinks: &self.sinks,
+            webhook: &self.webhook,
         }
     }
 }
@@ -228,32 +235,57 @@ pub(crate) async fn open_sinks(
             sink: kind.name(),
             source,
         };
+        let migrated = |sink: &'static str, versions: Vec<&'static str>| {
+            for version in versions {
+                tracing::info!(sink, version, "analytics migration applied");
+            }
+        };
+        let job = backfill_job;
         match kind {
             SinkKind::Redis => {
                 let sink = RedisSink::connect(&endpoints.redis.redis_url)
                     .await
                     .map_err(start)?;
-                let mut sink = ready(sink).await.map_err(start)?;
-                if let Some(job) = backfill_job {
-                    cursors.push(sink.backfill_cursor(job).await.map_err(start)?);
-                }
-                sinks.add(sink);
+                add(&mut sinks, &mut cursors, sink, job)
+                    .await
+                    .map_err(start)?;
             }
             SinkKind::Postgres => {
                 let pg_config = endpoints.analytics.pg_config(endpoints.source)?;
-                let (sink, migrated) = PostgresSink::connect(pg_config).await.map_err(start)?;
-                for version in migrated {
-                    tracing::info!(sink = sink.name(), version, "analytics migration applied");
-                }
-                let mut sink = ready(sink).await.map_err(start)?;
-                if let Some(job) = backfill_job {
-                    cursors.push(sink.backfill_cursor(job).await.map_err(start)?);
-                }
-                sinks.add(sink);
+                let (sink, versions) = PostgresSink::connect(pg_config).await.map_err(start)?;
+                migrated(sink.name(), versions);
+                add(&mut sinks, &mut cursors, sink, job)
+                    .await
+                    .map_err(start)?;
+            }
+            SinkKind::Webhook => {
+                let pg_config = endpoints.analytics.pg_config(endpoints.source)?;
+                let (sink, versions) = WebhookSink::connect(endpoints.webhook, pg_config)
+                    .await
+                    .map_err(start)?;
+                migrated(sink.name(), versions);
+                add(&mut sinks, &mut cursors, sink, job)
+                    .await
+                    .map_err(start)?;
             }
         }
     }
     Ok((sinks, cursors))
+}
+
+/// Starts feeding a sink that proved ready; with `backfill_job`, first reads its cursor.
+async fn add<S: Sink>(
+    sinks: &mut Sinks,
+    cursors: &mut Vec<Option<i64>>,
+    sink: S,
+    backfill_job: Option<&str>,
+) -> Result<(), crate::sink::SinkError> {
+    let mut sink = ready(sink).await?;
+    if let Some(job) = backfill_job {
+        cursors.push(sink.backfill_cursor(job).await?);
+    }
+    sinks.add(sink);
+    Ok(())
 }
 
 /// Reads the sink's checkpoint, which also proves the sink reachable.

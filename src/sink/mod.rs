@@ -15,6 +15,7 @@
 
 pub mod postgres;
 pub mod redis;
+pub mod webhook;
 
 use std::future::Future;
 
@@ -79,6 +80,10 @@ pub enum SinkError {
     /// The destination cannot work as configured; the message says what to change.
     #[error("{0}")]
     Unsupported(String),
+    /// The webhook did not accept a batch within its retry budget, with
+    /// `WALCAST_WEBHOOK_ON_FAILURE=block`: retried until it does.
+    #[error("webhook: {0}")]
+    WebhookBlocked(String),
 }
 
 /// SQLSTATE classes and codes after which the same statement may succeed: connection
@@ -133,6 +138,7 @@ impl SinkError {
             SinkError::Postgres { source, .. } => source
                 .code()
                 .is_none_or(|code| is_transient_sqlstate(code.code())),
+            SinkError::WebhookBlocked(_) => true,
             SinkError::BadCheckpoint(_) | SinkError::Unsupported(_) => false,
         }
     }

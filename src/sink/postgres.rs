@@ -46,6 +46,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../sql/003_analytics_schema.sql"),
     ),
     ("004_backfill", include_str!("../../sql/004_backfill.sql")),
+    ("005_webhook", include_str!("../../sql/005_webhook.sql")),
 ];
 
 /// Columns of the staging table, in COPY order; `enriched_events` has these plus

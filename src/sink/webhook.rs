@@ -1,0 +1,641 @@
+//! The webhook sink: enriched events to a system walcast does not control, as batched
+//! JSON POSTs.
+//!
+//! The receiver cannot store walcast's checkpoint atomically with what it does, so
+//! delivery is at-least-once, made safe for the receiver by keys that never change:
+//!
+//! 1. Before a batch is sent, its exact body and `Idempotency-Key` (derived from its first
+//!    and last position) are stored in `analytics.walcast_webhook_outbox`.
+//! 2. It is POSTed, retried on 5xx, 408, timeouts and connection errors with exponential
+//!    backoff and jitter, and after `Retry-After` on 429, within the retry budget.
+//! 3. On 2xx one transaction removes the outbox row and moves the checkpoint
+//!    (`analytics.walcast_checkpoint`, sink `webhook`) to the batch's last position. On
+//!    another 4xx, or once the budget is spent, the batch goes to `analytics.dead_letters`
+//!    in that same transaction (or, with `WALCAST_WEBHOOK_ON_FAILURE=block`, the sink keeps
+//!    retrying and the acknowledgement waits).
+//!
+//! After a crash the outbox row is sent again first, byte for byte under the same key;
+//! events after the checkpoint follow in new batches. A receiver that deduplicates by
+//! `Idempotency-Key` (or by event id) therefore sees every event once.
+//!
+//! When `WALCAST_WEBHOOK_SECRET` is set, `Walcast-Signature: t=<unix seconds>,v1=<hex>`
+//! carries HMAC-SHA256(secret, "<t>.<body>") (see [`sign`] and [`verify`]).
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use hmac::{Hmac, Mac};
+use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use sha2::Sha256;
+use tokio_postgres::Client;
+
+use super::{Sink, SinkError};
+use crate::config::{OnFailure, WebhookArgs};
+use crate::event::{BackfillMark, Batch, EnrichedEvent};
+use crate::lsn::Position;
+use crate::metrics;
+use crate::pipeline::fanout::backoff;
+
+/// The sink's name in `analytics.walcast_checkpoint` and in metric labels.
+pub const NAME: &str = "webhook";
+/// How the sink's analytics session appears in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "walcast-webhook-sink";
+pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+pub const SIGNATURE_HEADER: &str = "Walcast-Signature";
+/// Dead-letter reasons (metric label values).
+pub const REASON_REJECTED: &str = "webhook_rejected";
+pub const REASON_EXHAUSTED: &str = "webhook_exhausted";
+/// How much of a rejecting response's body is kept.
+const SNIPPET_CHARS: usize = 500;
+/// The longest `Retry-After` honoured as given.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// `t=<timestamp>,v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
+pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac(secret, timestamp, body))
+    )
+}
+
+/// Whether `header` is a valid signature of `body` under `secret` (what a receiver
+/// checks; it should also refuse a timestamp far from its clock).
+pub fn verify(secret: &[u8], header: &str, body: &[u8]) -> bool {
+    let mut timestamp = None;
+    let mut signature = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", t)) => timestamp = t.parse::<i64>().ok(),
+            Some(("v1", v)) => signature = hex::decode(v).ok(),
+            _ => {}
+        }
+    }
+    let (Some(timestamp), Some(signature)) = (timestamp, signature) else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any size");
+    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(body);
+    mac.verify_slice(&signature).is_ok()
+}
+
+fn mac(secret: &[u8], timestamp: i64, body: &[u8]) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any size");
+    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(body);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// How a delivery ended.
+#[derive(Debug)]
+pub enum Delivery {
+    Delivered,
+    /// A 4xx other than 408 and 429 (or a redirect): sending it again will not help.
+    Rejected {
+        status: u16,
+        snippet: String,
+    },
+    /// The retry budget ran out.
+    Exhausted {
+        attempts: u32,
+        last_error: String,
+    },
+}
+
+/// One POST's outcome.
+enum Attempt {
+    Accepted,
+    Retry {
+        why: String,
+        after: Option<Duration>,
+    },
+    Reject {
+        status: u16,
+        snippet: String,
+    },
+}
+
+/// The HTTP side: POSTs one body until it is accepted, rejected or out of budget.
+pub struct Deliverer {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    secret: Option<Vec<u8>>,
+    budget: Duration,
+}
+
+impl Deliverer {
+    pub fn new(args: &WebhookArgs) -> Result<Self, SinkError> {
+        let invalid = |e: &dyn std::fmt::Display| SinkError::Unsupported(e.to_string());
+        let http = reqwest::Client::builder()
+            .timeout(args.webhook_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("walcast/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| invalid(&e))?;
+        Ok(Deliverer {
+            http,
+            url: args.url().map_err(|e| invalid(&e))?,
+            secret: args.secret().map_err(|e| invalid(&e))?,
+            budget: args.webhook_retry_budget,
+        })
+    }
+
+    pub async fn deliver(&self, key: &str, body: &str) -> Delivery {
+        let started = Instant::now();
+        let mut attempts: u32 = 0;
+        loop {
+            attempts += 1;
+            let (why, after) = match self.post(key, body).await {
+                Attempt::Accepted => return Delivery::Delivered,
+                Attempt::Reject { status, snippet } => {
+                    return Delivery::Rejected { status, snippet };
+                }
+                Attempt::Retry { why, after } => (why, after),
+            };
+            let delay = after.map_or_else(|| backoff(attempts - 1), |d| d.min(MAX_RETRY_AFTER));
+            if started.elapsed() + delay > self.budget {
+                return Delivery::Exhausted {
+                    attempts,
+                    last_error: why,
+                };
+            }
+            metrics::sink_failed(NAME, "retry");
+            tracing::warn!(sink = NAME, key, error = %why, attempt = attempts, retry_in_ms = delay.as_millis() as u64, "webhook delivery failed, retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn post(&self, key: &str, body: &str) -> Attempt {
+        let mut request = self
+            .http
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(IDEMPOTENCY_HEADER, key)
+            .body(body.to_owned());
+        if let Some(secret) = &self.secret {
+            let signature = sign(secret, Utc::now().timestamp(), body.as_bytes());
+            request = request.header(SIGNATURE_HEADER, signature);
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            // Without the URL, which may carry credentials.
+            Err(err) => {
+                return Attempt::Retry {
+                    why: err.without_url().to_string(),
+                    after: None,
+                };
+            }
+        };
+        let status = response.status();
+        if status.is_success() {
+            return Attempt::Accepted;
+        }
+        let after = retry_after(response.headers().get(RETRY_AFTER));
+        if status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error() {
+            return Attempt::Retry {
+                why: format!("HTTP {status}"),
+                after: if status.as_u16() == 429 { after } else { None },
+            };
+        }
+        let text = response.text().await.unwrap_or_default();
+        Attempt::Reject {
+            status: status.as_u16(),
+            snippet: text.chars().take(SNIPPET_CHARS).collect(),
+        }
+    }
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+fn retry_after(value: Option<&reqwest::header::HeaderValue>) -> Option<Duration> {
+    let text = value?.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// A batch as it is sent: kept in the outbox until confirmed.
+#[derive(Debug, Clone)]
+struct Outbox {
+    key: String,
+    first: Position,
+    last: Position,
+    body: String,
+}
+
+impl Outbox {
+    fn new(events: &[&EnrichedEvent]) -> Self {
+        let first = events.first().expect("a batch has events").position;
+        let last = events.last().expect("a batch has events").position;
+        Outbox {
+            key: format!("{}-{}", first.to_sortable(), last.to_sortable()),
+            first,
+            last,
+            body: body(first, last, events),
+        }
+    }
+}
+
+/// `{"batch": {"first": pos, "last": pos}, "events": [...]}`, a position being
+/// `{"commit_lsn": "X/Y", "seq": n}`.
+fn body(first: Position, last: Position, events: &[&EnrichedEvent]) -> String {
+    let position = |p: Position| format!(r#"{{"commit_lsn":"{}","seq":{}}}"#, p.commit_lsn, p.seq);
+    let mut out = format!(
+        r#"{{"batch":{{"first":{},"last":{}}},"events":["#,
+        position(first),
+        position(last)
+    );
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&event.to_json());
+    }
+    out.push_str("]}");
+    out
+}
+
+/// The analytics database: checkpoint, outbox, dead letters.
+struct Store {
+    config: tokio_postgres::Config,
+    client: Option<Client>,
+}
+
+fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
+    move |source| SinkError::Postgres { context, source }
+}
+
+impl Store {
+    async fn client(&mut self) -> Result<&mut Client, SinkError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = Some(
+                crate::source::connect(&self.config)
+                    .await
+                    .map_err(pg("connecting to WALCAST_ANALYTICS_URL"))?,
+            );
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    async fn load(&mut self) -> Result<(Option<Position>, Option<Outbox>), SinkError> {
+        let client = self.client().await?;
+        let checkpoint = super::postgres::read_checkpoint(client, NAME)
+            .await
+            .map_err(pg("reading the webhook checkpoint"))?;
+        let row = client
+            .query_opt(
+                "SELECT idempotency_key, first_lsn::text, first_seq, last_lsn::text, last_seq, body
+                 FROM analytics.walcast_webhook_outbox WHERE sink = $1",
+                &[&NAME],
+            )
+            .await
+            .map_err(pg("reading the webhook outbox"))?;
+        let outbox = row.and_then(|row| {
+            let position = |lsn: usize, seq: usize| {
+                let lsn: String = row.get(lsn);
+                let seq: i32 = row.get(seq);
+                Some(Position::new(lsn.parse().ok()?, u32::try_from(seq).ok()?))
+            };
+            Some(Outbox {
+                key: row.get(0),
+                first: position(1, 2)?,
+                last: position(3, 4)?,
+                body: row.get(5),
+            })
+        });
+        Ok((checkpoint, outbox))
+    }
+
+    async fn save_outbox(&mut self, outbox: &Outbox) -> Result<(), SinkError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO analytics.walcast_webhook_outbox
+                     (sink, idempotency_key, first_lsn, first_seq, last_lsn, last_seq, body)
+                 VALUES ($1, $2, $3::text::pg_lsn, $4, $5::text::pg_lsn, $6, $7)
+                 ON CONFLICT (sink) DO UPDATE SET
+                     idempotency_key = excluded.idempotency_key,
+                     first_lsn = excluded.first_lsn, first_seq = excluded.first_seq,
+                     last_lsn = excluded.last_lsn, last_seq = excluded.last_seq,
+                     body = excluded.body, created_at = now()",
+                &[
+                    &NAME,
+                    &outbox.key,
+                    &outbox.first.commit_lsn.to_string(),
+                    &seq(outbox.first),
+                    &outbox.last.commit_lsn.to_string(),
+                    &seq(outbox.last),
+                    &outbox.body,
+                ],
+            )
+            .await
+            .map_err(pg("writing the webhook outbox"))?;
+        Ok(())
+    }
+
+    /// The batch is done with: dead-lettered (when `dead` says why) or delivered.
+    async fn finish(
+        &mut self,
+        outbox: &Outbox,
+        dead: Option<(&'static str, String)>,
+    ) -> Result<(), SinkError> {
+        let client = self.client().await?;
+        let context = "recording a webhook delivery";
+        let tx = client.transaction().await.map_err(pg(context))?;
+        if let Some((reason, detail)) = dead {
+            dead_letter(&tx, outbox, reason, &detail).await?;
+        }
+        tx.execute(
+            "DELETE FROM analytics.walcast_webhook_outbox WHERE sink = $1",
+            &[&NAME],
+        )
+        .await
+        .map_err(pg(context))?;
+        tx.execute(
+            "INSERT INTO analytics.walcast_checkpoint AS c (sink, commit_lsn, seq, updated_at)
+             VALUES ($1, $2::text::pg_lsn, $3, now())
+             ON CONFLICT (sink) DO UPDATE SET
+                 commit_lsn = excluded.commit_lsn, seq = excluded.seq, updated_at = now()
+             WHERE (c.commit_lsn, c.seq) < (excluded.commit_lsn, excluded.seq)",
+            &[
+                &NAME,
+                &outbox.last.commit_lsn.to_string(),
+                &seq(outbox.last),
+            ],
+        )
+        .await
+        .map_err(pg(context))?;
+        tx.commit().await.map_err(pg(context))
+    }
+}
+
+async fn dead_letter(
+    tx: &tokio_postgres::Transaction<'_>,
+    outbox: &Outbox,
+    reason: &'static str,
+    detail: &str,
+) -> Result<(), SinkError> {
+    tx.execute(
+        "INSERT INTO analytics.dead_letters
+             (origin, reason, detail, source_table, commit_lsn, seq, raw, idempotency_key)
+         VALUES ('webhook', $1, $2, 'engagement_events', $3::text::pg_lsn, $4, $5::text::jsonb, $6)
+         ON CONFLICT DO NOTHING",
+        &[
+            &reason,
+            &detail,
+            &outbox.first.commit_lsn.to_string(),
+            &seq(outbox.first),
+            &outbox.body,
+            &outbox.key,
+        ],
+    )
+    .await
+    .map_err(pg("writing a webhook dead letter"))?;
+    metrics::sink_failed(NAME, "dead_letter");
+    ::metrics::counter!(metrics::DEAD_LETTERS_TOTAL, "reason" => reason).increment(1);
+    Ok(())
+}
+
+fn seq(position: Position) -> i32 {
+    i32::try_from(position.seq).unwrap_or(i32::MAX)
+}
+
+pub struct WebhookSink {
+    deliverer: Deliverer,
+    store: Store,
+    batch_max_events: usize,
+    on_failure: OnFailure,
+    checkpoint: Option<Position>,
+    /// A batch sent but not confirmed, read at start or kept after a failed write: sent
+    /// again first, as it was.
+    outbox: Option<Outbox>,
+}
+
+impl WebhookSink {
+    /// Prepares the HTTP client and the analytics session (applying the analytics
+    /// migrations that are missing). Returns the migrations it applied.
+    pub async fn connect(
+        args: &WebhookArgs,
+        mut analytics: tokio_postgres::Config,
+    ) -> Result<(Self, Vec<&'static str>), SinkError> {
+        if analytics.get_application_name().is_none() {
+            analytics.application_name(APPLICATION_NAME);
+        }
+        let mut store = Store {
+            config: analytics,
+            client: None,
+        };
+        let migrated = super::postgres::migrate(store.client().await?)
+            .await
+            .map_err(pg("creating the analytics schema"))?;
+        Ok((
+            WebhookSink {
+                deliverer: Deliverer::new(args)?,
+                store,
+                batch_max_events: args.webhook_batch_max_events.max(1),
+                on_failure: args.webhook_on_failure,
+                checkpoint: None,
+                outbox: None,
+            },
+            migrated,
+        ))
+    }
+
+    /// Sends one batch and records the outcome. On an error the batch stays in
+    /// `self.outbox`, so the retried write sends it again under the same key.
+    async fn send(&mut self, outbox: Outbox) -> Result<(), SinkError> {
+        let dead = match self.deliverer.deliver(&outbox.key, &outbox.body).await {
+            Delivery::Delivered => None,
+            failed if self.on_failure == OnFailure::Block => {
+                let why = format!(
+                    "batch {} not accepted ({failed:?}); WALCAST_WEBHOOK_ON_FAILURE=block holds the pipeline",
+                    outbox.key
+                );
+                self.outbox = Some(outbox);
+                return Err(SinkError::WebhookBlocked(why));
+            }
+            Delivery::Rejected { status, snippet } => {
+                tracing::warn!(sink = NAME, key = %outbox.key, status, "webhook rejected a batch; dead-lettered");
+                Some((REASON_REJECTED, format!("HTTP {status}: {snippet}")))
+            }
+            Delivery::Exhausted {
+                attempts,
+                last_error,
+            } => {
+                tracing::warn!(sink = NAME, key = %outbox.key, attempts, "webhook retry budget spent; dead-lettered");
+                Some((
+                    REASON_EXHAUSTED,
+                    format!("gave up after {attempts} attempts: {last_error}"),
+                ))
+            }
+        };
+        if let Err(err) = self.store.finish(&outbox, dead).await {
+            self.outbox = Some(outbox);
+            return Err(err);
+        }
+        self.checkpoint = self.checkpoint.max(Some(outbox.last));
+        Ok(())
+    }
+
+    /// Backfilled events: delivered in batches keyed by the backfill and the ids, with
+    /// no outbox and no checkpoint (the stream's are not touched); the cursor is kept in
+    /// `analytics.walcast_backfill` under `webhook/<job>`.
+    async fn backfill(&mut self, batches: &[&Batch], mark: &BackfillMark) -> Result<(), SinkError> {
+        let events: Vec<&EnrichedEvent> = super::events(batches).collect();
+        for chunk in events.chunks(self.batch_max_events) {
+            let first = chunk[0];
+            let last = chunk[chunk.len() - 1];
+            let outbox = Outbox {
+                key: format!("backfill-{}-{}-{}", mark.job, first.id, last.id),
+                first: first.position,
+                last: last.position,
+                body: body(first.position, last.position, chunk),
+            };
+            match self.deliverer.deliver(&outbox.key, &outbox.body).await {
+                Delivery::Delivered => {}
+                failed => {
+                    return Err(SinkError::WebhookBlocked(format!(
+                        "backfill batch {} not accepted: {failed:?}",
+                        outbox.key
+                    )));
+                }
+            }
+        }
+        let job = format!("webhook/{}", mark.job);
+        let client = self.store.client().await?;
+        let context = "recording the webhook backfill cursor";
+        match mark.cursor {
+            Some(id) => client
+                .execute(
+                    "INSERT INTO analytics.walcast_backfill (job, last_id, updated_at)
+                     VALUES ($1, $2, now())
+                     ON CONFLICT (job) DO UPDATE SET last_id = excluded.last_id, updated_at = now()",
+                    &[&job, &id],
+                )
+                .await
+                .map_err(pg(context))?,
+            None => client
+                .execute("DELETE FROM analytics.walcast_backfill WHERE job = $1", &[&job])
+                .await
+                .map_err(pg(context))?,
+        };
+        Ok(())
+    }
+}
+
+impl Sink for WebhookSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
+        let (checkpoint, outbox) = self.store.load().await?;
+        if let Some(outbox) = &outbox {
+            tracing::info!(sink = NAME, key = %outbox.key, "a batch sent before the restart is unconfirmed; sending it again first");
+        }
+        self.checkpoint = checkpoint;
+        self.outbox = outbox;
+        Ok(checkpoint)
+    }
+
+    async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
+        if let Some(mark) = super::backfill_mark(batches) {
+            return self.backfill(batches, mark).await;
+        }
+        if let Some(outbox) = self.outbox.take() {
+            self.send(outbox).await?;
+        }
+        let checkpoint = self.checkpoint;
+        let events: Vec<&EnrichedEvent> = super::events(batches)
+            .filter(|e| checkpoint.is_none_or(|c| e.position > c))
+            .collect();
+        for chunk in events.chunks(self.batch_max_events) {
+            let outbox = Outbox::new(chunk);
+            self.store.save_outbox(&outbox).await?;
+            self.send(outbox).await?;
+        }
+        Ok(())
+    }
+
+    async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
+        let client = self.store.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT last_id FROM analytics.walcast_backfill WHERE job = $1",
+                &[&format!("webhook/{job}")],
+            )
+            .await
+            .map_err(pg("reading the webhook backfill cursor"))?;
+        Ok(row.map(|row| row.get(0)))
+    }
+}
+
+/// `walcast dead-letters replay --sink webhook`: sends every webhook dead letter not yet
+/// replayed again, oldest first, under its original key; marks each one that is accepted.
+/// Returns (replayed, still failing).
+pub async fn replay(deliverer: &Deliverer, client: &Client) -> Result<(u64, u64), SinkError> {
+    let rows = client
+        .query(
+            "SELECT id, idempotency_key, raw::text FROM analytics.dead_letters
+             WHERE origin = 'webhook' AND replayed_at IS NULL
+             ORDER BY commit_lsn, seq",
+            &[],
+        )
+        .await
+        .map_err(pg("reading webhook dead letters"))?;
+    let (mut replayed, mut failed) = (0, 0);
+    for row in rows {
+        let id: i64 = row.get(0);
+        let key: Option<String> = row.get(1);
+        let body: String = row.get(2);
+        let key = key.unwrap_or_else(|| format!("dead-letter-{id}"));
+        match deliverer.deliver(&key, &body).await {
+            Delivery::Delivered => {
+                client
+                    .execute(
+                        "UPDATE analytics.dead_letters SET replayed_at = now() WHERE id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(pg("marking a dead letter replayed"))?;
+                replayed += 1;
+            }
+            failed_delivery => {
+                tracing::warn!(dead_letter = id, key, outcome = ?failed_delivery, "replay not accepted");
+                failed += 1;
+            }
+        }
+    }
+    Ok((replayed, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_verify_with_the_secret_only() {
+        let header = sign(b"secret", 1_700_000_000, br#"{"a":1}"#);
+        assert!(header.starts_with("t=1700000000,v1="));
+        assert!(verify(b"secret", &header, br#"{"a":1}"#));
+        assert!(!verify(b"wrong", &header, br#"{"a":1}"#));
+        assert!(!verify(b"secret", &header, br#"{"a":2}"#));
+        assert!(!verify(b"secret", "v1=00", br#"{"a":1}"#));
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let value = |s: &str| reqwest::header::HeaderValue::from_str(s).unwrap();
+        assert_eq!(retry_after(Some(&value("2"))), Some(Duration::from_secs(2)));
+        assert_eq!(
+            retry_after(Some(&value("Wed, 21 Oct 2015 07:28:00 GMT"))),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(Some(&value("soon"))), None);
+        assert_eq!(retry_after(None), None);
+    }
+}

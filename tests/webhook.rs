@@ -1,0 +1,389 @@
+//! The webhook sink against a small real HTTP receiver inside the test process: order,
+//! idempotency keys across a kill -9, retries, Retry-After, dead letters and their replay,
+//! isolation from Redis, signatures.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use support::{Redis, Stack, count, eventually, metric, scrape_metrics};
+use walcast::sink::webhook::verify;
+
+const WAIT: Duration = Duration::from_secs(60);
+const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
+const SECRET: &str = "s3cret";
+
+/// What the receiver answers to its n-th request (from 0).
+#[derive(Clone, Copy)]
+enum Reply {
+    Ok,
+    Status(u16),
+    RetryAfter(u64),
+    /// Sleep, then 200.
+    Slow(Duration),
+}
+
+#[derive(Debug, Clone)]
+struct Received {
+    key: String,
+    signature: Option<String>,
+    body: Bytes,
+    at: Instant,
+    status: u16,
+    /// When the response was sent (after any sleep).
+    answered: Option<Instant>,
+}
+
+type Script = Arc<dyn Fn(usize) -> Reply + Send + Sync>;
+
+#[derive(Clone)]
+struct Receiver {
+    url: String,
+    log: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    async fn start(script: impl Fn(usize) -> Reply + Send + Sync + 'static) -> Receiver {
+        let log: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let script: Script = Arc::new(script);
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state((Arc::clone(&log), script));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Receiver { url, log }
+    }
+
+    fn requests(&self) -> Vec<Received> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Event ids of accepted requests, one request per key, in order of arrival.
+    fn delivered(&self) -> Vec<i64> {
+        let mut seen = BTreeSet::new();
+        let mut ids = Vec::new();
+        for request in self.requests() {
+            if request.status == 200
+                && request.answered.is_some()
+                && seen.insert(request.key.clone())
+            {
+                ids.extend(event_ids(&request.body));
+            }
+        }
+        ids
+    }
+}
+
+fn event_ids(body: &[u8]) -> Vec<i64> {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap();
+    value["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect()
+}
+
+async fn receive(
+    State((log, script)): State<(Arc<Mutex<Vec<Received>>>, Script)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let index = {
+        let mut log = log.lock().unwrap();
+        log.push(Received {
+            key: header("idempotency-key").unwrap_or_default(),
+            signature: header("walcast-signature"),
+            body,
+            at: Instant::now(),
+            status: 0,
+            answered: None,
+        });
+        log.len() - 1
+    };
+    let reply = script(index);
+    let (status, response) = match reply {
+        Reply::Ok => (200, StatusCode::OK.into_response()),
+        Reply::Status(code) => {
+            let status = StatusCode::from_u16(code).unwrap();
+            (code, (status, "bad payload: field x").into_response())
+        }
+        Reply::RetryAfter(seconds) => (
+            429,
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", seconds.to_string())],
+            )
+                .into_response(),
+        ),
+        Reply::Slow(delay) => {
+            tokio::time::sleep(delay).await;
+            (200, StatusCode::OK.into_response())
+        }
+    };
+    let mut log = log.lock().unwrap();
+    log[index].status = status;
+    log[index].answered = Some(Instant::now());
+    response
+}
+
+async fn stack(receiver: &Receiver) -> Stack {
+    let mut s = Stack::start(
+        Redis::start().await,
+        &format!(
+            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
+             VALUES ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now())"
+        ),
+    )
+    .await;
+    s.env.put("WALCAST_SINKS", "redis,postgres,webhook");
+    s.env.put("WALCAST_WEBHOOK_URL", &receiver.url);
+    s.env.put("WALCAST_WEBHOOK_SECRET", SECRET);
+    s.env.put("WALCAST_WEBHOOK_BATCH_MAX_EVENTS", "50");
+    s
+}
+
+/// `n` events, one transaction each of `per_tx`.
+async fn load(db: &tokio_postgres::Client, n: i64, per_tx: i64) {
+    for start in (0..n).step_by(per_tx as usize) {
+        db.batch_execute(&format!(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
+             SELECT '{EPISODE}', gen_random_uuid(), 'play', now(), 1000, 'ios'
+             FROM generate_series(1, {})",
+            per_tx.min(n - start)
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+async fn source_ids(s: &Stack) -> Vec<i64> {
+    s.db.query("SELECT id FROM engagement_events ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_arrives_in_order_and_a_kill_9_resends_under_the_same_key() {
+    let receiver = Receiver::start(|_| Reply::Slow(Duration::from_millis(100))).await;
+    let s = stack(&receiver).await;
+    let mut walcast = s.run();
+    let writer = {
+        let db = s.pg.client("app").await;
+        tokio::spawn(async move { load(&db, 3_000, 30).await })
+    };
+    eventually("part of the load delivered", WAIT, || async {
+        receiver.delivered().len() >= 600
+    })
+    .await;
+    // Kill while a request is in flight (the receiver takes 100 ms over each).
+    walcast.kill9();
+    writer.await.unwrap();
+    let _walcast = s.env.spawn_run();
+    let expected = source_ids(&s).await;
+    eventually("every event delivered", WAIT, || async {
+        receiver.delivered().len() >= expected.len()
+    })
+    .await;
+
+    let delivered = receiver.delivered();
+    assert_eq!(delivered, expected, "each event once, in commit order");
+    // However often a batch was sent, its events always travelled under one key.
+    let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    for request in receiver.requests() {
+        for id in event_ids(&request.body) {
+            keys_of.entry(id).or_default().insert(request.key.clone());
+        }
+    }
+    let resent: Vec<_> = keys_of.iter().filter(|(_, keys)| keys.len() > 1).collect();
+    assert!(resent.is_empty(), "events sent under two keys: {resent:?}");
+    let requests = receiver.requests();
+    for request in &requests {
+        let signature = request.signature.as_deref().expect("signed");
+        assert!(verify(SECRET.as_bytes(), signature, &request.body));
+        assert!(!verify(b"wrong secret", signature, &request.body));
+    }
+    eprintln!(
+        "{} requests for {} events ({} repeated after the kill)",
+        requests.len(),
+        delivered.len(),
+        requests.len() - keys_of.values().flatten().collect::<BTreeSet<_>>().len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_until_accepted() {
+    let receiver = Receiver::start(|n| if n < 4 { Reply::Status(503) } else { Reply::Ok }).await;
+    let s = stack(&receiver).await;
+    let _walcast = s.run();
+    load(&s.db, 100, 100).await;
+    let expected = source_ids(&s).await;
+    eventually("delivered after the errors", WAIT, || async {
+        receiver.delivered() == expected
+    })
+    .await;
+    let requests = receiver.requests();
+    assert!(requests[..4].iter().all(|r| r.status == 503));
+    assert_eq!(requests[4].status, 200);
+    assert!(
+        requests[..5].iter().all(|r| r.key == requests[0].key),
+        "retries reuse the key"
+    );
+    assert_eq!(count(&s.db, "analytics.dead_letters").await, 0);
+    let m = scrape_metrics(s.env.metrics_port).await;
+    assert!(
+        metric(
+            &m,
+            r#"walcast_sink_batches_total{sink="webhook",outcome="retry"}"#
+        )
+        .is_some_and(|n| n >= 4.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_requests_waits_as_long_as_retry_after_says() {
+    let receiver = Receiver::start(|n| {
+        if n == 0 {
+            Reply::RetryAfter(2)
+        } else {
+            Reply::Ok
+        }
+    })
+    .await;
+    let s = stack(&receiver).await;
+    let _walcast = s.run();
+    load(&s.db, 1, 1).await;
+    eventually("delivered", WAIT, || async {
+        receiver.delivered().len() == 1
+    })
+    .await;
+    let requests = receiver.requests();
+    let waited = requests[1].at - requests[0].at;
+    assert!(
+        waited >= Duration::from_millis(1_900) && waited < Duration::from_secs(5),
+        "waited {waited:?} after Retry-After: 2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_batch_is_dead_lettered_later_ones_flow_and_replay_resends_it() {
+    let receiver = Receiver::start(|n| {
+        if n == 0 {
+            Reply::Status(400)
+        } else {
+            Reply::Ok
+        }
+    })
+    .await;
+    let s = stack(&receiver).await;
+    let _walcast = s.run();
+    load(&s.db, 3, 3).await;
+    eventually("the dead letter", WAIT, || async {
+        count(&s.db, "analytics.dead_letters").await == 1
+    })
+    .await;
+    let row =
+        s.db.query_one(
+            "SELECT origin, reason, detail, idempotency_key, jsonb_array_length(raw->'events')
+             FROM analytics.dead_letters",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "webhook");
+    assert_eq!(row.get::<_, String>(1), "webhook_rejected");
+    let detail: String = row.get(2);
+    assert!(
+        detail.contains("HTTP 400") && detail.contains("bad payload"),
+        "{detail}"
+    );
+    let key: String = row.get(3);
+    let rejected = receiver.requests()[0].clone();
+    assert_eq!(key, rejected.key);
+    let rejected_ids = event_ids(&rejected.body);
+    assert_eq!(
+        row.get::<_, i32>(4) as usize,
+        rejected_ids.len(),
+        "the whole batch is kept"
+    );
+
+    load(&s.db, 2, 2).await;
+    eventually("later batches flow", WAIT, || async {
+        receiver.delivered().len() == 5 - rejected_ids.len()
+    })
+    .await;
+    let m = scrape_metrics(s.env.metrics_port).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"walcast_dead_letters_total{reason="webhook_rejected"}"#
+        ),
+        Some(1.0)
+    );
+
+    let out = s
+        .env
+        .output(&["dead-letters", "replay", "--sink", "webhook"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("replayed 1"), "{stdout}");
+    let last = receiver.requests().last().cloned().unwrap();
+    assert_eq!(last.key, key, "replayed under its original key");
+    assert_eq!(event_ids(&last.body), rejected_ids);
+    let replayed: bool =
+        s.db.query_one(
+            "SELECT replayed_at IS NOT NULL FROM analytics.dead_letters",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(replayed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_webhook_does_not_delay_redis() {
+    let receiver = Receiver::start(|_| Reply::Slow(Duration::from_secs(5))).await;
+    let s = stack(&receiver).await;
+    let _walcast = s.run();
+    for round in 1..=3 {
+        load(&s.db, 1, 1).await;
+        let committed = Instant::now();
+        eventually("the event in Redis", Duration::from_secs(2), || async {
+            s.redis.total().await == round
+        })
+        .await;
+        eprintln!(
+            "round {round}: in Redis {:?} after commit",
+            committed.elapsed()
+        );
+    }
+    // All three are in Redis while the webhook has not answered the first request yet.
+    let requests = receiver.requests();
+    assert!(!requests.is_empty(), "the webhook was called");
+    assert!(
+        requests.iter().all(|r| r.answered.is_none()),
+        "Redis did not wait for the webhook"
+    );
+}
