@@ -38,7 +38,7 @@ use crate::enrich::{ContentCache, EVENTS_TABLE, row_event};
 use crate::event::{BackfillMark, Batch};
 use crate::health::Health;
 use crate::lsn::{Lsn, Position};
-use crate::pipeline::{SinkEndpoints, fanout, open_sinks};
+use crate::pipeline::{fanout, open_sinks};
 use crate::{Error, source};
 
 /// How often progress is logged when stderr is not a terminal.
@@ -149,16 +149,15 @@ pub async fn run(
         "content cache loaded from the snapshot"
     );
 
-    let health = Health::new(&config.sinks.kinds);
-    let endpoints = SinkEndpoints {
-        source: &config.source,
-        redis: &config.redis,
-        analytics: &config.analytics,
-        sinks: &config.sinks,
-        webhook: &config.webhook,
-    };
-    let (sinks, cursors) =
-        open_sinks(&endpoints, config.batch_max_events, &health, Some(&job)).await?;
+    let health = Health::new(&config.destinations.sinks.kinds);
+    let (sinks, cursors) = open_sinks(
+        &config.source,
+        &config.destinations,
+        config.batch_max_events,
+        &health,
+        Some(&job),
+    )
+    .await?;
     // Resume only when every sink has a cursor: one without has applied nothing of it.
     let resumed_after = cursors
         .iter()

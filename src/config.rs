@@ -295,12 +295,9 @@ impl WebhookArgs {
     }
 }
 
-/// Settings of `walcast backfill`.
+/// Where events go: the sinks in use, and how to reach each.
 #[derive(Debug, Clone, Args)]
-pub struct BackfillConfig {
-    #[command(flatten)]
-    pub source: SourceArgs,
-
+pub struct Destinations {
     #[command(flatten)]
     pub redis: RedisArgs,
 
@@ -312,6 +309,39 @@ pub struct BackfillConfig {
 
     #[command(flatten)]
     pub webhook: WebhookArgs,
+}
+
+impl Destinations {
+    pub fn validate(&self, source: &SourceArgs) -> Result<(), ConfigError> {
+        let kinds = &self.sinks.kinds;
+        if kinds.is_empty() {
+            return Err(invalid("WALCAST_SINKS", "name at least one sink"));
+        }
+        let mut seen = kinds.clone();
+        seen.sort_by_key(|s| s.name());
+        seen.dedup();
+        if seen.len() != kinds.len() {
+            return Err(invalid("WALCAST_SINKS", "a sink is named twice"));
+        }
+        // The webhook keeps its checkpoint, outbox and dead letters there too.
+        if self.sinks.contains(SinkKind::Postgres) || self.sinks.contains(SinkKind::Webhook) {
+            self.analytics.pg_config(source)?;
+        }
+        if self.sinks.contains(SinkKind::Webhook) {
+            self.webhook.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// Settings of `walcast backfill`.
+#[derive(Debug, Clone, Args)]
+pub struct BackfillConfig {
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    #[command(flatten)]
+    pub destinations: Destinations,
 
     /// Only events with `event_ts` at or after this time (RFC 3339, e.g.
     /// `2026-11-21T09:00:00Z`).
@@ -338,9 +368,7 @@ pub struct BackfillConfig {
 impl BackfillConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.source.validate()?;
-        if self.sinks.kinds.is_empty() {
-            return Err(invalid("WALCAST_SINKS", "name at least one sink"));
-        }
+        self.destinations.validate(&self.source)?;
         if let (Some(since), Some(until)) = (self.since, self.until)
             && since >= until
         {
@@ -353,12 +381,6 @@ impl BackfillConfig {
         }
         if self.batch_max_events == 0 {
             return Err(invalid("WALCAST_BATCH_MAX_EVENTS", "must be at least 1"));
-        }
-        if self.sinks.contains(SinkKind::Postgres) || self.sinks.contains(SinkKind::Webhook) {
-            self.analytics.pg_config(&self.source)?;
-        }
-        if self.sinks.contains(SinkKind::Webhook) {
-            self.webhook.validate()?;
         }
         Ok(())
     }
@@ -404,16 +426,7 @@ pub struct RunConfig {
     pub source: SourceArgs,
 
     #[command(flatten)]
-    pub redis: RedisArgs,
-
-    #[command(flatten)]
-    pub analytics: AnalyticsArgs,
-
-    #[command(flatten)]
-    pub sinks: SinkArgs,
-
-    #[command(flatten)]
-    pub webhook: WebhookArgs,
+    pub destinations: Destinations,
 
     /// Address of the Prometheus endpoint (/metrics). Empty disables it.
     #[arg(long, env = "WALCAST_METRICS_ADDR", default_value = "0.0.0.0:9187")]
@@ -454,15 +467,7 @@ fn parse_interval(s: &str) -> Result<Duration, humantime::DurationError> {
 impl RunConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.source.validate()?;
-        if self.sinks.kinds.is_empty() {
-            return Err(invalid("WALCAST_SINKS", "name at least one sink"));
-        }
-        let mut seen = self.sinks.kinds.clone();
-        seen.sort_by_key(|s| s.name());
-        seen.dedup();
-        if seen.len() != self.sinks.kinds.len() {
-            return Err(invalid("WALCAST_SINKS", "a sink is named twice"));
-        }
+        self.destinations.validate(&self.source)?;
         if self.batch_max_events == 0 {
             return Err(invalid("WALCAST_BATCH_MAX_EVENTS", "must be at least 1"));
         }
@@ -482,12 +487,6 @@ impl RunConfig {
                 "WALCAST_HEARTBEAT_INTERVAL",
                 "must be 0 (off) or at least 100ms",
             ));
-        }
-        if self.sinks.contains(SinkKind::Postgres) || self.sinks.contains(SinkKind::Webhook) {
-            self.analytics.pg_config(&self.source)?;
-        }
-        if self.sinks.contains(SinkKind::Webhook) {
-            self.webhook.validate()?;
         }
         self.metrics_addr()?;
         Ok(())

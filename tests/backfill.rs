@@ -42,21 +42,43 @@ async fn preload(db: &tokio_postgres::Client, n: i64) {
     .unwrap();
 }
 
-/// Inserts small transactions until told to stop; counts what it inserted.
-fn writer(db: tokio_postgres::Client, stop: Arc<AtomicBool>, inserted: Arc<AtomicI64>) {
-    tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            db.batch_execute(&format!(
-                "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
-                 SELECT '{EPISODE}', gen_random_uuid(), 'play', now(), 1000, 'ios'
-                 FROM generate_series(1, 20)"
-            ))
-            .await
-            .unwrap();
-            inserted.fetch_add(20, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+/// Inserts small transactions on a connection of its own until stopped.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    inserted: Arc<AtomicI64>,
+}
+
+impl Writer {
+    async fn start(s: &Stack) -> Writer {
+        let writer = Writer {
+            stop: Arc::default(),
+            inserted: Arc::default(),
+        };
+        let (stop, inserted) = (Arc::clone(&writer.stop), Arc::clone(&writer.inserted));
+        let db = s.pg.client("app").await;
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                db.batch_execute(&format!(
+                    "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
+                     SELECT '{EPISODE}', gen_random_uuid(), 'play', now(), 1000, 'ios'
+                     FROM generate_series(1, 20)"
+                ))
+                .await
+                .unwrap();
+                inserted.fetch_add(20, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        writer
+    }
+
+    fn inserted(&self) -> i64 {
+        self.inserted.load(Ordering::Relaxed)
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Runs a walcast command to completion in a process of its own: exit status, output.
@@ -91,15 +113,9 @@ fn assert_verified(s: &Stack) {
 async fn initial_snapshot_under_concurrent_writes_then_streaming_delivers_every_row_once() {
     let s = stack().await;
     preload(&s.db, 200_000).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let inserted = Arc::new(AtomicI64::new(0));
-    writer(
-        s.pg.client("app").await,
-        Arc::clone(&stop),
-        Arc::clone(&inserted),
-    );
+    let writer = Writer::start(&s).await;
     eventually("the writer is writing", WAIT, || async {
-        inserted.load(Ordering::Relaxed) > 0
+        writer.inserted() > 0
     })
     .await;
 
@@ -116,14 +132,14 @@ async fn initial_snapshot_under_concurrent_writes_then_streaming_delivers_every_
     assert!(copied >= 200_000, "the snapshot held the preload: {copied}");
 
     let walcast = s.env.spawn_run();
-    let at_start = inserted.load(Ordering::Relaxed);
+    let at_start = writer.inserted();
     eventually("the writer went on while streaming", WAIT, || async {
-        inserted.load(Ordering::Relaxed) >= at_start + 2_000
+        writer.inserted() >= at_start + 2_000
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
+    writer.stop();
     let total = wait_all_delivered(&s).await;
-    assert_eq!(total, 200_000 + inserted.load(Ordering::Relaxed));
+    assert_eq!(total, 200_000 + writer.inserted());
     assert_verified(&s);
     assert!(walcast.log().contains("replication started"));
 }
@@ -220,13 +236,7 @@ async fn reprocessing_a_range_twice_while_streaming_changes_nothing_more_than_on
     wait_all_delivered(&s).await;
 
     // Reprocess by id and by event time while a writer keeps the stream busy.
-    let stop = Arc::new(AtomicBool::new(false));
-    let inserted = Arc::new(AtomicI64::new(0));
-    writer(
-        s.pg.client("app").await,
-        Arc::clone(&stop),
-        Arc::clone(&inserted),
-    );
+    let writer = Writer::start(&s).await;
     let since = "2000-01-01T00:00:00Z";
     let until = "2100-01-01T00:00:00Z";
     let by_id = ["backfill", "--from-id", "500", "--to-id", "2500"];
@@ -235,9 +245,9 @@ async fn reprocessing_a_range_twice_while_streaming_changes_nothing_more_than_on
         let (status, log) = walcast(&s, args).await;
         assert!(status.success(), "{log}");
     }
-    stop.store(true, Ordering::Relaxed);
+    writer.stop();
     let total = wait_all_delivered(&s).await;
-    assert_eq!(total, 3_000 + inserted.load(Ordering::Relaxed));
+    assert_eq!(total, 3_000 + writer.inserted());
     let once = sink_state(&s).await;
 
     for args in [&by_id[..], &by_time[..]] {

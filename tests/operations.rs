@@ -91,7 +91,11 @@ async fn lag_gauges_rise_while_a_sink_stalls_and_return_to_zero_after() {
             && ready(port).await
     })
     .await;
-    assert!(confirmed_flush(&s.db, "walcast").await.unwrap() > flushed_while_stalled);
+    // The slot learns the new position at the next status update.
+    eventually("the slot moved on", WAIT, || async {
+        confirmed_flush(&s.db, "walcast").await.unwrap() > flushed_while_stalled
+    })
+    .await;
 
     // One end-to-end observation per event delivered, per sink.
     eventually("end-to-end counts equal events delivered", WAIT, || async {

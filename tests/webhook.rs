@@ -276,6 +276,7 @@ async fn too_many_requests_waits_as_long_as_retry_after_says() {
     .await;
     let requests = receiver.requests();
     let waited = requests[1].at - requests[0].at;
+    eprintln!("retried {waited:?} after a 429 with Retry-After: 2");
     assert!(
         waited >= Duration::from_millis(1_900) && waited < Duration::from_secs(5),
         "waited {waited:?} after Retry-After: 2"

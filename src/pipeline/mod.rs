@@ -27,9 +27,7 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{
-    AnalyticsArgs, RedisArgs, RunConfig, SinkArgs, SinkKind, SourceArgs, WebhookArgs,
-};
+use crate::config::{Destinations, RunConfig, SinkKind, SourceArgs};
 use crate::decode::{self, Change};
 use crate::enrich::{ContentCache, Enricher, Outcome};
 use crate::event::Batch;
@@ -56,7 +54,7 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// Streams until `shutdown` completes or an error stops it.
 pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     config.validate()?;
-    let health = Health::new(&config.sinks.kinds);
+    let health = Health::new(&config.destinations.sinks.kinds);
     // Tasks that live as long as this function: dropping the set stops them.
     let mut background = JoinSet::new();
     if let Some(addr) = config.metrics_addr()? {
@@ -99,8 +97,14 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     metrics::content_cache_entries(cache.len());
     tracing::info!(entries = cache.len(), "content cache loaded");
 
-    let (sinks, _) =
-        open_sinks(&config.endpoints(), config.batch_max_events, &health, None).await?;
+    let (sinks, _) = open_sinks(
+        &config.source,
+        &config.destinations,
+        config.batch_max_events,
+        &health,
+        None,
+    )
+    .await?;
     for (index, probe) in probes(&config)?.into_iter().enumerate() {
         background.spawn(health::probe_forever(probe, Arc::clone(&health), index));
     }
@@ -145,18 +149,18 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
 
 /// One probe per sink, in the fan-out's order.
 fn probes(config: &RunConfig) -> Result<Vec<Probe>, Error> {
-    config
-        .sinks
+    let to = &config.destinations;
+    to.sinks
         .kinds
         .iter()
         .map(|kind| match kind {
-            SinkKind::Redis => Probe::redis(&config.redis.redis_url).map_err(|e| {
+            SinkKind::Redis => Probe::redis(&to.redis.redis_url).map_err(|e| {
                 Error::Config(crate::config::ConfigError::Invalid {
                     setting: "WALCAST_REDIS_URL",
                     problem: e.to_string(),
                 })
             }),
-            SinkKind::Postgres => Ok(Probe::postgres(config.analytics.pg_config(&config.source)?)),
+            SinkKind::Postgres => Ok(Probe::postgres(to.analytics.pg_config(&config.source)?)),
             // A system walcast does not control: judged by its deliveries, not probed.
             SinkKind::Webhook => Ok(Probe::Deliveries),
         })
@@ -192,32 +196,12 @@ async fn ensure_source(
     }
 }
 
-/// Where the sinks are, and which are in use.
-pub struct SinkEndpoints<'a> {
-    pub source: &'a SourceArgs,
-    pub redis: &'a RedisArgs,
-    pub analytics: &'a AnalyticsArgs,
-    pub sinks: &'a SinkArgs,
-    pub webhook: &'a WebhookArgs,
-}
-
-impl RunConfig {
-    fn endpoints(&self) -> SinkEndpoints<'_> {
-        SinkEndpoints {
-            source: &self.source,
-            redis: &self.redis,
-            analytics: &self.analytics,
-            sinks: &self.sinks,
-            webhook: &self.webhook,
-        }
-    }
-}
-
 /// Connects every configured sink and reads its checkpoint, so a sink that cannot start
 /// stops walcast before replication begins. With `backfill_job`, also reads each sink's
 /// cursor of that backfill (in the sinks' order).
 pub(crate) async fn open_sinks(
-    endpoints: &SinkEndpoints<'_>,
+    source: &SourceArgs,
+    to: &Destinations,
     batch_max_events: usize,
     health: &Arc<Health>,
     backfill_job: Option<&str>,
@@ -230,7 +214,7 @@ pub(crate) async fn open_sinks(
         Arc::clone(health),
     );
     let mut cursors = Vec::new();
-    for kind in &endpoints.sinks.kinds {
+    for kind in &to.sinks.kinds {
         let start = |source| Error::SinkStart {
             sink: kind.name(),
             source,
@@ -243,7 +227,7 @@ pub(crate) async fn open_sinks(
         let job = backfill_job;
         match kind {
             SinkKind::Redis => {
-                let sink = RedisSink::connect(&endpoints.redis.redis_url)
+                let sink = RedisSink::connect(&to.redis.redis_url)
                     .await
                     .map_err(start)?;
                 add(&mut sinks, &mut cursors, sink, job)
@@ -251,7 +235,7 @@ pub(crate) async fn open_sinks(
                     .map_err(start)?;
             }
             SinkKind::Postgres => {
-                let pg_config = endpoints.analytics.pg_config(endpoints.source)?;
+                let pg_config = to.analytics.pg_config(source)?;
                 let (sink, versions) = PostgresSink::connect(pg_config).await.map_err(start)?;
                 migrated(sink.name(), versions);
                 add(&mut sinks, &mut cursors, sink, job)
@@ -259,8 +243,8 @@ pub(crate) async fn open_sinks(
                     .map_err(start)?;
             }
             SinkKind::Webhook => {
-                let pg_config = endpoints.analytics.pg_config(endpoints.source)?;
-                let (sink, versions) = WebhookSink::connect(endpoints.webhook, pg_config)
+                let pg_config = to.analytics.pg_config(source)?;
+                let (sink, versions) = WebhookSink::connect(&to.webhook, pg_config)
                     .await
                     .map_err(start)?;
                 migrated(sink.name(), versions);
