@@ -17,6 +17,7 @@
 //! - [`config`], [`metrics`], [`health`], [`shutdown`]: settings, metric names, the
 //!   `/metrics` `/healthz` `/readyz` endpoint, stopping cleanly.
 //! - [`backfill`]: existing rows through the same enrichment and sinks.
+//! - [`generate`]: realistic load.
 //! - [`verify`], [`status`]: reconcile every sink with the source; where slot and sinks stand.
 
 pub mod backfill;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod decode;
 pub mod enrich;
 pub mod event;
+pub mod generate;
 pub mod health;
 pub mod lsn;
 pub mod metrics;

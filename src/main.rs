@@ -29,6 +29,8 @@ enum Command {
     /// snapshot (no slot yet: creates it with its snapshot), the whole table again, or a
     /// range. Safe to run twice and while `walcast run` streams; an interrupted run resumes.
     Backfill(Box<BackfillConfig>),
+    /// Insert realistic engagement events at a steady rate (and a content catalogue).
+    Generate(Box<walcast::generate::GenerateArgs>),
     /// Check the source database and create the publication and slot (idempotent).
     Setup(SetupArgs),
     /// Drop the slot and the publication.
@@ -185,6 +187,20 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     "interrupted: what was read is applied; run the same command again to resume"
                 );
             }
+        }
+        Command::Generate(args) => {
+            args.source.validate()?;
+            let token = CancellationToken::new();
+            shutdown::on_signals(token.clone());
+            let generated = walcast::generate::run(&args, token.cancelled_owned()).await?;
+            println!(
+                "generated {} events in {:.1} s ({:.0}/s; {} content missing, {} NULL event_ts)",
+                generated.events,
+                generated.elapsed.as_secs_f64(),
+                generated.rate(),
+                generated.content_missing,
+                generated.null_event_ts
+            );
         }
         Command::Setup(args) => {
             args.source.validate()?;
