@@ -202,6 +202,37 @@ struct Item {
     length_seconds: Option<i32>,
 }
 
+/// An insert of `missing` content rows, numbered after `have`.
+fn catalogue_sql(have: i64, missing: i64) -> String {
+    let mut rng = rand::rng();
+    let mut sql = String::from(
+        "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts) VALUES ",
+    );
+    for i in 0..missing {
+        let (kind, length) = match rng.random_range(0..10) {
+            0..=4 => ("podcast", Some(rng.random_range(600..5_400))),
+            5..=7 => ("video", Some(rng.random_range(60..1_800))),
+            // Newsletters: a reading time, or none known.
+            _ => (
+                "newsletter",
+                rng.random_bool(0.5).then(|| rng.random_range(120..900)),
+            ),
+        };
+        let id = uuid(&mut rng);
+        let n = have + i + 1;
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!(
+            "('{id}', '{kind}-{n}-{}', 'The {kind} number {n}', '{kind}', {}, now() - interval '{} days')",
+            &id[..8],
+            length.map_or("NULL".to_owned(), |l: i32| l.to_string()),
+            rng.random_range(0..365)
+        ));
+    }
+    sql
+}
+
 /// Makes sure `wanted` content rows exist; returns the catalogue, most popular first.
 async fn ensure_catalogue(client: &Client, wanted: u32) -> Result<Vec<Item>, GenerateError> {
     let have: i64 = client
@@ -211,32 +242,7 @@ async fn ensure_catalogue(client: &Client, wanted: u32) -> Result<Vec<Item>, Gen
         .get(0);
     let missing = i64::from(wanted).saturating_sub(have).max(0);
     if missing > 0 {
-        let mut rng = rand::rng();
-        let mut sql = String::from(
-            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts) VALUES ",
-        );
-        for i in 0..missing {
-            let (kind, length) = match rng.random_range(0..10) {
-                0..=4 => ("podcast", Some(rng.random_range(600..5_400))),
-                5..=7 => ("video", Some(rng.random_range(60..1_800))),
-                // Newsletters: a reading time, or none known.
-                _ => (
-                    "newsletter",
-                    rng.random_bool(0.5).then(|| rng.random_range(120..900)),
-                ),
-            };
-            let id = uuid(&mut rng);
-            let n = have + i + 1;
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!(
-                "('{id}', '{kind}-{n}-{}', 'The {kind} number {n}', '{kind}', {}, now() - interval '{} days')",
-                &id[..8],
-                length.map_or("NULL".to_owned(), |l: i32| l.to_string()),
-                rng.random_range(0..365)
-            ));
-        }
+        let sql = catalogue_sql(have, missing);
         client
             .batch_execute(&sql)
             .await

@@ -17,12 +17,13 @@
 //! - [`config`], [`metrics`], [`health`], [`shutdown`]: settings, metric names, the
 //!   `/metrics` `/healthz` `/readyz` endpoint, stopping cleanly.
 //! - [`backfill`]: existing rows through the same enrichment and sinks.
-//! - [`generate`]: realistic load.
+//! - [`generate`], [`demo`]: realistic load; a throwaway stack with a live view.
 //! - [`verify`], [`status`]: reconcile every sink with the source; where slot and sinks stand.
 
 pub mod backfill;
 pub mod config;
 pub mod decode;
+pub mod demo;
 pub mod enrich;
 pub mod event;
 pub mod generate;

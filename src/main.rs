@@ -29,6 +29,9 @@ enum Command {
     /// snapshot (no slot yet: creates it with its snapshot), the whole table again, or a
     /// range. Safe to run twice and while `walcast run` streams; an interrupted run resumes.
     Backfill(Box<BackfillConfig>),
+    /// Throwaway PostgreSQL and Redis, the generator and the pipeline together, with a
+    /// live view. Ctrl-C stops and removes everything.
+    Demo(walcast::demo::DemoArgs),
     /// Insert realistic engagement events at a steady rate (and a content catalogue).
     Generate(Box<walcast::generate::GenerateArgs>),
     /// Check the source database and create the publication and slot (idempotent).
@@ -129,7 +132,11 @@ struct TopArgs {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The demo's live view owns the terminal: only errors go to the log unless asked.
+    if matches!(cli.command, Command::Demo(_)) && std::env::var_os("WALCAST_LOG").is_none() {
+        cli.log.log = "error".to_owned();
+    }
     init_tracing(&cli.log);
     match dispatch(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -187,6 +194,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     "interrupted: what was read is applied; run the same command again to resume"
                 );
             }
+        }
+        Command::Demo(args) => {
+            let token = CancellationToken::new();
+            shutdown::on_signals(token.clone());
+            let last = walcast::demo::run(args, token.cancelled_owned()).await?;
+            println!("{}", walcast::demo::summary(&last));
         }
         Command::Generate(args) => {
             args.source.validate()?;

@@ -73,36 +73,10 @@ pub fn free_port() -> u16 {
 }
 
 /// Finds a server binary or fails the test with what to install.
-pub fn find_binary(name: &str, package: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if dir.join(name).is_file() {
-            return dir.join(name);
-        }
-    }
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin").join(name))
-        .filter(|p| p.is_file())
-        .collect();
-    versions.sort();
-    if let Some(found) = versions.pop() {
-        return found;
-    }
-    panic!(
-        "`{name}` not found on PATH, under `pg_config --bindir` or /usr/lib/postgresql/*/bin; \
-         install it (Debian/Ubuntu: apt-get install {package})"
-    );
+/// A server binary on PATH or under /usr/lib/postgresql/*/bin; panics saying what to
+/// install when there is none.
+pub fn find_binary(name: &'static str, package: &'static str) -> PathBuf {
+    walcast::demo::find_binary(name, package).unwrap_or_else(|err| panic!("{err}"))
 }
 
 fn is_root() -> bool {
