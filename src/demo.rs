@@ -122,6 +122,24 @@ fn as_server_user(mut cmd: Command, user: Option<(u32, u32)>) -> Command {
     cmd
 }
 
+/// Makes the child receive `signal` when the demo dies, however it dies (even SIGKILL),
+/// so no server outlives it.
+fn dies_with_parent(mut cmd: Command, signal: i32) -> Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+    // parent; it is the only thing done between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    cmd
+}
+
 /// PostgreSQL and Redis in a temp dir, stopped and removed on drop.
 pub struct LocalServers {
     pub pg_port: u16,
@@ -163,24 +181,28 @@ impl LocalServers {
         }
         let pg_port = free_port()?;
         let log = std::fs::File::create(dir.path().join("postgres.log"))?;
-        let postgres = as_server_user(Command::new(&postgres_bin), user)
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &pg_port.to_string(), "-k"])
-            .arg(dir.path())
-            .args([
-                "-c",
-                "wal_level=logical",
-                "-c",
-                "listen_addresses=127.0.0.1",
-            ])
-            .args(["-c", "max_wal_senders=4", "-c", "max_replication_slots=4"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        // SIGINT is PostgreSQL's fast shutdown.
+        let postgres = dies_with_parent(
+            as_server_user(Command::new(&postgres_bin), user),
+            libc::SIGINT,
+        )
+        .arg("-D")
+        .arg(&data)
+        .args(["-p", &pg_port.to_string(), "-k"])
+        .arg(dir.path())
+        .args([
+            "-c",
+            "wal_level=logical",
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ])
+        .args(["-c", "max_wal_senders=4", "-c", "max_replication_slots=4"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
         let redis_port = free_port()?;
-        let redis = Command::new(&redis_bin)
+        let redis = dies_with_parent(Command::new(&redis_bin), libc::SIGTERM)
             .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
