@@ -6,12 +6,14 @@
 //!    Redis sink only the second, and walcast with Redis and the analytics sink the third,
 //!    one after the other; events/s of each and the ratio to pg_recvlogical, from the same
 //!    run.
-//! 2. Visibility latency: 1,000 single-row inserts at ~200/s while walcast (both sinks)
-//!    streams; a reader
-//!    on the `events:play` stream (XREAD BLOCK) compares each arrival with the event's
-//!    `commit_ts`. p50/p95/p99.
+//! 2. Steady load: single-row inserts from 8 connections at each rate of `E2E_RATES`
+//!    (default 1000,5000 events/s) for `E2E_STEADY_SECS` (default 60) while walcast (both
+//!    sinks) streams. A reader on the `events:play` stream (XREAD BLOCK) compares each
+//!    arrival with the event's `commit_ts` (p50/p95/p99); /metrics is sampled for the lag;
+//!    walcast's RSS is read at the end of each phase.
 //!
-//! Prints a Markdown table.
+//! Prints a Markdown table and writes it, with a JSON report, to target/e2e-report.md and
+//! target/e2e-report.json.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -149,7 +151,101 @@ async fn main() {
     })
     .await;
 
-    // Visibility latency, measured outside walcast.
+    // Steady load, measured outside walcast: single-row inserts at each rate, a reader on
+    // the events:play stream comparing each arrival with the event's commit_ts.
+    let rates: Vec<u32> = std::env::var("E2E_RATES")
+        .unwrap_or_else(|_| "1000,5000".to_owned())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
+    let steady_secs: u64 = std::env::var("E2E_STEADY_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let mut phases = Vec::new();
+    for rate in rates {
+        let phase = steady(&pg, &redis, &walcast, env.metrics_port, rate, steady_secs).await;
+        phases.push(phase);
+    }
+
+    let drains = [
+        ("redis", redis_secs, redis_rss),
+        ("redis + postgres", both_secs, both_rss),
+    ];
+    let mut md = String::new();
+    md.push_str("| measurement | value |\n|---|---|\n");
+    md.push_str(&format!(
+        "| backlog | {events} events, {} transactions of 100 rows |\n",
+        events / 100
+    ));
+    md.push_str(&format!(
+        "| pg_recvlogical drain | {reference_secs:.2} s, {:.0} events/s |\n",
+        events as f64 / reference_secs
+    ));
+    for (sinks, secs, rss_kb) in &drains {
+        md.push_str(&format!(
+            "| walcast drain ({sinks}) | {secs:.2} s, {:.0} events/s, ratio {:.2}, peak RSS {rss_kb} kB |\n",
+            events as f64 / secs,
+            reference_secs / secs
+        ));
+    }
+    for p in &phases {
+        md.push_str(&format!(
+            "| steady {}/s for {steady_secs} s (both sinks; achieved {:.0}/s) | commit → redis p50 / p95 / p99 {:.2} / {:.2} / {:.2} ms; max lag {:.0} bytes, {:.3} s; RSS {} kB (peak {} kB) |\n",
+            p.rate, p.achieved, p.p50, p.p95, p.p99, p.max_lag_bytes, p.max_lag_seconds, p.rss_kb, p.peak_rss_kb
+        ));
+    }
+    print!("{md}");
+    let report = serde_json::json!({
+        "events": events,
+        "pg_recvlogical": {"seconds": reference_secs, "events_per_s": events as f64 / reference_secs},
+        "drains": drains.iter().map(|(sinks, secs, rss)| serde_json::json!({
+            "sinks": sinks, "seconds": secs, "events_per_s": events as f64 / secs,
+            "ratio": reference_secs / secs, "peak_rss_kb": rss,
+        })).collect::<Vec<_>>(),
+        "steady": phases.iter().map(|p| serde_json::json!({
+            "rate": p.rate, "seconds": steady_secs, "achieved_per_s": p.achieved,
+            "latency_ms": {"p50": p.p50, "p95": p.p95, "p99": p.p99},
+            "max_lag_bytes": p.max_lag_bytes, "max_lag_seconds": p.max_lag_seconds,
+            "rss_kb": p.rss_kb, "peak_rss_kb": p.peak_rss_kb,
+        })).collect::<Vec<_>>(),
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    std::fs::write(dir.join("e2e-report.md"), &md).unwrap();
+    std::fs::write(
+        dir.join("e2e-report.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    eprintln!("reports: target/e2e-report.md, target/e2e-report.json");
+    drop(walcast);
+}
+
+/// One steady-load phase.
+struct Phase {
+    rate: u32,
+    achieved: f64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    max_lag_bytes: f64,
+    max_lag_seconds: f64,
+    rss_kb: u64,
+    peak_rss_kb: u64,
+}
+
+/// `rate` single-row inserts per second for `secs` seconds from 8 connections, while a
+/// reader times each event's arrival on `events:play` and /metrics is sampled for lag.
+async fn steady(
+    pg: &Postgres,
+    redis: &Redis,
+    walcast: &Walcast,
+    metrics_port: u16,
+    rate: u32,
+    secs: u64,
+) -> Phase {
+    const WRITERS: u32 = 8;
+    let expected = u64::from(rate) * secs;
     let reader = {
         let url = redis.url();
         tokio::spawn(async move {
@@ -161,8 +257,8 @@ async fn main() {
                 .await
                 .unwrap();
             let mut last = "$".to_owned();
-            let mut latencies = Vec::new();
-            while latencies.len() < 1000 {
+            let mut latencies = Vec::with_capacity(expected as usize);
+            while (latencies.len() as u64) < expected {
                 let reply: redis::streams::StreamReadReply = redis::cmd("XREAD")
                     .arg("BLOCK")
                     .arg(0)
@@ -195,50 +291,62 @@ async fn main() {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await; // let XREAD block first
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    for _ in 0..1000 {
-        tick.tick().await;
-        db.execute(
-            &format!("INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms) VALUES ('{CONTENT}', 'play', now(), 1000)"),
-            &[],
-        )
-        .await
-        .unwrap();
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let db = pg.client("app").await;
+        let per_writer = u64::from(rate / WRITERS) * secs + u64::from(w < rate % WRITERS) * secs;
+        let period = Duration::from_secs_f64(secs as f64 / per_writer.max(1) as f64);
+        writers.push(tokio::spawn(async move {
+            let insert = db
+                .prepare(&format!(
+                    "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms)
+                     VALUES ('{CONTENT}', 'play', now(), 1000)"
+                ))
+                .await
+                .unwrap();
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for _ in 0..per_writer {
+                tick.tick().await;
+                db.execute(&insert, &[]).await.unwrap();
+            }
+        }));
     }
-    let mut latencies = tokio::time::timeout(Duration::from_secs(60), reader)
+    let (mut max_lag_bytes, mut max_lag_seconds) = (0.0f64, 0.0f64);
+    while writers.iter().any(|w| !w.is_finished()) {
+        let m = support::scrape_metrics(metrics_port).await;
+        let value = |name: &str| support::metric(&m, name).unwrap_or(0.0);
+        max_lag_bytes = max_lag_bytes.max(value("walcast_replication_lag_bytes"));
+        max_lag_seconds = max_lag_seconds.max(value("walcast_replication_lag_seconds"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let achieved = expected as f64 / started.elapsed().as_secs_f64();
+    let mut latencies = tokio::time::timeout(Duration::from_secs(120), reader)
         .await
-        .unwrap()
+        .expect("every event of the phase reached Redis")
         .unwrap();
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-
-    println!("| measurement | value |");
-    println!("|---|---|");
-    println!(
-        "| backlog | {events} events, {} transactions |",
-        events / 100
-    );
-    println!(
-        "| pg_recvlogical drain | {reference_secs:.2} s, {:.0} events/s |",
-        events as f64 / reference_secs
-    );
-    for (sinks, secs, rss_kb) in [
-        ("redis", redis_secs, redis_rss),
-        ("redis + postgres", both_secs, both_rss),
-    ] {
-        println!(
-            "| walcast drain ({sinks}) | {secs:.2} s, {:.0} events/s, ratio {:.2}, peak RSS {rss_kb} kB |",
-            events as f64 / secs,
-            reference_secs / secs
-        );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", walcast.pid())).unwrap();
+    let kb = |field: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    Phase {
+        rate,
+        achieved,
+        p50: pct(0.50),
+        p95: pct(0.95),
+        p99: pct(0.99),
+        max_lag_bytes,
+        max_lag_seconds,
+        rss_kb: kb("VmRSS:"),
+        peak_rss_kb: kb("VmHWM:"),
     }
-    println!(
-        "| commit → redis, p50 / p95 / p99 (1000 inserts at 200/s) | {:.2} / {:.2} / {:.2} ms |",
-        pct(0.50),
-        pct(0.95),
-        pct(0.99)
-    );
-    drop(walcast);
 }
 
 /// Starts `walcast run` and waits until `done`; seconds taken (start-up included), peak
