@@ -20,6 +20,17 @@ use crate::config::{RunConfig, SourceArgs};
 use crate::generate::{GenerateArgs, Generated};
 use crate::sink::redis as redis_sink;
 
+/// initdb's options for a throwaway cluster: superuser postgres, no passwords on a
+/// loopback-only server, no fsync of the new files.
+pub const INITDB_ARGS: [&str; 7] = [
+    "-U",
+    "postgres",
+    "--auth=trust",
+    "-E",
+    "UTF8",
+    "--no-sync",
+    "--locale=C",
+];
 /// How often the view is redrawn.
 const REFRESH: Duration = Duration::from_secs(1);
 /// How long the demo waits at the end for the sinks to catch up.
@@ -163,15 +174,7 @@ impl LocalServers {
         let out = as_server_user(Command::new(&initdb), user)
             .arg("-D")
             .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--locale=C",
-            ])
+            .args(INITDB_ARGS)
             .output()?;
         if !out.status.success() {
             return Err(DemoError::Server(format!(

@@ -5,6 +5,18 @@ mod support;
 
 use support::{Env, Postgres, Redis};
 
+/// 4,000 rows, a fifth of them awkward, over 50 content rows.
+const TWO_SECONDS_AT_2000: [&str; 8] = [
+    "--rate",
+    "2000",
+    "--duration",
+    "2s",
+    "--bad-share",
+    "0.2",
+    "--content",
+    "50",
+];
+
 /// Runs `walcast generate` to completion; returns its stdout.
 fn generate(env: &Env, args: &[&str]) -> String {
     let mut all = vec!["generate"];
@@ -40,19 +52,7 @@ async fn the_requested_rows_with_the_requested_shares() {
 
     // The assessment's schema: a foreign key and NOT NULL event_ts, so every awkward row
     // is one without content.
-    let out = generate(
-        &env,
-        &[
-            "--rate",
-            "2000",
-            "--duration",
-            "2s",
-            "--bad-share",
-            "0.2",
-            "--content",
-            "50",
-        ],
-    );
+    let out = generate(&env, &TWO_SECONDS_AT_2000);
     assert!(out.contains("generated 4000 events"), "{out}");
     assert_eq!(support::count(&db, "content").await, 50);
     assert_eq!(support::count(&db, "engagement_events").await, 4000);
@@ -96,19 +96,7 @@ async fn the_requested_rows_with_the_requested_shares() {
     )
     .await
     .unwrap();
-    generate(
-        &env,
-        &[
-            "--rate",
-            "2000",
-            "--duration",
-            "2s",
-            "--bad-share",
-            "0.2",
-            "--content",
-            "50",
-        ],
-    );
+    generate(&env, &TWO_SECONDS_AT_2000);
     assert_eq!(support::count(&db, "engagement_events").await, 4000);
     let null_ts = share(&db, "event_ts IS NULL").await;
     assert!(

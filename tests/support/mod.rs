@@ -160,15 +160,7 @@ fn template() -> PathBuf {
             let out = pg_command(&initdb)
                 .arg("-D")
                 .arg(&staging)
-                .args([
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--no-sync",
-                    "--locale=C",
-                ])
+                .args(walcast::demo::INITDB_ARGS)
                 .output()
                 .expect("run initdb");
             assert!(
