@@ -388,3 +388,85 @@ async fn a_slow_webhook_does_not_delay_redis() {
         "Redis did not wait for the webhook"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_failure_block_the_batch_is_retried_and_the_acknowledgement_waits() {
+    let accept = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let accept = Arc::clone(&accept);
+        Receiver::start(move |_| {
+            if accept.load(std::sync::atomic::Ordering::Relaxed) {
+                Reply::Ok
+            } else {
+                Reply::Status(400)
+            }
+        })
+        .await
+    };
+    let mut s = stack(&receiver).await;
+    s.env.put("WALCAST_WEBHOOK_ON_FAILURE", "block");
+    let _walcast = s.run();
+    load(&s.db, 1, 1).await;
+    eventually(
+        "in Redis, and refused by the webhook three times",
+        WAIT,
+        || async { s.redis.total().await == 1 && receiver.requests().len() >= 3 },
+    )
+    .await;
+    let event = s.redis.event(source_ids(&s).await[0]).await.unwrap();
+    let commit: walcast::lsn::Lsn = event["commit_lsn"].as_str().unwrap().parse().unwrap();
+    // Held: nothing dead-lettered, the slot short of the event's commit, /readyz says why.
+    assert_eq!(count(&s.db, "analytics.dead_letters").await, 0);
+    let flushed = support::confirmed_flush(&s.db, "walcast").await.unwrap();
+    assert!(flushed < commit.0, "slot at {flushed:X} passed {commit}");
+    let (status, body) = support::http_get(s.env.metrics_port, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("sink webhook writes are failing"), "{body}");
+
+    accept.store(true, std::sync::atomic::Ordering::Relaxed);
+    eventually("delivered once accepted", WAIT, || async {
+        receiver.delivered().len() == 1
+    })
+    .await;
+    let requests = receiver.requests();
+    assert!(
+        requests.iter().all(|r| r.key == requests[0].key),
+        "every attempt under one key"
+    );
+    eventually("the slot moves past the event", WAIT, || async {
+        support::confirmed_flush(&s.db, "walcast").await.unwrap() > commit.0
+    })
+    .await;
+    assert_eq!(count(&s.db, "analytics.dead_letters").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_retry_budget_dead_letters_the_batch() {
+    let receiver = Receiver::start(|n| if n < 6 { Reply::Status(503) } else { Reply::Ok }).await;
+    let mut s = stack(&receiver).await;
+    s.env.put("WALCAST_WEBHOOK_RETRY_BUDGET", "1s");
+    let _walcast = s.run();
+    load(&s.db, 1, 1).await;
+    eventually("the dead letter", WAIT, || async {
+        count(&s.db, "analytics.dead_letters").await == 1
+    })
+    .await;
+    let row =
+        s.db.query_one(
+            "SELECT reason, detail FROM analytics.dead_letters WHERE origin = 'webhook'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "webhook_exhausted");
+    let detail: String = row.get(1);
+    assert!(
+        detail.starts_with("gave up after") && detail.contains("503"),
+        "{detail}"
+    );
+    let spent = receiver.requests().last().unwrap().at - receiver.requests()[0].at;
+    assert!(
+        spent < Duration::from_secs(2),
+        "retried for {spent:?} on a 1 s budget"
+    );
+}
