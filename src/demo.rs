@@ -40,15 +40,15 @@ const DRAIN_WAIT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// Events per second from the generator.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, env = "WALCAST_DEMO_RATE", default_value_t = 500)]
     pub rate: u32,
 
     /// Run this long (e.g. `20s`), then print a summary and exit; without it, until Ctrl-C.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, env = "WALCAST_DEMO_DURATION", value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
 
     /// Share of awkward rows (content missing, dead letters).
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, env = "WALCAST_DEMO_BAD_SHARE", default_value_t = 0.02)]
     pub bad_share: f64,
 }
 
