@@ -119,8 +119,11 @@ async fn main() {
     let reference_secs = started.elapsed().as_secs_f64();
 
     // walcast drains the same backlog into Redis, then into Redis and analytics.
-    let (redis_secs, redis_rss, walcast) =
-        drain(&env_redis, || async { redis_only.total().await >= events }).await;
+    let (redis_secs, redis_rss, redis_cpu, walcast) =
+        drain(&env_redis, redis_only.pid(), || async {
+            redis_only.total().await >= events
+        })
+        .await;
     drop(walcast);
     // The load has one writer, so commit order is id order: once the last id is in the
     // analytics table, everything is (batches commit whole). An index probe, not a count.
@@ -129,7 +132,7 @@ async fn main() {
         .await
         .unwrap()
         .get(0);
-    let (both_secs, both_rss, walcast) = drain(&env, || async {
+    let (both_secs, both_rss, both_cpu, walcast) = drain(&env, redis.pid(), || async {
         redis.total().await >= events
             && analytics
                 .query_one(
@@ -169,8 +172,8 @@ async fn main() {
     }
 
     let drains = [
-        ("redis", redis_secs, redis_rss),
-        ("redis + postgres", both_secs, both_rss),
+        ("redis", redis_secs, redis_rss, redis_cpu),
+        ("redis + postgres", both_secs, both_rss, both_cpu),
     ];
     let mut md = String::new();
     md.push_str("| measurement | value |\n|---|---|\n");
@@ -182,11 +185,13 @@ async fn main() {
         "| pg_recvlogical drain | {reference_secs:.2} s, {:.0} events/s |\n",
         events as f64 / reference_secs
     ));
-    for (sinks, secs, rss_kb) in &drains {
+    for (sinks, secs, rss_kb, cpu) in &drains {
         md.push_str(&format!(
-            "| walcast drain ({sinks}) | {secs:.2} s, {:.0} events/s, ratio {:.2}, peak RSS {rss_kb} kB |\n",
+            "| walcast drain ({sinks}) | {secs:.2} s, {:.0} events/s, ratio {:.2}, peak RSS {rss_kb} kB; CPU per event: walcast {:.1} µs, redis-server {:.1} µs |\n",
             events as f64 / secs,
-            reference_secs / secs
+            reference_secs / secs,
+            cpu.walcast * 1e6 / events as f64,
+            cpu.redis * 1e6 / events as f64,
         ));
     }
     for p in &phases {
@@ -199,9 +204,10 @@ async fn main() {
     let report = serde_json::json!({
         "events": events,
         "pg_recvlogical": {"seconds": reference_secs, "events_per_s": events as f64 / reference_secs},
-        "drains": drains.iter().map(|(sinks, secs, rss)| serde_json::json!({
+        "drains": drains.iter().map(|(sinks, secs, rss, cpu)| serde_json::json!({
             "sinks": sinks, "seconds": secs, "events_per_s": events as f64 / secs,
             "ratio": reference_secs / secs, "peak_rss_kb": rss,
+            "cpu_seconds": {"walcast": cpu.walcast, "redis_server": cpu.redis},
         })).collect::<Vec<_>>(),
         "steady": phases.iter().map(|p| serde_json::json!({
             "rate": p.rate, "seconds": steady_secs, "achieved_per_s": p.achieved,
@@ -349,14 +355,38 @@ async fn steady(
     }
 }
 
+/// CPU seconds (user + system) spent during a drain.
+struct DrainCpu {
+    walcast: f64,
+    redis: f64,
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc/{pid}/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / per_second as f64
+}
+
 /// Starts `walcast run` and waits until `done`; seconds taken (start-up included), peak
-/// RSS in kB, and the still running process.
-async fn drain<F, Fut>(env: &Env, done: F) -> (f64, String, Walcast)
+/// RSS in kB, the CPU walcast and the redis-server at `redis_pid` used meanwhile, and the
+/// still running process.
+async fn drain<F, Fut>(env: &Env, redis_pid: u32, done: F) -> (f64, String, DrainCpu, Walcast)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let started = Instant::now();
+    let redis_before = cpu_seconds(redis_pid);
     let walcast = env.spawn_run();
     eventually(
         "walcast drained the backlog",
@@ -365,11 +395,15 @@ where
     )
     .await;
     let secs = started.elapsed().as_secs_f64();
+    let cpu = DrainCpu {
+        walcast: cpu_seconds(walcast.pid()),
+        redis: cpu_seconds(redis_pid) - redis_before,
+    };
     let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", walcast.pid()))
         .unwrap()
         .lines()
         .find(|l| l.starts_with("VmHWM:"))
         .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
         .unwrap_or_default();
-    (secs, rss_kb, walcast)
+    (secs, rss_kb, cpu, walcast)
 }
