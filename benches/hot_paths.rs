@@ -123,6 +123,25 @@ fn benches(c: &mut Criterion) {
             }
         })
     });
+    // The MULTI/EXEC of a streamed Redis write of N events, encoded: keys, JSON (once per
+    // event, sent twice), summed counters, leaderboard scores and recent lists.
+    let events: Vec<_> = (0..N as i64)
+        .map(|i| {
+            let mut event = event.clone();
+            event.id = i;
+            event.position = Position::new(Lsn(0x16B_3748), i as u32);
+            event
+        })
+        .collect();
+    let now = Utc::now().timestamp();
+    group.bench_function("redis_command_encoding", |b| {
+        b.iter(|| {
+            black_box(walcast::sink::redis::encode_transaction(
+                black_box(&events),
+                now,
+            ))
+        })
+    });
     group.finish();
 }
 

@@ -13,10 +13,11 @@ use support::{
     scrape_metrics,
 };
 use walcast::enrich::Content;
-use walcast::event::{Batch, EnrichedEvent, Hundredths};
+use walcast::event::{BackfillMark, Batch, EnrichedEvent, Hundredths};
 use walcast::lsn::{Lsn, Position};
 use walcast::sink::Sink;
 use walcast::sink::postgres::PostgresSink;
+use walcast::sink::redis::RedisSink;
 
 const WAIT: Duration = Duration::from_secs(30);
 const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
@@ -330,6 +331,102 @@ async fn replayed_and_overlapping_batches_never_count_twice() {
     // A second start finds the schema in place and applies nothing.
     let (_again, migrated) = PostgresSink::connect(config).await.unwrap();
     assert!(migrated.is_empty());
+}
+
+/// The Redis sink writes streamed events in chunks of 500 under WATCH, and falls back to
+/// its script when a concurrent writer keeps changing the watched keys: across chunk
+/// boundaries, replays, and a backfill writing the same ids at the same time, every event
+/// is counted exactly once.
+#[tokio::test]
+async fn redis_writes_count_once_across_chunks_replays_and_a_concurrent_backfill() {
+    let redis = Redis::start().await;
+    let mut sink = RedisSink::connect(&redis.url()).await.unwrap();
+    let content = Arc::new(Content {
+        id: EPISODE.into(),
+        slug: Some("episode".into()),
+        title: Some("An episode".into()),
+        content_type: Some("podcast".into()),
+        length_seconds: Some(300),
+    });
+    let streamed = |ids: std::ops::RangeInclusive<i64>, lsn: u64| Batch {
+        events: ids
+            .map(|id| event(id, Position::new(Lsn(lsn), id as u32), ALICE, &content))
+            .collect(),
+        ..Batch::default()
+    };
+    let mut conn = redis.conn().await;
+    let mut counted = async || -> (i64, i64, usize) {
+        let (total, plays): (i64, i64) = redis::cmd("HMGET")
+            .arg("stats:events")
+            .arg("total")
+            .arg("type:play")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let list: Vec<i64> = redis::cmd("LRANGE")
+            .arg(format!("content:{EPISODE}:events"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        (total, plays, list.len())
+    };
+
+    // 1,234 events in one write: three chunks, then the checkpoint at the last one.
+    let first = streamed(1..=1234, 100);
+    sink.write(&[&first]).await.unwrap();
+    assert_eq!(counted().await, (1234, 1234, 100));
+    assert_eq!(
+        sink.checkpoint().await.unwrap(),
+        Some(Position::new(Lsn(100), 1234))
+    );
+    assert!(redis.event(1234).await.is_some());
+    // A replay (positions at or below the checkpoint) and the same ids at later positions.
+    sink.write(&[&first]).await.unwrap();
+    sink.write(&[&streamed(1..=1234, 200)]).await.unwrap();
+    assert_eq!(counted().await.0, 1234);
+
+    // A backfill of the same ids: the script path, guarded by the same bits.
+    let backfilled = |ids: std::ops::RangeInclusive<i64>| Batch {
+        backfill: Some(BackfillMark {
+            job: "test".into(),
+            cursor: Some(*ids.end()),
+        }),
+        events: ids
+            .map(|id| event(id, Position::new(Lsn(1), 0), BOB, &content))
+            .collect(),
+        ..Batch::default()
+    };
+    sink.write(&[&backfilled(1..=1234)]).await.unwrap();
+    assert_eq!(counted().await.0, 1234);
+
+    // While the stream writes ids 2,001..=6,000, a backfill writes 6,001..=10,000 into the
+    // same id bitmap: the stream's watched key keeps changing under it.
+    let backfill = {
+        let url = redis.url();
+        let batches: Vec<Batch> = (6001..=10000)
+            .step_by(100)
+            .map(|low| backfilled(low..=low + 99))
+            .collect();
+        tokio::spawn(async move {
+            let mut sink = RedisSink::connect(&url).await.unwrap();
+            for batch in &batches {
+                sink.write(&[batch]).await.unwrap();
+            }
+        })
+    };
+    for (n, low) in (2001..=6000).step_by(100).enumerate() {
+        sink.write(&[&streamed(low..=low + 99, 300 + n as u64)])
+            .await
+            .unwrap();
+    }
+    backfill.await.unwrap();
+    assert_eq!(counted().await.0, 1234 + 4000 + 4000);
+    assert_eq!(
+        sink.checkpoint().await.unwrap(),
+        Some(Position::new(Lsn(339), 6000))
+    );
 }
 
 #[tokio::test]
