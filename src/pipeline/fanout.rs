@@ -222,8 +222,10 @@ async fn sink_task<S: Sink>(
 ) -> Result<(), FanoutError> {
     let name = sink.name();
     let health = shared.health.sink(index);
+    let linger = sink.linger();
     // A batch taken from the queue but left for the next write.
     let mut carried: Option<Queued> = None;
+    let mut last_write: Option<tokio::time::Instant> = None;
     loop {
         let first = match carried.take() {
             Some(queued) => queued,
@@ -232,6 +234,11 @@ async fn sink_task<S: Sink>(
                 None => break,
             },
         };
+        if let Some(last) = last_write {
+            // Sleeping holds no lock: the fan-out keeps queueing up to the queue's capacity.
+            tokio::time::sleep_until(last + linger).await;
+        }
+        last_write = (!linger.is_zero()).then(tokio::time::Instant::now);
         let mut rows = first.0.1.rows();
         let mut group = vec![first];
         while rows < write_rows {
@@ -298,6 +305,94 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SinkKind;
+    use crate::event::EnrichedEvent;
+    use crate::lsn::Position;
+
+    /// Records the rows of each write; lingers like a real sink may.
+    struct Recorder {
+        linger: Duration,
+        writes: mpsc::UnboundedSender<Vec<usize>>,
+    }
+
+    impl Sink for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+
+        fn linger(&self) -> Duration {
+            self.linger
+        }
+
+        async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
+            Ok(None)
+        }
+
+        async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
+            let _ = self.writes.send(batches.iter().map(|b| b.rows()).collect());
+            Ok(())
+        }
+
+        async fn backfill_cursor(&mut self, _job: &str) -> Result<Option<i64>, SinkError> {
+            Ok(None)
+        }
+    }
+
+    fn one_row(lsn: u64) -> Batch {
+        let mut batch = Batch::default();
+        let ts = chrono::DateTime::UNIX_EPOCH;
+        batch.events.push(EnrichedEvent {
+            position: Position::new(Lsn(lsn), 0),
+            commit_ts: ts,
+            id: lsn as i64,
+            content_id: None,
+            user_id: None,
+            event_type: None,
+            event_ts: ts,
+            duration_ms: None,
+            device: None,
+            raw_payload: None,
+            extra: Vec::new(),
+            content: None,
+            engagement_seconds: None,
+            engagement_pct: None,
+        });
+        batch.ack_lsn = Some(Lsn(lsn));
+        batch
+    }
+
+    /// After a write, a lingering sink waits before the next one, and what arrived
+    /// meanwhile goes into it together.
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_sink_takes_what_arrived_meanwhile_in_one_write() {
+        let linger = Duration::from_millis(100);
+        let limits = QueueLimits {
+            queue_rows: 100,
+            write_rows: 100,
+        };
+        let mut sinks = Sinks::new(limits, Health::new(&[SinkKind::Redis]));
+        let (writes_tx, mut writes) = mpsc::unbounded_channel();
+        sinks.add(Recorder {
+            linger,
+            writes: writes_tx,
+        });
+        let (batches_tx, batches_rx) = mpsc::channel(16);
+        let (ack_tx, _ack_rx) = watch::channel(Lsn(0));
+        let fanout = tokio::spawn(run(sinks, batches_rx, Lsn(0), ack_tx));
+        batches_tx.send(one_row(1)).await.unwrap();
+        let mut seen = vec![writes.recv().await.unwrap()];
+        // Five more, 10 ms apart: all within the 100 ms after the first write.
+        for lsn in 2..=6 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            batches_tx.send(one_row(lsn)).await.unwrap();
+        }
+        drop(batches_tx);
+        fanout.await.unwrap().unwrap();
+        while let Ok(write) = writes.try_recv() {
+            seen.push(write);
+        }
+        assert_eq!(seen, [vec![1], vec![1, 1, 1, 1, 1]]);
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -29,6 +29,15 @@ pub trait Sink: Send + 'static {
     /// Low-cardinality name for logs and metric labels: "redis", "postgres", "webhook".
     fn name(&self) -> &'static str;
 
+    /// The shortest time between the starts of two writes while the sink keeps up. Rows
+    /// that arrive meanwhile go into the next write together: under a steady stream of
+    /// small transactions a write then carries many rows instead of one, for the cost of
+    /// one. A sink that is behind writes at once (its last write took longer than this),
+    /// and so does one that was idle.
+    fn linger(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// The highest position this sink has durably applied, read at start-up.
     fn checkpoint(&mut self) -> impl Future<Output = Result<Option<Position>, SinkError>> + Send;
 
