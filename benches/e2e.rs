@@ -18,6 +18,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,7 @@ async fn main() {
 
     // Reference: pg_recvlogical drains its slot to /dev/null.
     let recvlogical = find_binary("pg_recvlogical", "postgresql-client");
+    let pg_before = children_cpu(pg.pid());
     let started = Instant::now();
     let status = Command::new(recvlogical)
         .args([
@@ -117,10 +119,11 @@ async fn main() {
         .unwrap();
     assert!(status.success());
     let reference_secs = started.elapsed().as_secs_f64();
+    let reference_pg_cpu = cpu_since(pg.pid(), &pg_before);
 
     // walcast drains the same backlog into Redis, then into Redis and analytics.
     let (redis_secs, redis_rss, redis_cpu, walcast) =
-        drain(&env_redis, redis_only.pid(), || async {
+        drain(&env_redis, redis_only.pid(), pg.pid(), || async {
             redis_only.total().await >= events
         })
         .await;
@@ -132,7 +135,7 @@ async fn main() {
         .await
         .unwrap()
         .get(0);
-    let (both_secs, both_rss, both_cpu, walcast) = drain(&env, redis.pid(), || async {
+    let (both_secs, both_rss, both_cpu, walcast) = drain(&env, redis.pid(), pg.pid(), || async {
         redis.total().await >= events
             && analytics
                 .query_one(
@@ -182,16 +185,18 @@ async fn main() {
         events / 100
     ));
     md.push_str(&format!(
-        "| pg_recvlogical drain | {reference_secs:.2} s, {:.0} events/s |\n",
-        events as f64 / reference_secs
+        "| pg_recvlogical drain | {reference_secs:.2} s, {:.0} events/s; CPU per event: postgres {:.1} µs |\n",
+        events as f64 / reference_secs,
+        reference_pg_cpu * 1e6 / events as f64,
     ));
     for (sinks, secs, rss_kb, cpu) in &drains {
         md.push_str(&format!(
-            "| walcast drain ({sinks}) | {secs:.2} s, {:.0} events/s, ratio {:.2}, peak RSS {rss_kb} kB; CPU per event: walcast {:.1} µs, redis-server {:.1} µs |\n",
+            "| walcast drain ({sinks}) | {secs:.2} s, {:.0} events/s, ratio {:.2}, peak RSS {rss_kb} kB; CPU per event: walcast {:.1} µs, redis-server {:.1} µs, postgres {:.1} µs |\n",
             events as f64 / secs,
             reference_secs / secs,
             cpu.walcast * 1e6 / events as f64,
             cpu.redis * 1e6 / events as f64,
+            cpu.postgres * 1e6 / events as f64,
         ));
     }
     for p in &phases {
@@ -203,11 +208,12 @@ async fn main() {
     print!("{md}");
     let report = serde_json::json!({
         "events": events,
-        "pg_recvlogical": {"seconds": reference_secs, "events_per_s": events as f64 / reference_secs},
+        "pg_recvlogical": {"seconds": reference_secs, "events_per_s": events as f64 / reference_secs,
+            "cpu_seconds": {"postgres": reference_pg_cpu}},
         "drains": drains.iter().map(|(sinks, secs, rss, cpu)| serde_json::json!({
             "sinks": sinks, "seconds": secs, "events_per_s": events as f64 / secs,
             "ratio": reference_secs / secs, "peak_rss_kb": rss,
-            "cpu_seconds": {"walcast": cpu.walcast, "redis_server": cpu.redis},
+            "cpu_seconds": {"walcast": cpu.walcast, "redis_server": cpu.redis, "postgres": cpu.postgres},
         })).collect::<Vec<_>>(),
         "steady": phases.iter().map(|p| serde_json::json!({
             "rate": p.rate, "seconds": steady_secs, "achieved_per_s": p.achieved,
@@ -355,38 +361,68 @@ async fn steady(
     }
 }
 
-/// CPU seconds (user + system) spent during a drain.
+/// CPU seconds (user + system) spent during a drain: by walcast, by the redis-server it
+/// writes to, and by PostgreSQL's processes (the walsender decoding for walcast, and the
+/// analytics sink's backend when there is one).
 struct DrainCpu {
     walcast: f64,
     redis: f64,
+    postgres: f64,
 }
 
-/// CPU seconds (user + system) a process has used so far, from /proc/{pid}/stat.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+/// The parent pid and the CPU seconds (user + system) used so far of a process, from
+/// /proc/{pid}/stat; `None` when it is gone.
+fn stat(pid: u32) -> Option<(u32, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?;
     // SAFETY: sysconf only reads a constant.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ticks as f64 / per_second as f64
+    Some((fields[1].parse().ok()?, ticks as f64 / per_second as f64))
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    stat(pid).expect("the process is running").1
+}
+
+/// CPU seconds of each child of `parent` (PostgreSQL's backends), by pid.
+fn children_cpu(parent: u32) -> HashMap<u32, f64> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let (ppid, cpu) = stat(pid)?;
+            (ppid == parent).then_some((pid, cpu))
+        })
+        .collect()
+}
+
+/// CPU seconds `parent`'s children used since `before` was taken (children that started
+/// since count whole; ones that ended since are missed).
+fn cpu_since(parent: u32, before: &HashMap<u32, f64>) -> f64 {
+    children_cpu(parent)
+        .into_iter()
+        .map(|(pid, cpu)| cpu - before.get(&pid).copied().unwrap_or(0.0))
+        .sum()
 }
 
 /// Starts `walcast run` and waits until `done`; seconds taken (start-up included), peak
-/// RSS in kB, the CPU walcast and the redis-server at `redis_pid` used meanwhile, and the
-/// still running process.
-async fn drain<F, Fut>(env: &Env, redis_pid: u32, done: F) -> (f64, String, DrainCpu, Walcast)
+/// RSS in kB, the CPU walcast, the redis-server at `redis_pid` and the PostgreSQL under
+/// `postmaster` used meanwhile, and the still running process.
+async fn drain<F, Fut>(
+    env: &Env,
+    redis_pid: u32,
+    postmaster: u32,
+    done: F,
+) -> (f64, String, DrainCpu, Walcast)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let started = Instant::now();
     let redis_before = cpu_seconds(redis_pid);
+    let pg_before = children_cpu(postmaster);
     let walcast = env.spawn_run();
     eventually(
         "walcast drained the backlog",
@@ -398,6 +434,7 @@ where
     let cpu = DrainCpu {
         walcast: cpu_seconds(walcast.pid()),
         redis: cpu_seconds(redis_pid) - redis_before,
+        postgres: cpu_since(postmaster, &pg_before),
     };
     let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", walcast.pid()))
         .unwrap()

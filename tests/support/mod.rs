@@ -274,6 +274,11 @@ impl Postgres {
         }
     }
 
+    /// The postmaster's pid; backends are its children.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
     }
