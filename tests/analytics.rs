@@ -225,6 +225,17 @@ async fn facts_and_aggregates_match_the_enrichment_rules() {
     assert!(report.contains("analytics events     6"), "{report}");
 }
 
+/// The 300 s podcast of [`stack_with`], as the content cache holds it.
+fn episode() -> Arc<Content> {
+    Arc::new(Content {
+        id: EPISODE.into(),
+        slug: Some("episode".into()),
+        title: Some("An episode".into()),
+        content_type: Some("podcast".into()),
+        length_seconds: Some(300),
+    })
+}
+
 /// An event at `position` with everything but the identity fixed.
 fn event(id: i64, position: Position, user: &str, content: &Arc<Content>) -> EnrichedEvent {
     let ts: DateTime<Utc> = "2026-11-21T10:00:00Z".parse().unwrap();
@@ -279,13 +290,7 @@ async fn replayed_and_overlapping_batches_never_count_twice() {
         migrated,
         ["003_analytics_schema", "004_backfill", "005_webhook"]
     );
-    let content = Arc::new(Content {
-        id: EPISODE.into(),
-        slug: Some("episode".into()),
-        title: Some("An episode".into()),
-        content_type: Some("podcast".into()),
-        length_seconds: Some(300),
-    });
+    let content = episode();
     let at = |lsn: u64, seq: u32| Position::new(Lsn(lsn), seq);
     let batch = |events: Vec<EnrichedEvent>| Batch {
         events,
@@ -341,13 +346,7 @@ async fn replayed_and_overlapping_batches_never_count_twice() {
 async fn redis_writes_count_once_across_chunks_replays_and_a_concurrent_backfill() {
     let redis = Redis::start().await;
     let mut sink = RedisSink::connect(&redis.url()).await.unwrap();
-    let content = Arc::new(Content {
-        id: EPISODE.into(),
-        slug: Some("episode".into()),
-        title: Some("An episode".into()),
-        content_type: Some("podcast".into()),
-        length_seconds: Some(300),
-    });
+    let content = episode();
     let streamed = |ids: std::ops::RangeInclusive<i64>, lsn: u64| Batch {
         events: ids
             .map(|id| event(id, Position::new(Lsn(lsn), id as u32), ALICE, &content))

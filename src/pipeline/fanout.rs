@@ -16,8 +16,10 @@
 //! buffer.
 //!
 //! A sink that fell behind catches up by writing everything queued (up to a batch's worth
-//! of rows) in one write: one Redis script, one PostgreSQL transaction, instead of paying
-//! the per-write cost once per small batch.
+//! of rows) in one write: a few Redis transactions, one PostgreSQL transaction, instead of
+//! paying the per-write cost once per small batch. While a sink keeps up, it lingers
+//! between writes ([`Sink::linger`]) so that a steady stream of small transactions is
+//! written in groups too.
 //!
 //! Confirmations travel on an unbounded channel on purpose: they are bounded by the
 //! batches in flight (the queue capacities), and a bounded one could deadlock a sink

@@ -5,9 +5,9 @@
 //! confirmed batch N. Exactly-once rests on two rules every sink keeps:
 //!
 //! 1. It stores the highest [`Position`] it applied atomically with the data (Redis: in the
-//!    same script; PostgreSQL: in the same transaction), and skips positions at or below
-//!    it. After a crash the slot replays from the last acknowledged commit, which may be
-//!    behind what a sink applied; the checkpoint makes that replay a no-op.
+//!    same MULTI/EXEC or script; PostgreSQL: in the same transaction), and skips positions
+//!    at or below it. After a crash the slot replays from the last acknowledged commit,
+//!    which may be behind what a sink applied; the checkpoint makes that replay a no-op.
 //! 2. Each write is idempotent per event id, so a backfill overlapping the stream changes
 //!    nothing twice. Backfill batches (rows read from the table, with no WAL position of
 //!    their own) rely on this rule alone: they bypass the checkpoint, and each sink stores

@@ -6,14 +6,15 @@
 //! `walcast:ids:{n}` (set: already applied, e.g. by a backfill or by the stream before a
 //! backfill), so counters never count an event twice, however old it is.
 //!
-//! Streamed events take two round trips of plain commands, optimistic like any
-//! compare-and-set: `WATCH` the checkpoint and the id bitmaps and read them, then apply the
-//! events the guards let through in one `MULTI`/`EXEC`, which Redis refuses if a watched
-//! key changed in between (a backfill running at the same time). Measured with the same
-//! payloads, Redis spends about 12 µs per event on these commands against about 22 µs
-//! for the same work done by a Lua script, whose every `redis.call` costs as much again
-//! as the command itself. After a few refusals in a row, and for backfills, one Lua
-//! script applies the write instead: it needs no watch, so no writer can starve it.
+//! A write takes two round trips of plain commands per 500 events, optimistic like any
+//! compare-and-set: `WATCH` the id bitmaps (and the stream's checkpoint) and read them,
+//! then apply the events the guards let through, with the checkpoint or the backfill's
+//! cursor, in one `MULTI`/`EXEC`, which Redis refuses if a watched key changed in between
+//! (the stream and a backfill writing at the same time). In the e2e benchmark's drain,
+//! redis-server spent 16 µs per event on these commands against 21 µs for the same work
+//! done by a Lua script, whose every `redis.call` costs about as much again as the command
+//! itself. After a few refusals in a row the script applies the write: it needs no watch,
+//! so no writer can starve another.
 //!
 //! Keys (DESIGN.md, "Redis"):
 //!
@@ -216,31 +217,35 @@ impl RedisSink {
         match (backfill, super::last_position(batches)) {
             (Some(mark), _) => {
                 let key = format!("{BACKFILL_KEY_PREFIX}{}", mark.job);
-                let cursor = mark.cursor.map_or(String::new(), |id| id.to_string());
-                self.run_script(&planned, key, "backfill", cursor).await
+                self.apply_chunks(&planned, Progress::Backfill(&key, mark.cursor))
+                    .await
             }
             // Acknowledgement markers only: nothing to write.
             (None, None) => Ok(()),
-            (None, Some(last)) => self.apply_stream(&planned, last).await,
+            (None, Some(last)) => self.apply_chunks(&planned, Progress::Stream(last)).await,
         }
     }
 
-    /// Streamed events, in chunks of [`CHUNK_EVENTS`], each applied with the checkpoint at
-    /// its last event: a crash between chunks leaves a checkpoint the replay skips to.
-    async fn apply_stream(
+    /// The events in chunks of [`CHUNK_EVENTS`], each applied with the progress at its last
+    /// event (the checkpoint at its position, a backfill's cursor at its id: backfills read
+    /// in id order), the last one with `progress`: a crash between chunks leaves progress
+    /// that a replay or a resumed backfill starts after.
+    async fn apply_chunks(
         &mut self,
         planned: &[Planned<'_>],
-        last: Position,
+        progress: Progress<'_>,
     ) -> Result<(), SinkError> {
         let mut chunks = planned.chunks(CHUNK_EVENTS).peekable();
         if chunks.peek().is_none() {
-            // Dead letters only: the checkpoint still moves.
-            return self.apply_chunk(&[], last).await;
+            // Dead letters only, or a finished backfill: the progress still moves.
+            return self.apply_chunk(&[], progress).await;
         }
         while let Some(chunk) = chunks.next() {
-            let upto = match chunks.peek() {
-                Some(_) => chunk.last().expect("chunks are not empty").event.position,
-                None => last,
+            let last = chunk.last().expect("chunks are not empty").event;
+            let upto = match (chunks.peek(), progress) {
+                (None, _) => progress,
+                (Some(_), Progress::Stream(_)) => Progress::Stream(last.position),
+                (Some(_), Progress::Backfill(key, _)) => Progress::Backfill(key, Some(last.id)),
             };
             self.apply_chunk(chunk, upto).await?;
         }
@@ -252,8 +257,9 @@ impl RedisSink {
     async fn apply_chunk(
         &mut self,
         planned: &[Planned<'_>],
-        upto: Position,
+        progress: Progress<'_>,
     ) -> Result<(), SinkError> {
+        let stream = matches!(progress, Progress::Stream(_));
         // Events by id bitmap, each with its bit's offset.
         let mut shards: BTreeMap<i64, Vec<(usize, i64)>> = BTreeMap::new();
         for (i, p) in planned.iter().enumerate() {
@@ -263,26 +269,39 @@ impl RedisSink {
                 .or_default()
                 .push((i, id.rem_euclid(IDS_PER_SHARD)));
         }
+        // The keys the guards read: a backfill's own cursor is no guard.
+        let mut watched: Vec<String> = shards.keys().map(|shard| ids_key(*shard)).collect();
+        if stream {
+            watched.push(CHECKPOINT_KEY.to_owned());
+        }
         for _ in 0..WATCH_ATTEMPTS {
             let mut read = redis::pipe();
-            read.cmd("WATCH").arg(CHECKPOINT_KEY);
-            for shard in shards.keys() {
-                read.arg(ids_key(*shard));
+            if !watched.is_empty() {
+                read.cmd("WATCH").arg(&watched).ignore();
             }
-            read.ignore().cmd("GET").arg(CHECKPOINT_KEY);
+            if stream {
+                read.cmd("GET").arg(CHECKPOINT_KEY);
+            }
             for (shard, members) in &shards {
                 read.cmd("BITFIELD_RO").arg(ids_key(*shard));
                 for (_, offset) in members {
                     read.arg("GET").arg("u1").arg(*offset);
                 }
             }
-            let mut replies: Vec<redis::Value> = read.query_async(self.conn().await?).await?;
-            let bits = replies.split_off(1);
-            let stored: Option<String> =
-                redis::from_redis_value(replies.remove(0)).map_err(redis::RedisError::from)?;
-            let checkpoint = stored
-                .map(|s| Position::from_sortable(&s).ok_or(SinkError::BadCheckpoint(s)))
-                .transpose()?;
+            let mut bits: Vec<redis::Value> = if watched.is_empty() {
+                Vec::new()
+            } else {
+                read.query_async(self.conn().await?).await?
+            };
+            let checkpoint = if stream {
+                let stored: Option<String> =
+                    redis::from_redis_value(bits.remove(0)).map_err(redis::RedisError::from)?;
+                stored
+                    .map(|s| Position::from_sortable(&s).ok_or(SinkError::BadCheckpoint(s)))
+                    .transpose()?
+            } else {
+                None
+            };
             let mut applied = vec![false; planned.len()];
             for ((_, members), bits) in shards.iter().zip(bits) {
                 let bits: Vec<i64> =
@@ -302,7 +321,11 @@ impl RedisSink {
                 })
                 .map(|(p, _)| p)
                 .collect();
-            let write = transaction(&fresh, checkpoint.is_none_or(|c| upto > c).then_some(upto));
+            let record = match progress {
+                Progress::Stream(upto) if checkpoint.is_some_and(|c| upto <= c) => None,
+                other => Some(other),
+            };
+            let write = transaction(&fresh, record);
             // `None`: EXEC refused, a watched key changed since it was read.
             let done: Option<Vec<redis::Value>> = write.query_async(self.conn().await?).await?;
             if done.is_some() {
@@ -310,13 +333,15 @@ impl RedisSink {
             }
             tracing::debug!("a concurrent write changed the redis guards; trying again");
         }
-        self.run_script(
-            planned,
-            CHECKPOINT_KEY.to_owned(),
-            "stream",
-            upto.to_sortable(),
-        )
-        .await
+        let (key, mode, mark) = match progress {
+            Progress::Stream(upto) => (CHECKPOINT_KEY.to_owned(), "stream", upto.to_sortable()),
+            Progress::Backfill(key, cursor) => (
+                key.to_owned(),
+                "backfill",
+                cursor.map_or(String::new(), |id| id.to_string()),
+            ),
+        };
+        self.run_script(planned, key, mode, mark).await
     }
 
     /// One call of the batch script (see [`APPLY_BATCH`]).
@@ -389,16 +414,35 @@ impl<'a> Planned<'a> {
     }
 }
 
-/// The `MULTI`/`EXEC` that applies `fresh` and, when given, moves the checkpoint.
-fn transaction(fresh: &[&Planned], checkpoint: Option<Position>) -> redis::Pipeline {
+/// What a write records besides the events, in the same transaction.
+#[derive(Debug, Clone, Copy)]
+enum Progress<'a> {
+    /// The stream's checkpoint moves to this position.
+    Stream(Position),
+    /// A backfill's cursor (its key, the highest id applied) moves; `None`: the backfill
+    /// finished, and the cursor goes.
+    Backfill(&'a str, Option<i64>),
+}
+
+/// The `MULTI`/`EXEC` that applies `fresh` and, when given, records the progress.
+fn transaction(fresh: &[&Planned], progress: Option<Progress>) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.atomic();
     apply_commands(&mut pipe, fresh);
-    if let Some(position) = checkpoint {
-        pipe.cmd("SET")
-            .arg(CHECKPOINT_KEY)
-            .arg(position.to_sortable())
-            .ignore();
+    match progress {
+        None => {}
+        Some(Progress::Stream(position)) => {
+            pipe.cmd("SET")
+                .arg(CHECKPOINT_KEY)
+                .arg(position.to_sortable())
+                .ignore();
+        }
+        Some(Progress::Backfill(key, Some(id))) => {
+            pipe.cmd("SET").arg(key).arg(id).ignore();
+        }
+        Some(Progress::Backfill(key, None)) => {
+            pipe.cmd("DEL").arg(key).ignore();
+        }
     }
     pipe
 }
@@ -409,7 +453,7 @@ fn transaction(fresh: &[&Planned], checkpoint: Option<Position>) -> redis::Pipel
 pub fn encode_transaction(events: &[EnrichedEvent], now: i64) -> Vec<u8> {
     let planned: Vec<Planned> = events.iter().map(|e| Planned::new(e, now, false)).collect();
     let fresh: Vec<&Planned> = planned.iter().collect();
-    let last = events.last().map(|e| e.position);
+    let last = events.last().map(|e| Progress::Stream(e.position));
     transaction(&fresh, last).get_packed_pipeline()
 }
 
