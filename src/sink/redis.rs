@@ -178,7 +178,7 @@ pub struct RedisSink {
 /// write holds encoded.
 const CHUNK_EVENTS: usize = 500;
 
-/// How often a streamed write is tried with `WATCH` before the script applies it.
+/// How often a chunk is tried with `WATCH` before the script applies it.
 const WATCH_ATTEMPTS: usize = 3;
 
 impl RedisSink {
@@ -206,6 +206,18 @@ impl RedisSink {
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// `GET key`; a failure drops the connection, as a failed write does.
+    async fn get(&mut self, key: &str) -> Result<Option<String>, redis::RedisError> {
+        let result = redis::cmd("GET")
+            .arg(key)
+            .query_async(self.conn().await?)
+            .await;
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
     }
 
     async fn apply(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
@@ -578,10 +590,7 @@ impl Sink for RedisSink {
     }
 
     async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
-        let stored: Option<String> = redis::cmd("GET")
-            .arg(CHECKPOINT_KEY)
-            .query_async(self.conn().await?)
-            .await?;
+        let stored = self.get(CHECKPOINT_KEY).await?;
         stored
             .map(|s| Position::from_sortable(&s).ok_or(SinkError::BadCheckpoint(s)))
             .transpose()
@@ -596,10 +605,7 @@ impl Sink for RedisSink {
     }
 
     async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
-        let stored: Option<String> = redis::cmd("GET")
-            .arg(format!("{BACKFILL_KEY_PREFIX}{job}"))
-            .query_async(self.conn().await?)
-            .await?;
+        let stored = self.get(&format!("{BACKFILL_KEY_PREFIX}{job}")).await?;
         stored
             .map(|s| s.parse().map_err(|_| SinkError::BadCheckpoint(s)))
             .transpose()
