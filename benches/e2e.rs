@@ -5,7 +5,10 @@
 //!    drains one (pgoutput to /dev/null: the source-side physical limit), walcast with the
 //!    Redis sink only the second, and walcast with Redis and the analytics sink the third,
 //!    one after the other; events/s of each and the ratio to pg_recvlogical, from the same
-//!    run.
+//!    run, and the CPU per event of walcast, redis-server and PostgreSQL in each. As the
+//!    Redis side's floor, this process then sends the two writes per event the contract
+//!    asks for (`SET event:{id} … EX`, `XADD`) plainly to a fresh Redis and reports its
+//!    CPU per event.
 //! 2. Steady load: single-row inserts from 8 connections at each rate of `E2E_RATES`
 //!    (default 1000,5000 events/s) for `E2E_STEADY_SECS` (default 60) while walcast (both
 //!    sinks) streams. A reader on the `events:play` stream (XREAD BLOCK) compares each
@@ -128,6 +131,9 @@ async fn main() {
         })
         .await;
     drop(walcast);
+    // Redis's own floor for the same events: the two writes per event the contract asks
+    // for, sent plainly by this process.
+    let floor_us = redis_floor(&redis_only, events.min(200_000)).await;
     // The load has one writer, so commit order is id order: once the last id is in the
     // analytics table, everything is (batches commit whole). An index probe, not a count.
     let last_id: i64 = db
@@ -189,6 +195,9 @@ async fn main() {
         events as f64 / reference_secs,
         reference_pg_cpu * 1e6 / events as f64,
     ));
+    md.push_str(&format!(
+        "| Redis floor: `SET event:{{id}} … EX` + `XADD events:{{type}}` per event, pipelined 500 at a time from outside walcast | redis-server CPU per event {floor_us:.1} µs |\n"
+    ));
     for (sinks, secs, rss_kb, cpu) in &drains {
         md.push_str(&format!(
             "| walcast drain ({sinks}) | {secs:.2} s, {:.0} events/s, ratio {:.2}, peak RSS {rss_kb} kB; CPU per event: walcast {:.1} µs, redis-server {:.1} µs, postgres {:.1} µs |\n",
@@ -208,6 +217,7 @@ async fn main() {
     print!("{md}");
     let report = serde_json::json!({
         "events": events,
+        "redis_floor_us_per_event": floor_us,
         "pg_recvlogical": {"seconds": reference_secs, "events_per_s": events as f64 / reference_secs,
             "cpu_seconds": {"postgres": reference_pg_cpu}},
         "drains": drains.iter().map(|(sinks, secs, rss, cpu)| serde_json::json!({
@@ -359,6 +369,42 @@ async fn steady(
         rss_kb: kb("VmRSS:"),
         peak_rss_kb: kb("VmHWM:"),
     }
+}
+
+/// redis-server CPU in µs per event for `n` events' `SET event:{id} <json> EX 86400` and
+/// `XADD events:play MAXLEN ~ 100000 * event <json>`, in pipelines of 500, into a fresh
+/// Redis. The JSON is that of an event walcast wrote to `drained`.
+async fn redis_floor(drained: &Redis, n: i64) -> f64 {
+    let json = drained
+        .event(1)
+        .await
+        .expect("event 1 in redis")
+        .to_string();
+    let redis = Redis::start().await;
+    let mut conn = redis.conn().await;
+    let before = cpu_seconds(redis.pid());
+    for first in (0..n).step_by(500) {
+        let mut pipe = redis::pipe();
+        for id in first..(first + 500).min(n) {
+            pipe.cmd("SET")
+                .arg(format!("event:{id}"))
+                .arg(&json)
+                .arg("EX")
+                .arg(86400)
+                .ignore();
+            pipe.cmd("XADD")
+                .arg("events:play")
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(100_000)
+                .arg("*")
+                .arg("event")
+                .arg(&json)
+                .ignore();
+        }
+        pipe.exec_async(&mut conn).await.unwrap();
+    }
+    (cpu_seconds(redis.pid()) - before) * 1e6 / n as f64
 }
 
 /// CPU seconds (user + system) spent during a drain: by walcast, by the redis-server it
