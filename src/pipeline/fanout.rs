@@ -205,6 +205,25 @@ pub async fn run(
     Ok(())
 }
 
+/// Moves what is queued into `group` while it fits in `write_rows`; the first batch that
+/// does not fit is returned, to start the next write.
+fn take_queued(
+    queue: &mut mpsc::UnboundedReceiver<Queued>,
+    group: &mut Vec<Queued>,
+    rows: &mut usize,
+    write_rows: usize,
+) -> Option<Queued> {
+    while *rows < write_rows {
+        let Ok(next) = queue.try_recv() else { break };
+        if *rows + next.0.1.rows() > write_rows {
+            return Some(next);
+        }
+        *rows += next.0.1.rows();
+        group.push(next);
+    }
+    None
+}
+
 /// What a sink task shares with the rest of the process.
 struct Shared {
     release_source: Arc<Notify>,
@@ -236,22 +255,17 @@ async fn sink_task<S: Sink>(
                 None => break,
             },
         };
-        if let Some(last) = last_write {
-            // Sleeping holds no lock: the fan-out keeps queueing up to the queue's capacity.
-            tokio::time::sleep_until(last + linger).await;
-        }
-        last_write = (!linger.is_zero()).then(tokio::time::Instant::now);
         let mut rows = first.0.1.rows();
         let mut group = vec![first];
-        while rows < write_rows {
-            let Ok(next) = queue.try_recv() else { break };
-            if rows + next.0.1.rows() > write_rows {
-                carried = Some(next);
-                break;
-            }
-            rows += next.0.1.rows();
-            group.push(next);
+        carried = take_queued(&mut queue, &mut group, &mut rows, write_rows);
+        // Linger only while the write is not full: a sink with a full write queued is
+        // behind.
+        if let (Some(last), None, true) = (last_write, &carried, rows < write_rows) {
+            // Sleeping holds no lock: the fan-out keeps queueing up to the queue's capacity.
+            tokio::time::sleep_until(last + linger).await;
+            carried = take_queued(&mut queue, &mut group, &mut rows, write_rows);
         }
+        last_write = (!linger.is_zero()).then(tokio::time::Instant::now);
         let seq = group.last().expect("one at least").0.0;
         let batches: Vec<&Batch> = group.iter().map(|(numbered, _)| &numbered.1).collect();
         let mut attempt: u32 = 0;
@@ -394,6 +408,40 @@ mod tests {
             seen.push(write);
         }
         assert_eq!(seen, [vec![1], vec![1, 1, 1, 1, 1]]);
+    }
+
+    /// A sink with more queued than one write takes does not linger: it is behind.
+    #[tokio::test(start_paused = true)]
+    async fn a_sink_that_is_behind_writes_without_lingering() {
+        let limits = QueueLimits {
+            queue_rows: 100,
+            write_rows: 2,
+        };
+        let mut sinks = Sinks::new(limits, Health::new(&[SinkKind::Redis]));
+        let (writes_tx, mut writes) = mpsc::unbounded_channel();
+        sinks.add(Recorder {
+            linger: Duration::from_secs(10),
+            writes: writes_tx,
+        });
+        let (batches_tx, batches_rx) = mpsc::channel(16);
+        let (ack_tx, _ack_rx) = watch::channel(Lsn(0));
+        for lsn in 1..=6 {
+            batches_tx.send(one_row(lsn)).await.unwrap();
+        }
+        drop(batches_tx);
+        let started = tokio::time::Instant::now();
+        run(sinks, batches_rx, Lsn(0), ack_tx).await.unwrap();
+        let mut seen = Vec::new();
+        while let Ok(write) = writes.try_recv() {
+            seen.push(write);
+        }
+        assert_eq!(seen, [vec![1, 1], vec![1, 1], vec![1, 1]]);
+        // On the paused clock only a sleep moves time: no linger but the last write's.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -32,8 +32,8 @@ pub trait Sink: Send + 'static {
     /// The shortest time between the starts of two writes while the sink keeps up. Rows
     /// that arrive meanwhile go into the next write together: under a steady stream of
     /// small transactions a write then carries many rows instead of one, for the cost of
-    /// one. A sink that is behind writes at once (its last write took longer than this),
-    /// and so does one that was idle.
+    /// one. A sink that is behind writes at once (a full write is queued, or its last write
+    /// took longer than this), and so does one that was idle.
     fn linger(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
