@@ -377,21 +377,30 @@ mod tests {
         batch
     }
 
-    /// After a write, a lingering sink waits before the next one, and what arrived
-    /// meanwhile goes into it together.
-    #[tokio::test(start_paused = true)]
-    async fn a_lingering_sink_takes_what_arrived_meanwhile_in_one_write() {
-        let linger = Duration::from_millis(100);
+    /// One [`Recorder`] behind a fan-out queue of 100 rows, and the rows of each of its
+    /// writes.
+    fn recording(
+        write_rows: usize,
+        linger: Duration,
+    ) -> (Sinks, mpsc::UnboundedReceiver<Vec<usize>>) {
         let limits = QueueLimits {
             queue_rows: 100,
-            write_rows: 100,
+            write_rows,
         };
         let mut sinks = Sinks::new(limits, Health::new(&[SinkKind::Redis]));
-        let (writes_tx, mut writes) = mpsc::unbounded_channel();
+        let (writes_tx, writes) = mpsc::unbounded_channel();
         sinks.add(Recorder {
             linger,
             writes: writes_tx,
         });
+        (sinks, writes)
+    }
+
+    /// After a write, a lingering sink waits before the next one, and what arrived
+    /// meanwhile goes into it together.
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_sink_takes_what_arrived_meanwhile_in_one_write() {
+        let (sinks, mut writes) = recording(100, Duration::from_millis(100));
         let (batches_tx, batches_rx) = mpsc::channel(16);
         let (ack_tx, _ack_rx) = watch::channel(Lsn(0));
         let fanout = tokio::spawn(run(sinks, batches_rx, Lsn(0), ack_tx));
@@ -413,16 +422,7 @@ mod tests {
     /// A sink with more queued than one write takes does not linger: it is behind.
     #[tokio::test(start_paused = true)]
     async fn a_sink_that_is_behind_writes_without_lingering() {
-        let limits = QueueLimits {
-            queue_rows: 100,
-            write_rows: 2,
-        };
-        let mut sinks = Sinks::new(limits, Health::new(&[SinkKind::Redis]));
-        let (writes_tx, mut writes) = mpsc::unbounded_channel();
-        sinks.add(Recorder {
-            linger: Duration::from_secs(10),
-            writes: writes_tx,
-        });
+        let (sinks, mut writes) = recording(2, Duration::from_secs(10));
         let (batches_tx, batches_rx) = mpsc::channel(16);
         let (ack_tx, _ack_rx) = watch::channel(Lsn(0));
         for lsn in 1..=6 {
