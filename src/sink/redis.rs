@@ -472,12 +472,14 @@ pub fn encode_transaction(events: &[EnrichedEvent], now: i64) -> Vec<u8> {
 /// Appends the commands that apply `fresh` (events no guard stopped), with the same
 /// result as the script: per event its key, its bit and its stream entry; counters,
 /// leaderboard scores and recent lists summed over the events and written once per key.
-fn apply_commands(pipe: &mut redis::Pipeline, fresh: &[&Planned]) {
-    let mut counts: Vec<(String, i64)> = Vec::new();
-    let mut count = |field: String| match counts.iter_mut().find(|(f, _)| *f == field) {
-        Some((_, n)) => *n += 1,
-        None => counts.push((field, 1)),
-    };
+fn apply_commands<'a>(pipe: &mut redis::Pipeline, fresh: &[&'a Planned<'a>]) {
+    // `stats:events` fields as (prefix, name), so counting allocates nothing per event.
+    let mut counts: Vec<((&str, &'a str), i64)> = Vec::new();
+    let mut count =
+        |field: (&'static str, &'a str)| match counts.iter_mut().find(|(f, _)| *f == field) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((field, 1)),
+        };
     // Minute bucket -> (expiry, content -> hundredths); list key -> ids, oldest first.
     let mut scores: BTreeMap<&str, (i64, BTreeMap<&str, i64>)> = BTreeMap::new();
     let mut lists: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
@@ -517,12 +519,9 @@ fn apply_commands(pipe: &mut redis::Pipeline, fresh: &[&Planned]) {
             .entry(event.id.div_euclid(IDS_PER_SHARD))
             .or_default()
             .push(event.id.rem_euclid(IDS_PER_SHARD));
-        count("total".to_owned());
-        count(format!("type:{}", p.event_type()));
-        count(format!(
-            "device:{}",
-            event.device.as_deref().unwrap_or("unknown")
-        ));
+        count(("", "total"));
+        count(("type:", p.event_type()));
+        count(("device:", event.device.as_deref().unwrap_or("unknown")));
     }
     for (shard, offsets) in shards {
         pipe.cmd("BITFIELD").arg(ids_key(shard));
@@ -531,10 +530,10 @@ fn apply_commands(pipe: &mut redis::Pipeline, fresh: &[&Planned]) {
         }
         pipe.ignore();
     }
-    for (field, n) in counts {
+    for ((prefix, name), n) in counts {
         pipe.cmd("HINCRBY")
             .arg("stats:events")
-            .arg(field)
+            .arg(format!("{prefix}{name}"))
             .arg(n)
             .ignore();
     }
