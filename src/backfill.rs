@@ -78,9 +78,7 @@ pub async fn run(
     let started = Instant::now();
     let pg_config = config.source.pg_config()?;
     let pg_error = |context| move |source| Error::Postgres { context, source };
-    let client = source::connect(&pg_config)
-        .await
-        .map_err(pg_error("connecting to WALCAST_SOURCE_URL"))?;
+    let client = crate::pg::connect("WALCAST_SOURCE_URL", &pg_config).await?;
     for done in source::ensure_publication(&client, &config.source).await? {
         tracing::info!("{done}");
     }
@@ -150,14 +148,18 @@ pub async fn run(
     );
 
     let health = Health::new(&config.destinations.sinks.kinds);
+    // A one-off command holding a snapshot open: a sink that is not there fails it at
+    // once rather than keep the snapshot (and the server's old row versions) waiting.
     let (sinks, cursors) = open_sinks(
         &config.source,
         &config.destinations,
         config.batch_max_events,
         &health,
         Some(&job),
+        None::<&mut std::future::Pending<()>>,
     )
-    .await?;
+    .await?
+    .expect("without a stop trigger, opening ends in the sinks or an error");
     // Resume only when every sink has a cursor: one without has applied nothing of it.
     let resumed_after = cursors
         .iter()

@@ -28,13 +28,31 @@ fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Where the source database is and which slot and publication walcast owns there.
+/// Where the source database is.
 #[derive(Debug, Clone, Args)]
-pub struct SourceArgs {
+pub struct SourceUrl {
     /// Source PostgreSQL, as a URL (postgres://user:pass@host:5432/db) or key=value string.
     /// The role needs the REPLICATION attribute.
     #[arg(long, env = "WALCAST_SOURCE_URL", hide_env_values = true)]
     pub source_url: String,
+}
+
+impl SourceUrl {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.pg_config().map(drop)
+    }
+
+    /// The URL parsed the way tokio-postgres parses it.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        parse_pg_url("WALCAST_SOURCE_URL", &self.source_url)
+    }
+}
+
+/// Where the source database is and which slot and publication walcast owns there.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    pub url: SourceUrl,
 
     /// Logical replication slot walcast reads from (pgoutput).
     #[arg(long, env = "WALCAST_SLOT", default_value = "walcast")]
@@ -65,20 +83,42 @@ impl SourceArgs {
                 ));
             }
         }
-        self.pg_config()?;
-        Ok(())
+        self.url.validate()
     }
 
     /// The URL parsed the way tokio-postgres parses it.
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        parse_pg_url("WALCAST_SOURCE_URL", &self.source_url)
+        self.url.pg_config()
     }
+}
+
+/// What to say when a URL does not parse, or parses into something odd: the usual cause is
+/// a password with a character that has a meaning in URLs.
+const PERCENT_ENCODING_HINT: &str = "if the user name or password contains @, /, :, ?, # or %, \
+     percent-encode it (@ is %40, / is %2F, : is %3A, ? is %3F, # is %23, % is %25)";
+
+/// A URL whose authority (between `://` and the path) holds more than one `@`: the
+/// password has an unencoded `@`, and the part after it would be taken for the host.
+fn has_unencoded_at(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority.matches('@').count() > 1
 }
 
 /// A PostgreSQL URL or key=value string, parsed the way tokio-postgres parses it.
 fn parse_pg_url(setting: &'static str, url: &str) -> Result<tokio_postgres::Config, ConfigError> {
-    let config =
-        tokio_postgres::Config::from_str(url).map_err(|e| invalid(setting, e.to_string()))?;
+    if has_unencoded_at(url) {
+        return Err(invalid(
+            setting,
+            format!("the URL has more than one @ before its host; {PERCENT_ENCODING_HINT}"),
+        ));
+    }
+    let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+        let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(" ({c})"));
+        invalid(setting, format!("{e}{cause}; {PERCENT_ENCODING_HINT}"))
+    })?;
     if config.get_hosts().is_empty() {
         return Err(invalid(setting, "names no host"));
     }
@@ -102,11 +142,30 @@ pub struct AnalyticsArgs {
 
 impl AnalyticsArgs {
     /// The analytics connection settings: WALCAST_ANALYTICS_URL, or else the source's.
-    pub fn pg_config(&self, source: &SourceArgs) -> Result<tokio_postgres::Config, ConfigError> {
+    pub fn pg_config(&self, source: &SourceUrl) -> Result<tokio_postgres::Config, ConfigError> {
         match &self.analytics_url {
             Some(url) => parse_pg_url("WALCAST_ANALYTICS_URL", url),
             None => source.pg_config(),
         }
+    }
+}
+
+impl RedisArgs {
+    /// The URL parses (nothing is connected yet).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if has_unencoded_at(&self.redis_url) {
+            return Err(invalid(
+                "WALCAST_REDIS_URL",
+                format!("the URL has more than one @ before its host; {PERCENT_ENCODING_HINT}"),
+            ));
+        }
+        redis::Client::open(self.redis_url.as_str()).map_err(|e| {
+            invalid(
+                "WALCAST_REDIS_URL",
+                format!("{e}; expected redis://[user:password@]host[:port][/db]; {PERCENT_ENCODING_HINT}"),
+            )
+        })?;
+        Ok(())
     }
 }
 
@@ -198,6 +257,39 @@ pub enum OnFailure {
 /// The webhook sink (`WALCAST_SINKS=...,webhook`).
 #[derive(Debug, Clone, Args)]
 pub struct WebhookArgs {
+    #[command(flatten)]
+    pub endpoint: WebhookEndpoint,
+
+    /// Most events in one POST.
+    #[arg(long, env = "WALCAST_WEBHOOK_BATCH_MAX_EVENTS", default_value_t = 500)]
+    pub webhook_batch_max_events: usize,
+
+    /// After a 4xx or an exhausted budget: `dead-letter` the batch and go on, or `block`.
+    #[arg(
+        long,
+        env = "WALCAST_WEBHOOK_ON_FAILURE",
+        value_enum,
+        default_value = "dead-letter"
+    )]
+    pub webhook_on_failure: OnFailure,
+}
+
+impl WebhookArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.endpoint.validate()?;
+        if self.webhook_batch_max_events == 0 {
+            return Err(invalid(
+                "WALCAST_WEBHOOK_BATCH_MAX_EVENTS",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where and how the webhook's batches are POSTed (also what a dead-letter replay uses).
+#[derive(Debug, Clone, Args)]
+pub struct WebhookEndpoint {
     /// Where batches are POSTed (http or https).
     #[arg(long, env = "WALCAST_WEBHOOK_URL", hide_env_values = true)]
     pub webhook_url: Option<String>,
@@ -215,10 +307,6 @@ pub struct WebhookArgs {
     )]
     pub webhook_secret_file: Option<std::path::PathBuf>,
 
-    /// Most events in one POST.
-    #[arg(long, env = "WALCAST_WEBHOOK_BATCH_MAX_EVENTS", default_value_t = 500)]
-    pub webhook_batch_max_events: usize,
-
     /// How long one POST may take, e.g. `10s`.
     #[arg(long, env = "WALCAST_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub webhook_timeout: Duration,
@@ -227,18 +315,9 @@ pub struct WebhookArgs {
     /// failure policy applies, e.g. `5m`.
     #[arg(long, env = "WALCAST_WEBHOOK_RETRY_BUDGET", default_value = "5m", value_parser = humantime::parse_duration)]
     pub webhook_retry_budget: Duration,
-
-    /// After a 4xx or an exhausted budget: `dead-letter` the batch and go on, or `block`.
-    #[arg(
-        long,
-        env = "WALCAST_WEBHOOK_ON_FAILURE",
-        value_enum,
-        default_value = "dead-letter"
-    )]
-    pub webhook_on_failure: OnFailure,
 }
 
-impl WebhookArgs {
+impl WebhookEndpoint {
     /// The URL, required once the webhook sink is in use.
     pub fn url(&self) -> Result<reqwest::Url, ConfigError> {
         let url = self.webhook_url.as_deref().ok_or_else(|| {
@@ -282,12 +361,6 @@ impl WebhookArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.url()?;
         self.secret()?;
-        if self.webhook_batch_max_events == 0 {
-            return Err(invalid(
-                "WALCAST_WEBHOOK_BATCH_MAX_EVENTS",
-                "must be at least 1",
-            ));
-        }
         if self.webhook_timeout.is_zero() {
             return Err(invalid("WALCAST_WEBHOOK_TIMEOUT", "must be more than 0"));
         }
@@ -325,7 +398,10 @@ impl Destinations {
         }
         // The webhook keeps its checkpoint, outbox and dead letters there too.
         if self.sinks.contains(SinkKind::Postgres) || self.sinks.contains(SinkKind::Webhook) {
-            self.analytics.pg_config(source)?;
+            self.analytics.pg_config(&source.url)?;
+        }
+        if self.sinks.contains(SinkKind::Redis) {
+            self.redis.validate()?;
         }
         if self.sinks.contains(SinkKind::Webhook) {
             self.webhook.validate()?;
@@ -521,6 +597,37 @@ mod tests {
         assert_eq!(parse_interval("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_interval("1m30s").unwrap(), Duration::from_secs(90));
         assert!(parse_interval("ten").is_err());
+    }
+
+    #[test]
+    fn urls_that_do_not_parse_suggest_percent_encoding() {
+        let pg = |url: &str| {
+            parse_pg_url("WALCAST_SOURCE_URL", url)
+                .unwrap_err()
+                .to_string()
+        };
+        let message = pg("postgres://walcast:p@ss@db.internal:5432/app");
+        assert!(message.contains("percent-encode"), "{message}");
+        assert!(!message.contains("p@ss"), "no secret in {message}");
+        let message = pg("postgres://walcast:pa/ss@db.internal:5432/app");
+        assert!(message.contains("percent-encode"), "{message}");
+        assert!(
+            parse_pg_url(
+                "WALCAST_SOURCE_URL",
+                "postgres://walcast:p%40ss@db:5432/app"
+            )
+            .is_ok()
+        );
+        let redis = |url: &str| RedisArgs {
+            redis_url: url.to_owned(),
+        };
+        let message = redis("redis://:p@ss@cache:6379")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("WALCAST_REDIS_URL") && message.contains("percent-encode"));
+        assert!(redis("http://cache:6379").validate().is_err());
+        assert!(redis("redis://:p%40ss@cache:6379").validate().is_ok());
     }
 
     #[test]

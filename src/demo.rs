@@ -70,12 +70,14 @@ pub enum DemoError {
     Pipeline(#[from] crate::Error),
     #[error(transparent)]
     Generate(#[from] crate::generate::GenerateError),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", crate::pg::detail(source))]
     Postgres {
         context: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -134,9 +136,12 @@ fn as_server_user(mut cmd: Command, user: Option<(u32, u32)>) -> Command {
 }
 
 /// Makes the child receive `signal` when the demo dies, however it dies (even SIGKILL),
-/// so no server outlives it.
+/// so no server outlives it, and puts it in a process group of its own: the terminal's
+/// Ctrl-C goes to the demo's group only, so the servers keep serving while walcast
+/// drains into them, and the demo stops them afterwards.
 fn dies_with_parent(mut cmd: Command, signal: i32) -> Command {
     use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
     // parent; it is the only thing done between fork and exec.
     unsafe {
@@ -151,6 +156,52 @@ fn dies_with_parent(mut cmd: Command, signal: i32) -> Command {
     cmd
 }
 
+/// What to remove if the demo must end at once (a second Ctrl-C): the servers' process
+/// groups and their directory. Filled in as the servers start.
+#[derive(Debug, Clone, Default)]
+pub struct Cleanup(std::sync::Arc<std::sync::Mutex<CleanupState>>);
+
+#[derive(Debug, Default)]
+struct CleanupState {
+    groups: Vec<i32>,
+    dir: Option<PathBuf>,
+}
+
+impl Cleanup {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CleanupState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn dir(&self, dir: &Path) {
+        self.lock().dir = Some(dir.to_owned());
+    }
+
+    fn group(&self, pid: u32) {
+        self.lock().groups.push(pid as i32);
+    }
+
+    /// Kills every server's process group and removes their directory, now.
+    pub fn now(&self) {
+        let state = self.lock();
+        for &group in &state.groups {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
+        let Some(dir) = &state.dir else { return };
+        // The killed servers may still be closing files for a moment.
+        for _ in 0..50 {
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
 /// PostgreSQL and Redis in a temp dir, stopped and removed on drop.
 pub struct LocalServers {
     pub pg_port: u16,
@@ -161,11 +212,12 @@ pub struct LocalServers {
 }
 
 impl LocalServers {
-    pub async fn start() -> Result<LocalServers, DemoError> {
+    pub async fn start(cleanup: &Cleanup) -> Result<LocalServers, DemoError> {
         let initdb = find_binary("initdb", "postgresql")?;
         let postgres_bin = find_binary("postgres", "postgresql")?;
         let redis_bin = find_binary("redis-server", "redis-server")?;
         let dir = tempfile::Builder::new().prefix("walcast-demo-").tempdir()?;
+        cleanup.dir(dir.path());
         let user = unprivileged();
         let data = dir.path().join("pg");
         if let Some((uid, gid)) = user {
@@ -204,6 +256,7 @@ impl LocalServers {
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
+        cleanup.group(postgres.id());
         let redis_port = free_port()?;
         let redis = dies_with_parent(Command::new(&redis_bin), libc::SIGTERM)
             .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
@@ -211,6 +264,7 @@ impl LocalServers {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
+        cleanup.group(redis.id());
         let servers = LocalServers {
             pg_port,
             redis_port,
@@ -290,12 +344,14 @@ pub struct Snapshot {
 }
 
 /// Runs the demo until `duration` is over or `stop` completes; returns the last view.
+/// `cleanup` learns what to remove should the process have to end at once.
 pub async fn run(
     args: DemoArgs,
     stop: impl std::future::Future<Output = ()>,
+    cleanup: &Cleanup,
 ) -> Result<Snapshot, DemoError> {
     eprintln!("starting PostgreSQL and Redis in a temp dir…");
-    let servers = LocalServers::start().await?;
+    let servers = LocalServers::start(cleanup).await?;
     let (admin, connection) =
         tokio_postgres::connect(&servers.pg_url("postgres"), tokio_postgres::NoTls)
             .await
@@ -309,9 +365,11 @@ pub async fn run(
         .batch_execute("CREATE DATABASE demo")
         .await
         .map_err(pg("creating the demo database"))?;
-    let db = crate::source::connect(&servers.pg_url("demo").parse().expect("a well-formed URL"))
-        .await
-        .map_err(pg("connecting to the demo database"))?;
+    let db = crate::pg::connect(
+        "the demo database",
+        &servers.pg_url("demo").parse().expect("a well-formed URL"),
+    )
+    .await?;
     crate::source::create_schema(&db)
         .await
         .map_err(|e| DemoError::Server(e.to_string()))?;
@@ -339,12 +397,17 @@ pub async fn run(
     .map_err(|e| DemoError::Server(e.to_string()))?
     .run;
     let source: SourceArgs = config.source.clone();
+    // The slot before the generator's first row: every event is streamed, so the summary
+    // adds up and the drain below ends as soon as everything arrived.
+    crate::source::ensure(&db, &source)
+        .await
+        .map_err(|e| DemoError::Server(e.to_string()))?;
     let done = CancellationToken::new();
     let pipeline = tokio::spawn(crate::pipeline::run(config, done.clone().cancelled_owned()));
     let stop_generator = CancellationToken::new();
     let generator = {
         let args = GenerateArgs {
-            source,
+            source: source.url.clone(),
             rate: args.rate,
             duration: None,
             bad_share: args.bad_share,
@@ -439,7 +502,9 @@ impl View {
     ) -> Result<View, DemoError> {
         Ok(View {
             db,
-            redis: redis_sink::connect(&servers.redis_url()).await?,
+            redis: redis_sink::connect(&servers.redis_url())
+                .await
+                .map_err(|e| DemoError::Server(e.to_string()))?,
             metrics: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
             titles: BTreeMap::new(),
             previous_buckets: Vec::new(),

@@ -19,7 +19,7 @@ use rand::seq::IndexedRandom;
 use rand_distr::{Distribution, Zipf};
 use tokio_postgres::Client;
 
-use crate::config::SourceArgs;
+use crate::config::SourceUrl;
 
 /// Rows per tick are spread over this period.
 const TICK: Duration = Duration::from_millis(100);
@@ -40,7 +40,7 @@ const EVENT_TYPES: [(&str, u32); 4] = [("play", 45), ("pause", 20), ("finish", 1
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
-    pub source: SourceArgs,
+    pub source: SourceUrl,
 
     /// Events per second.
     #[arg(long, env = "WALCAST_GENERATE_RATE", default_value_t = 1000)]
@@ -65,7 +65,7 @@ pub struct GenerateArgs {
 pub enum GenerateError {
     #[error("{0}")]
     Invalid(String),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", crate::pg::detail(source))]
     Postgres {
         context: &'static str,
         #[source]
@@ -73,6 +73,8 @@ pub enum GenerateError {
     },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
 }
 
 fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> GenerateError {
@@ -118,9 +120,7 @@ pub async fn run(
             "--content must be at least 1".into(),
         ));
     }
-    let client = crate::source::connect(&args.source.pg_config()?)
-        .await
-        .map_err(pg("connecting to WALCAST_SOURCE_URL"))?;
+    let client = crate::pg::connect("WALCAST_SOURCE_URL", &args.source.pg_config()?).await?;
     let catalogue = ensure_catalogue(&client, args.content).await?;
     let schema = schema(&client).await?;
     let statement = client

@@ -271,7 +271,7 @@ impl Probe {
                     .is_none_or(tokio_postgres::Client::is_closed)
                 {
                     *client = Some(
-                        crate::source::connect(config)
+                        crate::pg::connect("WALCAST_ANALYTICS_URL", config)
                             .await
                             .map_err(|e| e.to_string())?,
                     );

@@ -30,6 +30,7 @@ pub mod generate;
 pub mod health;
 pub mod lsn;
 pub mod metrics;
+pub mod pg;
 pub mod pipeline;
 pub mod shutdown;
 pub mod sink;
@@ -48,12 +49,14 @@ pub enum Error {
     Replication(#[from] source::ReplicationError),
     #[error(transparent)]
     Fanout(#[from] pipeline::FanoutError),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", crate::pg::detail(source))]
     Postgres {
         context: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error(transparent)]
+    Connect(#[from] pg::ConnectError),
     #[error("cannot start sink {sink}: {source}")]
     SinkStart {
         sink: &'static str,

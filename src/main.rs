@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 
 use walcast::config::{
     AnalyticsArgs, BackfillConfig, LogArgs, LogFormat, RedisArgs, RunConfig, SinkArgs, SinkKind,
-    SourceArgs, WebhookArgs,
+    SourceArgs, SourceUrl, WebhookEndpoint,
 };
 use walcast::shutdown::{self, CancellationToken};
 use walcast::sink::redis as redis_sink;
@@ -67,20 +67,24 @@ enum ReplaySink {
 #[derive(Debug, Args)]
 struct ReplayArgs {
     /// The sink whose dead letters to send again.
-    #[arg(long, value_enum)]
+    #[arg(long, env = "WALCAST_REPLAY_SINK", value_enum)]
     sink: ReplaySink,
     #[command(flatten)]
-    source: SourceArgs,
+    source: SourceUrl,
     #[command(flatten)]
     analytics: AnalyticsArgs,
     #[command(flatten)]
-    webhook: WebhookArgs,
+    webhook: WebhookEndpoint,
 }
 
 #[derive(Debug, Args)]
 struct VerifyArgs {
     #[command(flatten)]
-    endpoints: Endpoints,
+    source: SourceUrl,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    analytics: AnalyticsArgs,
     /// Which sinks to check (the webhook cannot be checked from here).
     #[command(flatten)]
     sinks: SinkArgs,
@@ -91,7 +95,7 @@ struct SetupArgs {
     #[command(flatten)]
     source: SourceArgs,
     /// Also create the source tables (sql/001_source_schema.sql) where they are missing.
-    #[arg(long)]
+    #[arg(long, env = "WALCAST_SETUP_CREATE_SCHEMA")]
     create_schema: bool,
 }
 
@@ -103,7 +107,7 @@ struct StatusArgs {
     #[command(flatten)]
     sinks: SinkArgs,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "WALCAST_STATUS_JSON")]
     json: bool,
 }
 
@@ -123,10 +127,10 @@ struct TopArgs {
     #[command(flatten)]
     redis: RedisArgs,
     /// How many minute buckets, ending with the current minute.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=120))]
+    #[arg(long, env = "WALCAST_TOP_MINUTES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=120))]
     minutes: u32,
     /// How many entries to print.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "WALCAST_TOP_LIMIT", default_value_t = 10)]
     limit: usize,
 }
 
@@ -150,18 +154,23 @@ async fn main() -> std::process::ExitCode {
 }
 
 /// The error and its causes joined by ": ", leaving out a cause whose text the message
-/// already holds (several errors quote their source in their own message).
+/// already holds (several errors quote their source in their own message). A PostgreSQL
+/// error is printed with the server's own words ([`walcast::pg::detail`]), which cover its
+/// causes.
 fn chain(err: &anyhow::Error) -> String {
     let mut message = String::new();
     for cause in err.chain() {
-        let text = cause.to_string();
-        if message.contains(&text) {
-            continue;
+        let postgres = cause.downcast_ref::<tokio_postgres::Error>();
+        let text = postgres.map_or_else(|| cause.to_string(), walcast::pg::detail);
+        if !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
         }
-        if !message.is_empty() {
-            message.push_str(": ");
+        if postgres.is_some() {
+            break;
         }
-        message.push_str(&text);
     }
     message
 }
@@ -197,8 +206,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo(args) => {
             let token = CancellationToken::new();
-            shutdown::on_signals(token.clone());
-            let last = walcast::demo::run(args, token.cancelled_owned()).await?;
+            let cleanup = walcast::demo::Cleanup::default();
+            shutdown::on_signals_then(token.clone(), {
+                let cleanup = cleanup.clone();
+                move || cleanup.now()
+            });
+            let last = walcast::demo::run(args, token.cancelled_owned(), &cleanup).await?;
             println!("{}", walcast::demo::summary(&last));
         }
         Command::Generate(args) => {
@@ -217,7 +230,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Setup(args) => {
             args.source.validate()?;
-            let client = connect(&args.source).await?;
+            let client = connect(&args.source.url).await?;
             if args.create_schema {
                 source::create_schema(&client).await?;
                 println!("source schema present");
@@ -235,7 +248,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Teardown(source_args) => {
             source_args.validate()?;
-            let client = connect(&source_args).await?;
+            let client = connect(&source_args.url).await?;
             let done = source::teardown(&client, &source_args).await?;
             for line in &done {
                 println!("{line}");
@@ -270,9 +283,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Top(args) => {
-            let mut conn = redis_sink::connect(&args.redis.redis_url)
-                .await
-                .context("connecting to WALCAST_REDIS_URL")?;
+            args.redis.validate()?;
+            let mut conn = redis_sink::connect(&args.redis.redis_url).await?;
             let entries =
                 redis_sink::top(&mut conn, args.minutes, args.limit, chrono::Utc::now()).await?;
             if entries.is_empty() {
@@ -286,10 +298,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(source_args: &SourceArgs) -> anyhow::Result<tokio_postgres::Client> {
-    source::connect(&source_args.pg_config()?)
-        .await
-        .context("connecting to WALCAST_SOURCE_URL")
+async fn connect(source_args: &SourceUrl) -> anyhow::Result<tokio_postgres::Client> {
+    Ok(walcast::pg::connect("WALCAST_SOURCE_URL", &source_args.pg_config()?).await?)
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<bool> {
@@ -310,23 +320,26 @@ async fn status(args: StatusArgs) -> anyhow::Result<bool> {
 
 async fn analytics_client(
     analytics: &AnalyticsArgs,
-    source_args: &SourceArgs,
+    source_args: &SourceUrl,
 ) -> anyhow::Result<tokio_postgres::Client> {
-    source::connect(&analytics.pg_config(source_args)?)
-        .await
-        .context("connecting to WALCAST_ANALYTICS_URL")
+    Ok(walcast::pg::connect("WALCAST_ANALYTICS_URL", &analytics.pg_config(source_args)?).await?)
 }
 
 /// Prints the reconciliation report; `false` when something differs.
 async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
-    let Endpoints {
+    let VerifyArgs {
         source: source_args,
         redis: redis_args,
         analytics: analytics_args,
-    } = &args.endpoints;
+        sinks,
+    } = &args;
     source_args.validate()?;
+    if sinks.contains(SinkKind::Redis) {
+        redis_args.validate()?;
+    }
+    analytics_args.pg_config(source_args)?;
     let source_client = connect(source_args).await?;
-    let analytics = if args.sinks.contains(SinkKind::Postgres) {
+    let analytics = if sinks.contains(SinkKind::Postgres) {
         Some(analytics_client(analytics_args, source_args).await?)
     } else {
         None
@@ -341,10 +354,8 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
                 .context("reconciling the analytics schema")?,
         );
     }
-    if args.sinks.contains(SinkKind::Redis) {
-        let mut conn = redis_sink::connect(&redis_args.redis_url)
-            .await
-            .context("connecting to WALCAST_REDIS_URL")?;
+    if sinks.contains(SinkKind::Redis) {
+        let mut conn = redis_sink::connect(&redis_args.redis_url).await?;
         report.redis_total = Some(
             redis_sink::total(&mut conn)
                 .await

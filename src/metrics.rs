@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use metrics::{counter, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::event::Batch;
@@ -30,17 +32,138 @@ pub const SINK_CHECKPOINT_LAG_BYTES: &str = "walcast_sink_checkpoint_lag_bytes";
 pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walcast_slot_safe_wal_size_bytes";
 pub const HEARTBEATS_TOTAL: &str = "walcast_heartbeats_total";
 
+/// Why a row or a batch became a dead letter: every value `walcast_dead_letters_total`
+/// can carry in its `reason` label.
+pub const DEAD_LETTER_REASONS: [&str; 6] = [
+    crate::enrich::REASON_INVALID_VALUE,
+    crate::enrich::REASON_MISSING_COLUMN,
+    crate::enrich::REASON_NULL_EVENT_TS,
+    REASON_UNDECODABLE,
+    crate::sink::webhook::REASON_REJECTED,
+    crate::sink::webhook::REASON_EXHAUSTED,
+];
+
+/// A change whose bytes or values could not be decoded.
+pub const REASON_UNDECODABLE: &str = "undecodable";
+
+/// The outcomes of `walcast_sink_batches_total`.
+pub const OUTCOMES: [&str; 4] = ["ok", "retry", "dead_letter", "error"];
+
 /// Installs the Prometheus recorder; the handle renders `/metrics` (see `health::serve`).
-pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+/// Every metric gets its HELP text, and every counter an alert or the dashboard reads is
+/// exported at 0 for each label value known in advance (`sinks`: those in use), so that
+/// `increase()` sees the first event: a series that first appears at 1 has no increase.
+pub fn install(
+    sinks: &[&'static str],
+) -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let buckets = [
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ];
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
             &buckets,
         )?
-        .install_recorder()
+        .install_recorder()?;
+    describe();
+    zero_counters(sinks);
+    Ok(handle)
+}
+
+/// HELP text of every metric.
+fn describe() {
+    describe_gauge!(
+        REPLICATION_LAG_BYTES,
+        Unit::Bytes,
+        "The server's current WAL position minus the position every sink confirmed."
+    );
+    describe_gauge!(
+        REPLICATION_LAG_SECONDS,
+        Unit::Seconds,
+        "How long the oldest transaction read but not yet confirmed by every sink has waited since its commit; 0 when none is waiting."
+    );
+    describe_gauge!(
+        SLOT_RETAINED_WAL_BYTES,
+        Unit::Bytes,
+        "WAL the server keeps for the slot (current position minus restart_lsn)."
+    );
+    describe_gauge!(
+        SLOT_SAFE_WAL_SIZE_BYTES,
+        Unit::Bytes,
+        "WAL that can still be written before the slot is invalidated (only with max_slot_wal_keep_size)."
+    );
+    describe_gauge!(
+        SINK_CHECKPOINT_LAG_BYTES,
+        Unit::Bytes,
+        "The server's current WAL position minus what the sink has applied."
+    );
+    describe_counter!(
+        EVENTS_TOTAL,
+        "Row changes decoded from the replication stream, by table and operation."
+    );
+    describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        "Rows that could not be events and webhook batches given up on, by reason."
+    );
+    describe_counter!(
+        CONTENT_MISSING_TOTAL,
+        "Events delivered with content_missing (their content_id NULL or unknown)."
+    );
+    describe_counter!(
+        SINK_BATCHES_TOTAL,
+        "Sink writes by outcome: ok, retry (transient failure), dead_letter (webhook batch given up on), error (permanent)."
+    );
+    describe_histogram!(SINK_WRITE_SECONDS, Unit::Seconds, "Time of one sink write.");
+    describe_histogram!(
+        END_TO_END_SECONDS,
+        Unit::Seconds,
+        "Commit timestamp to sink confirmation, one observation per event."
+    );
+    describe_gauge!(
+        CONTENT_CACHE_ENTRIES,
+        "Content rows in the enrichment cache."
+    );
+    describe_gauge!(
+        FLUSHED_LSN,
+        "The position every sink confirmed and walcast reported to PostgreSQL, as a number."
+    );
+    describe_counter!(
+        REPLICATION_RECONNECTS_TOTAL,
+        "Replication sessions opened after a lost one."
+    );
+    describe_counter!(
+        HEARTBEATS_TOTAL,
+        "Heartbeats written to the WAL (pg_logical_emit_message)."
+    );
+}
+
+/// Every counter at 0, for every label value known in advance.
+fn zero_counters(sinks: &[&'static str]) {
+    for reason in DEAD_LETTER_REASONS {
+        counter!(DEAD_LETTERS_TOTAL, "reason" => reason).increment(0);
+    }
+    for sink in sinks {
+        for outcome in OUTCOMES {
+            counter!(SINK_BATCHES_TOTAL, "sink" => *sink, "outcome" => outcome).increment(0);
+        }
+    }
+    for table in [
+        crate::enrich::EVENTS_TABLE,
+        crate::enrich::CONTENT_TABLE,
+        "other",
+    ] {
+        for op in ["insert", "update", "delete", "truncate"] {
+            counter!(EVENTS_TOTAL, "table" => table, "op" => op).increment(0);
+        }
+    }
+    counter!(CONTENT_MISSING_TOTAL).increment(0);
+    counter!(REPLICATION_RECONNECTS_TOTAL).increment(0);
+    counter!(HEARTBEATS_TOTAL).increment(0);
+}
+
+/// A row or batch went to the dead letters.
+pub fn dead_lettered(reason: &'static str) {
+    counter!(DEAD_LETTERS_TOTAL, "reason" => reason).increment(1);
 }
 
 /// Changes decoded by the source, per table and operation, counted over one batch.
@@ -72,7 +195,7 @@ impl ChangeCounts {
             self.content_missing = 0;
         }
         for dead in &batch.dead_letters {
-            counter!(DEAD_LETTERS_TOTAL, "reason" => dead.reason).increment(1);
+            dead_lettered(dead.reason);
         }
     }
 }

@@ -14,6 +14,13 @@ pub use tokio_util::sync::CancellationToken;
 /// Cancels `token` on the first SIGTERM or SIGINT, and exits the process with status 130 on
 /// the second.
 pub fn on_signals(token: CancellationToken) {
+    on_signals_then(token, || {});
+}
+
+/// [`on_signals`], running `last_words` before the exit on the second signal (the demo
+/// removes its servers there).
+pub fn on_signals_then(token: CancellationToken, last_words: impl FnOnce() + Send + 'static) {
+    let mut last_words = Some(last_words);
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -35,6 +42,9 @@ pub fn on_signals(token: CancellationToken) {
                 token.cancel();
             } else {
                 tracing::warn!("second signal: exiting now; the next start resumes from the slot");
+                if let Some(last_words) = last_words.take() {
+                    last_words();
+                }
                 std::process::exit(130);
             }
         }

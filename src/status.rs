@@ -48,6 +48,9 @@ pub struct SinkCheckpoint {
     pub lag_bytes: Option<u64>,
     /// Why the checkpoint could not be read.
     pub error: Option<String>,
+    /// Something worth knowing that is not an error, e.g. that the analytics schema does
+    /// not exist yet before the first `walcast run`.
+    pub note: Option<String>,
 }
 
 impl Report {
@@ -66,10 +69,7 @@ pub async fn collect(
     analytics: &AnalyticsArgs,
     sinks: &SinkArgs,
 ) -> anyhow::Result<Report> {
-    use anyhow::Context;
-    let client = source::connect(&source_args.pg_config()?)
-        .await
-        .context("connecting to WALCAST_SOURCE_URL")?;
+    let client = crate::pg::connect("WALCAST_SOURCE_URL", &source_args.pg_config()?).await?;
     let info = source::slot_info(&client, &source_args.slot).await?;
     let current = match &info {
         Some(info) => info.current_wal_lsn,
@@ -98,17 +98,29 @@ pub async fn collect(
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {} s", SINK_TIMEOUT.as_secs())));
         checkpoints.push(match read {
-            Ok(position) => SinkCheckpoint {
+            Ok(Stored::At(position)) => SinkCheckpoint {
                 sink: kind.name(),
                 checkpoint: position.map(|p| p.to_string()),
                 lag_bytes: position.map(|p| current.bytes_since(p.commit_lsn)),
                 error: None,
+                note: None,
+            },
+            Ok(Stored::NoSchema) => SinkCheckpoint {
+                sink: kind.name(),
+                checkpoint: None,
+                lag_bytes: None,
+                error: None,
+                note: Some(
+                    "the analytics schema does not exist yet; the first walcast run creates it"
+                        .to_owned(),
+                ),
             },
             Err(error) => SinkCheckpoint {
                 sink: kind.name(),
                 checkpoint: None,
                 lag_bytes: None,
                 error: Some(error),
+                note: None,
             },
         });
     }
@@ -118,30 +130,42 @@ pub async fn collect(
     })
 }
 
+/// What a sink holds as its checkpoint.
+enum Stored {
+    At(Option<Position>),
+    /// The analytics schema, where the checkpoint would be, is not there yet.
+    NoSchema,
+}
+
 async fn read_checkpoint(
     kind: SinkKind,
     redis: &RedisArgs,
     analytics: &AnalyticsArgs,
     source_args: &SourceArgs,
-) -> Result<Option<Position>, String> {
+) -> Result<Stored, String> {
     match kind {
         SinkKind::Redis => {
             let mut sink = RedisSink::connect(&redis.redis_url)
                 .await
-                .map_err(|e| format!("unreachable: {e}"))?;
-            sink.checkpoint().await.map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            sink.checkpoint()
+                .await
+                .map(Stored::At)
+                .map_err(|e| e.to_string())
         }
         // Both keep their checkpoint in the analytics database, under their own name.
         SinkKind::Postgres | SinkKind::Webhook => {
             let config = analytics
-                .pg_config(source_args)
+                .pg_config(&source_args.url)
                 .map_err(|e| e.to_string())?;
-            let client = source::connect(&config)
+            let client = crate::pg::connect("WALCAST_ANALYTICS_URL", &config)
                 .await
-                .map_err(|e| format!("unreachable: {e}"))?;
-            postgres_sink::read_checkpoint(&client, kind.name())
-                .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            match postgres_sink::read_checkpoint(&client, kind.name()).await {
+                Ok(position) => Ok(Stored::At(position)),
+                Err(e) if crate::pg::is_undefined_object(&e) => Ok(Stored::NoSchema),
+                Err(e) => Err(crate::pg::detail(&e)),
+            }
         }
     }
 }
@@ -202,6 +226,12 @@ impl fmt::Display for Report {
         for sink in &self.sinks {
             match (&sink.error, &sink.checkpoint) {
                 (Some(error), _) => writeln!(f, "  {:<9} error: {error}", sink.sink)?,
+                (None, None) if sink.note.is_some() => writeln!(
+                    f,
+                    "  {:<9} {}",
+                    sink.sink,
+                    sink.note.as_deref().unwrap_or_default()
+                )?,
                 (None, None) => writeln!(f, "  {:<9} nothing applied yet", sink.sink)?,
                 (None, Some(checkpoint)) => writeln!(
                     f,

@@ -11,7 +11,10 @@ mod content;
 mod transform;
 
 pub use content::{Content, ContentCache};
-pub use transform::{engagement_pct, engagement_seconds, event as row_event, parse_timestamptz};
+pub use transform::{
+    REASON_INVALID_VALUE, REASON_MISSING_COLUMN, REASON_NULL_EVENT_TS, engagement_pct,
+    engagement_seconds, event as row_event, parse_timestamptz,
+};
 
 use std::collections::HashMap;
 use std::sync::Arc;

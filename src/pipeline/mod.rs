@@ -54,23 +54,30 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// Streams until `shutdown` completes or an error stops it.
 pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     config.validate()?;
+    let mut shutdown = std::pin::pin!(shutdown);
     let health = Health::new(&config.destinations.sinks.kinds);
     // Tasks that live as long as this function: dropping the set stops them.
     let mut background = JoinSet::new();
     if let Some(addr) = config.metrics_addr()? {
-        let handle = metrics::install().map_err(|e| Error::Metrics(e.to_string()))?;
+        let names: Vec<&'static str> = config
+            .destinations
+            .sinks
+            .kinds
+            .iter()
+            .map(|k| k.name())
+            .collect();
+        let handle = metrics::install(&names).map_err(|e| Error::Metrics(e.to_string()))?;
         let bound = health::serve(addr, handle, Arc::clone(&health))
             .await
             .map_err(|e| Error::Metrics(format!("cannot listen on {addr}: {e}")))?;
         tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     }
+    // Probes first, so /readyz tells which sink is unreachable while walcast waits for it.
+    for (index, probe) in probes(&config)?.into_iter().enumerate() {
+        background.spawn(health::probe_forever(probe, Arc::clone(&health), index));
+    }
     let pg_config = config.source.pg_config()?;
-    let client = source::connect(&pg_config)
-        .await
-        .map_err(|source| Error::Postgres {
-            context: "connecting to WALCAST_SOURCE_URL",
-            source,
-        })?;
+    let client = crate::pg::connect("WALCAST_SOURCE_URL", &pg_config).await?;
     for done in ensure_source(&client, &config.source).await? {
         tracing::info!("{done}");
     }
@@ -97,17 +104,19 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     metrics::content_cache_entries(cache.len());
     tracing::info!(entries = cache.len(), "content cache loaded");
 
-    let (sinks, _) = open_sinks(
+    let opened = open_sinks(
         &config.source,
         &config.destinations,
         config.batch_max_events,
         &health,
         None,
+        Some(&mut shutdown),
     )
     .await?;
-    for (index, probe) in probes(&config)?.into_iter().enumerate() {
-        background.spawn(health::probe_forever(probe, Arc::clone(&health), index));
-    }
+    let Some((sinks, _)) = opened else {
+        tracing::info!("stopped before every sink was reachable; nothing was read");
+        return Ok(());
+    };
     let release_source = Arc::clone(&sinks.release_source);
     let monitor = tokio::spawn(
         source::Monitor {
@@ -160,7 +169,7 @@ fn probes(config: &RunConfig) -> Result<Vec<Probe>, Error> {
                     problem: e.to_string(),
                 })
             }),
-            SinkKind::Postgres => Ok(Probe::postgres(to.analytics.pg_config(&config.source)?)),
+            SinkKind::Postgres => Ok(Probe::postgres(to.analytics.pg_config(&config.source.url)?)),
             // A system walcast does not control: judged by its deliveries, not probed.
             SinkKind::Webhook => Ok(Probe::Deliveries),
         })
@@ -199,13 +208,19 @@ async fn ensure_source(
 /// Connects every configured sink and reads its checkpoint, so a sink that cannot start
 /// stops walcast before replication begins. With `backfill_job`, also reads each sink's
 /// cursor of that backfill (in the sinks' order).
-pub(crate) async fn open_sinks(
+///
+/// With `stop`, a sink that cannot be reached yet (refused, timed out, its server
+/// starting) is retried with the same backoff as a failed write, logged and counted as a
+/// `retry`, until it answers or `stop` completes (then `Ok(None)`); without, the first
+/// error ends it.
+pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
     source: &SourceArgs,
     to: &Destinations,
     batch_max_events: usize,
     health: &Arc<Health>,
     backfill_job: Option<&str>,
-) -> Result<(Sinks, Vec<Option<i64>>), Error> {
+    mut stop: Option<&mut S>,
+) -> Result<Option<(Sinks, Vec<Option<i64>>)>, Error> {
     let mut sinks = Sinks::new(
         QueueLimits {
             queue_rows: SINK_QUEUE_BATCHES * batch_max_events,
@@ -215,46 +230,72 @@ pub(crate) async fn open_sinks(
     );
     let mut cursors = Vec::new();
     for kind in &to.sinks.kinds {
-        let start = |source| Error::SinkStart {
-            sink: kind.name(),
-            source,
-        };
-        let migrated = |sink: &'static str, versions: Vec<&'static str>| {
-            for version in versions {
-                tracing::info!(sink, version, "analytics migration applied");
-            }
-        };
-        let job = backfill_job;
-        match kind {
-            SinkKind::Redis => {
-                let sink = RedisSink::connect(&to.redis.redis_url)
-                    .await
-                    .map_err(start)?;
-                add(&mut sinks, &mut cursors, sink, job)
-                    .await
-                    .map_err(start)?;
-            }
-            SinkKind::Postgres => {
-                let pg_config = to.analytics.pg_config(source)?;
-                let (sink, versions) = PostgresSink::connect(pg_config).await.map_err(start)?;
-                migrated(sink.name(), versions);
-                add(&mut sinks, &mut cursors, sink, job)
-                    .await
-                    .map_err(start)?;
-            }
-            SinkKind::Webhook => {
-                let pg_config = to.analytics.pg_config(source)?;
-                let (sink, versions) = WebhookSink::connect(&to.webhook, pg_config)
-                    .await
-                    .map_err(start)?;
-                migrated(sink.name(), versions);
-                add(&mut sinks, &mut cursors, sink, job)
-                    .await
-                    .map_err(start)?;
+        let mut attempt: u32 = 0;
+        loop {
+            let started = start_sink(*kind, source, to, &mut sinks, &mut cursors, backfill_job);
+            let error = match started.await {
+                Ok(()) => break,
+                Err(Error::SinkStart { sink, source }) if source.is_transient() => {
+                    Error::SinkStart { sink, source }
+                }
+                Err(err) => return Err(err),
+            };
+            let Some(stop) = stop.as_deref_mut() else {
+                return Err(error);
+            };
+            let delay = fanout::backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            metrics::sink_failed(kind.name(), "retry");
+            tracing::warn!(sink = kind.name(), %error, attempt, retry_in_ms = delay.as_millis() as u64, "sink not reachable at start, retrying");
+            tokio::select! {
+                () = &mut *stop => return Ok(None),
+                () = tokio::time::sleep(delay) => {}
             }
         }
     }
-    Ok((sinks, cursors))
+    Ok(Some((sinks, cursors)))
+}
+
+/// Connects one sink, proves it ready and starts feeding it.
+async fn start_sink(
+    kind: SinkKind,
+    source: &SourceArgs,
+    to: &Destinations,
+    sinks: &mut Sinks,
+    cursors: &mut Vec<Option<i64>>,
+    job: Option<&str>,
+) -> Result<(), Error> {
+    let start = |source| Error::SinkStart {
+        sink: kind.name(),
+        source,
+    };
+    let migrated = |sink: &'static str, versions: Vec<&'static str>| {
+        for version in versions {
+            tracing::info!(sink, version, "analytics migration applied");
+        }
+    };
+    match kind {
+        SinkKind::Redis => {
+            let sink = RedisSink::connect(&to.redis.redis_url)
+                .await
+                .map_err(start)?;
+            add(sinks, cursors, sink, job).await.map_err(start)
+        }
+        SinkKind::Postgres => {
+            let pg_config = to.analytics.pg_config(&source.url)?;
+            let (sink, versions) = PostgresSink::connect(pg_config).await.map_err(start)?;
+            migrated(sink.name(), versions);
+            add(sinks, cursors, sink, job).await.map_err(start)
+        }
+        SinkKind::Webhook => {
+            let pg_config = to.analytics.pg_config(&source.url)?;
+            let (sink, versions) = WebhookSink::connect(&to.webhook, pg_config)
+                .await
+                .map_err(start)?;
+            migrated(sink.name(), versions);
+            add(sinks, cursors, sink, job).await.map_err(start)
+        }
+    }
 }
 
 /// Starts feeding a sink that proved ready; with `backfill_job`, first reads its cursor.
@@ -484,8 +525,7 @@ impl SourceLoop {
             Ok(change) => change,
             Err(error) => {
                 tracing::error!(%lsn, %error, "undecodable pgoutput message skipped");
-                ::metrics::counter!(metrics::DEAD_LETTERS_TOTAL, "reason" => "undecodable")
-                    .increment(1);
+                metrics::dead_lettered(metrics::REASON_UNDECODABLE);
                 return;
             }
         };
@@ -521,8 +561,7 @@ impl SourceLoop {
             Ok(Outcome::Applied) => {}
             Err(error) => {
                 tracing::error!(%lsn, %error, "change skipped");
-                ::metrics::counter!(metrics::DEAD_LETTERS_TOTAL, "reason" => "undecodable")
-                    .increment(1);
+                metrics::dead_lettered(metrics::REASON_UNDECODABLE);
             }
         }
     }
@@ -566,6 +605,7 @@ impl SourceLoop {
             repl,
             batch_tx,
             mut ack_rx,
+            source,
             ..
         } = self;
         drop(batch_tx);
@@ -590,9 +630,30 @@ impl SourceLoop {
         if let Err(error) = repl.shutdown().await {
             tracing::debug!(%error, "replication stream closed with an error");
         }
-        tracing::info!(flushed = %last, "stopped");
+        let confirmed = tokio::time::timeout(FINAL_ACK_WAIT, confirm_final(&source, last)).await;
+        match confirmed {
+            Ok(Ok(slot_at)) if slot_at >= last => tracing::info!(flushed = %last, "stopped"),
+            Ok(Ok(slot_at)) => tracing::warn!(
+                flushed = %last, %slot_at,
+                "stopped; the slot did not show the final position in time (the next start \
+                 replays from the slot, and the sinks skip what they applied)"
+            ),
+            Ok(Err(error)) => {
+                tracing::warn!(flushed = %last, %error, "stopped; could not check the slot's final position")
+            }
+            Err(_) => {
+                tracing::warn!(flushed = %last, "stopped; the slot's final position could not be checked in time")
+            }
+        }
         fanned
     }
+}
+
+/// The slot shows `last` once the walsender has read the final status update (see
+/// [`source::confirm_slot`]).
+async fn confirm_final(source_args: &SourceArgs, last: Lsn) -> Result<Lsn, Error> {
+    let client = crate::pg::connect("WALCAST_SOURCE_URL", &source_args.pg_config()?).await?;
+    Ok(source::confirm_slot(&client, &source_args.slot, last, FINAL_ACK_WAIT).await?)
 }
 
 fn finish_fanout(

@@ -78,7 +78,13 @@ pub fn last_position(batches: &[&Batch]) -> Option<Position> {
 pub enum SinkError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    #[error("{context}: {}{}", postgres_detail(source), postgres_hint(source))]
+    #[error("cannot connect to WALCAST_REDIS_URL ({endpoint}): {source}")]
+    RedisConnect {
+        endpoint: String,
+        #[source]
+        source: ::redis::RedisError,
+    },
+    #[error("{context}: {}{}", crate::pg::detail(source), postgres_hint(source))]
     Postgres {
         context: &'static str,
         #[source]
@@ -89,6 +95,8 @@ pub enum SinkError {
     /// The destination cannot work as configured; the message says what to change.
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
     /// The webhook did not accept a batch within its retry budget, with
     /// `WALCAST_WEBHOOK_ON_FAILURE=block`: retried until it does.
     #[error("webhook: {0}")]
@@ -101,15 +109,6 @@ pub enum SinkError {
 /// system errors.
 fn is_transient_sqlstate(code: &str) -> bool {
     matches!(&code[..2], "08" | "40" | "53" | "57" | "58") || code == "55P03"
-}
-
-/// The server's own words (`ERROR 23514: new row … violates check constraint …`) where
-/// tokio-postgres would print only "db error".
-fn postgres_detail(err: &tokio_postgres::Error) -> String {
-    match err.as_db_error() {
-        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-        None => err.to_string(),
-    }
 }
 
 /// What an operator can do about a permanent PostgreSQL error.
@@ -147,6 +146,10 @@ impl SinkError {
             SinkError::Postgres { source, .. } => source
                 .code()
                 .is_none_or(|code| is_transient_sqlstate(code.code())),
+            SinkError::Connect(err) => err.is_transient(),
+            SinkError::RedisConnect { source, .. } => {
+                source.is_io_error() || source.is_timeout() || source.is_connection_refusal()
+            }
             SinkError::WebhookBlocked(_) => true,
             SinkError::BadCheckpoint(_) | SinkError::Unsupported(_) => false,
         }

@@ -204,21 +204,9 @@ impl Session {
     }
 }
 
-/// Connects and drives the connection on a task of its own.
+/// Connects to the analytics database.
 async fn connect(config: &tokio_postgres::Config) -> Result<Client, SinkError> {
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|source| SinkError::Postgres {
-            context: "connecting to WALCAST_ANALYTICS_URL",
-            source,
-        })?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(sink = NAME, %error, "analytics connection closed");
-        }
-    });
-    Ok(client)
+    Ok(crate::pg::connect("WALCAST_ANALYTICS_URL", config).await?)
 }
 
 pub struct PostgresSink {

@@ -190,7 +190,12 @@ impl RedisSink {
             conn: None,
             script: redis::Script::new(APPLY_BATCH),
         };
-        sink.conn().await?;
+        if let Err(source) = sink.conn().await {
+            return Err(SinkError::RedisConnect {
+                endpoint: endpoint(&sink.client),
+                source,
+            });
+        }
         Ok(sink)
     }
 
@@ -562,13 +567,22 @@ fn apply_commands<'a>(pipe: &mut redis::Pipeline, fresh: &[&'a Planned<'a>]) {
 }
 
 /// A reconnecting, multiplexed connection.
-pub async fn connect(url: &str) -> Result<ConnectionManager, redis::RedisError> {
+pub async fn connect(url: &str) -> Result<ConnectionManager, SinkError> {
     let client = redis::Client::open(url)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(30)))
         .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_with_config(client, config).await
+    let endpoint = endpoint(&client);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|source| SinkError::RedisConnect { endpoint, source })
+}
+
+/// `host:port` (or the socket path) a client connects to, for messages: never the
+/// password.
+pub fn endpoint(client: &redis::Client) -> String {
+    client.get_connection_info().addr().to_string()
 }
 
 /// `YYYYMMDDHHMM` of the UTC minute `ts` falls in.

@@ -30,7 +30,7 @@ use sha2::Sha256;
 use tokio_postgres::Client;
 
 use super::{Sink, SinkError};
-use crate::config::{OnFailure, WebhookArgs};
+use crate::config::{OnFailure, WebhookArgs, WebhookEndpoint};
 use crate::event::{BackfillMark, Batch, EnrichedEvent};
 use crate::lsn::Position;
 use crate::metrics;
@@ -124,7 +124,7 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
-    pub fn new(args: &WebhookArgs) -> Result<Self, SinkError> {
+    pub fn new(args: &WebhookEndpoint) -> Result<Self, SinkError> {
         let invalid = |e: &dyn std::fmt::Display| SinkError::Unsupported(e.to_string());
         let http = reqwest::Client::builder()
             .timeout(args.webhook_timeout)
@@ -272,11 +272,7 @@ fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError 
 impl Store {
     async fn client(&mut self) -> Result<&mut Client, SinkError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = Some(
-                crate::source::connect(&self.config)
-                    .await
-                    .map_err(pg("connecting to WALCAST_ANALYTICS_URL"))?,
-            );
+            self.client = Some(crate::pg::connect("WALCAST_ANALYTICS_URL", &self.config).await?);
         }
         Ok(self.client.as_mut().expect("connected above"))
     }
@@ -396,7 +392,7 @@ async fn dead_letter(
     .await
     .map_err(pg("writing a webhook dead letter"))?;
     metrics::sink_failed(NAME, "dead_letter");
-    ::metrics::counter!(metrics::DEAD_LETTERS_TOTAL, "reason" => reason).increment(1);
+    metrics::dead_lettered(reason);
     Ok(())
 }
 
@@ -434,7 +430,7 @@ impl WebhookSink {
             .map_err(pg("creating the analytics schema"))?;
         Ok((
             WebhookSink {
-                deliverer: Deliverer::new(args)?,
+                deliverer: Deliverer::new(&args.endpoint)?,
                 store,
                 batch_max_events: args.webhook_batch_max_events.max(1),
                 on_failure: args.webhook_on_failure,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
-use super::{ReplicationError, SlotInfo, connect, slot_info};
+use super::{ReplicationError, SlotInfo, slot_info};
 use crate::health::Health;
 use crate::metrics;
 
@@ -43,7 +43,7 @@ impl Monitor {
                 .as_ref()
                 .is_none_or(tokio_postgres::Client::is_closed)
             {
-                match connect(&self.config).await {
+                match crate::pg::connect("WALCAST_SOURCE_URL", &self.config).await {
                     Ok(new) => {
                         client = Some(new);
                         connect_failed = false;

@@ -62,7 +62,7 @@ pub enum SetupError {
          Drop it with walcast teardown, then run walcast backfill to re-copy the table"
     )]
     SlotLost(String),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", crate::pg::detail(source))]
     Postgres {
         context: &'static str,
         #[source]
@@ -349,6 +349,48 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         safe_wal_size: row.get(6),
         current_wal_lsn: lsn(&row, 7).unwrap_or_default(),
     }))
+}
+
+/// Makes sure the slot's confirmed position reached `acked` once a replication session
+/// ended, waiting up to `wait` for its walsender to let go of the slot.
+///
+/// walcast sends its final standby status update just before it closes the session, but
+/// the walsender reads it only when it next gets to run: a check right after walcast
+/// exits could still find the slot behind, and a walsender that ends before reading it
+/// leaves the slot there. So this watches `pg_replication_slots` until the slot shows the
+/// position, and once the slot is released and still behind, moves it there itself with
+/// `pg_replication_slot_advance` (every sink has applied everything up to `acked`).
+/// Returns where the slot stands.
+pub async fn confirm_slot(
+    client: &Client,
+    slot: &str,
+    acked: Lsn,
+    wait: std::time::Duration,
+) -> Result<Lsn, SetupError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let Some(info) = slot_info(client, slot).await? else {
+            return Ok(Lsn::default());
+        };
+        let confirmed = info.confirmed_flush_lsn.unwrap_or_default();
+        if confirmed >= acked {
+            return Ok(confirmed);
+        }
+        if info.active_pid.is_none() {
+            client
+                .execute(
+                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                    &[&slot, &acked.to_string()],
+                )
+                .await
+                .context("advancing the slot to the final confirmed position")?;
+            return Ok(acked);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(confirmed);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// The server's current WAL write position.

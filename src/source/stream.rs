@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, TlsConfig};
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, NoTls};
 
 use crate::config::{ConfigError, SourceArgs};
 use crate::lsn::Lsn;
@@ -68,17 +67,6 @@ pub fn is_reconnectable(err: &PgWireError) -> bool {
         }),
         _ => false,
     }
-}
-
-/// An ordinary connection; its driver task runs in the background.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "postgres connection closed");
-        }
-    });
-    Ok(client)
 }
 
 /// Opens the replication stream on the slot, resuming where the slot's
