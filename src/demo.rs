@@ -425,7 +425,13 @@ pub async fn run(
     let mut last_line = Instant::now();
     loop {
         tokio::select! {
-            () = &mut stop => break,
+            () = &mut stop => {
+                eprintln!(
+                    "stopping: the generator stops, the pipeline drains, the servers are \
+                     removed (Ctrl-C again to quit at once)"
+                );
+                break;
+            }
             _ = tick.tick() => {}
         }
         if pipeline.is_finished() || generator.is_finished() {

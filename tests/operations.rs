@@ -316,3 +316,76 @@ async fn an_invalidated_slot_stops_walcast_with_the_way_out() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["slot"]["wal_status"], "lost");
 }
+
+/// `promtool check metrics` wants HELP for every metric, and `increase()` sees a counter's
+/// first event only if the series existed at 0 before it.
+#[tokio::test]
+async fn every_metric_has_help_and_alerting_counters_start_at_zero() {
+    let s = stack().await;
+    let walcast = s.run();
+    let port = s.env.metrics_port;
+    eventually("ready", WAIT, || ready(port)).await;
+    let m = scrape_metrics(port).await;
+    let families: Vec<&str> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    assert!(families.len() >= 10, "{m}");
+    for family in &families {
+        assert!(
+            m.contains(&format!("# HELP {family} ")),
+            "no HELP for {family}:\n{m}"
+        );
+    }
+    for series in [
+        r#"walcast_dead_letters_total{reason="null_event_ts"}"#,
+        r#"walcast_dead_letters_total{reason="invalid_value"}"#,
+        r#"walcast_dead_letters_total{reason="undecodable"}"#,
+        r#"walcast_sink_batches_total{sink="redis",outcome="retry"}"#,
+        r#"walcast_sink_batches_total{sink="postgres",outcome="error"}"#,
+        "walcast_replication_reconnects_total",
+        "walcast_content_missing_total",
+    ] {
+        assert_eq!(metric(&m, series), Some(0.0), "{series} at 0:\n{m}");
+    }
+    drop(walcast);
+}
+
+/// A sink that is down when walcast starts is waited for, with the same backoff as a
+/// failed write: /readyz and the retry counter say so, and events flow once it is up.
+#[tokio::test]
+async fn a_sink_down_at_start_is_retried_until_it_answers() {
+    let mut s = stack().await;
+    let redis_port = s.redis.url().rsplit(':').next().unwrap().to_owned();
+    s.redis.stop();
+    let mut walcast = s.run();
+    let port = s.env.metrics_port;
+    let body = wait_for(
+        "/readyz to name redis and retries counted",
+        WAIT,
+        || async {
+            let (status, body) = try_http_get(port, "/readyz").await.ok()?;
+            let m = scrape_metrics(port).await;
+            let retries = metric(
+                &m,
+                r#"walcast_sink_batches_total{sink="redis",outcome="retry"}"#,
+            )?;
+            (status == 503 && body.contains("redis") && retries >= 2.0).then_some(body)
+        },
+    )
+    .await;
+    assert!(body.contains("sink redis is unreachable"), "{body}");
+    assert!(walcast.is_running(), "log:\n{}", walcast.log());
+    let log = walcast.log();
+    assert!(
+        log.contains(&format!("WALCAST_REDIS_URL (127.0.0.1:{redis_port})")),
+        "the setting and host:port are named:\n{log}"
+    );
+
+    s.redis.restart().await;
+    load(&s.db, 5, 5).await;
+    eventually("events delivered once redis is up", WAIT, || async {
+        s.redis.total().await == 5 && ready(port).await
+    })
+    .await;
+}

@@ -152,3 +152,87 @@ async fn bad_configuration_names_the_setting() {
     let err = refusal(&env, &["run"]);
     assert!(err.contains("kafka") && err.contains("redis"), "{err}");
 }
+
+/// Every configuration problem is found before anything is connected: the source here is a
+/// port where nothing listens, so an error about it would mean walcast tried it first.
+#[tokio::test]
+async fn configuration_is_checked_before_connecting_and_urls_hint_at_percent_encoding() {
+    let closed = support::free_port();
+    let env = Env {
+        vars: vec![
+            (
+                "WALCAST_SOURCE_URL".into(),
+                format!("postgres://walcast:s3cret@127.0.0.1:{closed}/app"),
+            ),
+            (
+                "WALCAST_REDIS_URL".into(),
+                "redis://:p@ss@cache:6379".into(),
+            ),
+            ("WALCAST_METRICS_ADDR".into(), String::new()),
+        ],
+        metrics_port: 0,
+    };
+    let err = refusal(&env, &["run"]);
+    assert!(
+        err.contains("WALCAST_REDIS_URL") && err.contains("percent-encode"),
+        "{err}"
+    );
+    assert!(!err.contains("connect"), "nothing was connected: {err}");
+    assert!(!err.contains("p@ss"), "no secret in: {err}");
+
+    // A valid configuration, and the source down: the error names the setting and the
+    // host:port it tried, never the password.
+    let env = env.set("WALCAST_REDIS_URL", "redis://127.0.0.1:1");
+    let err = refusal(&env, &["run"]);
+    assert!(
+        err.contains("WALCAST_SOURCE_URL") && err.contains(&format!("127.0.0.1:{closed}")),
+        "{err}"
+    );
+    assert!(err.contains("Connection refused"), "{err}");
+    assert!(!err.contains("s3cret"), "no secret in: {err}");
+}
+
+/// `walcast status` before the first `run`: the analytics schema does not exist yet, which
+/// is said and is no failure. A role without rights gets the server's own words.
+#[tokio::test]
+async fn status_before_the_first_run_and_without_rights_says_what_the_server_said() {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let db = pg.create_source_db("app").await;
+    let env = Env::new(&pg, "app", &redis);
+    let out = env.output(&["setup"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let out = env.output(&["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "status exits 0: {stdout}{}",
+        stderr_of(&out)
+    );
+    assert!(
+        stdout.contains("analytics schema does not exist yet"),
+        "{stdout}"
+    );
+
+    db.batch_execute(
+        "CREATE SCHEMA analytics; CREATE ROLE outsider LOGIN; GRANT CONNECT ON DATABASE app TO outsider",
+    )
+    .await
+    .unwrap();
+    let url = env
+        .vars
+        .iter()
+        .find(|(k, _)| k == "WALCAST_SOURCE_URL")
+        .unwrap()
+        .1
+        .replace("postgres@", "outsider@");
+    let env = env.set("WALCAST_SOURCE_URL", &url);
+    let out = env.output(&["status", "--sinks", "postgres"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("permission denied for schema analytics"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("db error"), "{stdout}");
+}
