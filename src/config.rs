@@ -609,8 +609,9 @@ mod tests {
         let message = pg("postgres://walcast:p@ss@db.internal:5432/app");
         assert!(message.contains("percent-encode"), "{message}");
         assert!(!message.contains("p@ss"), "no secret in {message}");
-        let message = pg("postgres://walcast:pa/ss@db.internal:5432/app");
+        let message = pg("postgres://walcast:secret@db.internal:port/app");
         assert!(message.contains("percent-encode"), "{message}");
+        assert!(!message.contains("secret"), "no secret in {message}");
         assert!(
             parse_pg_url(
                 "WALCAST_SOURCE_URL",
@@ -627,6 +628,11 @@ mod tests {
             .to_string();
         assert!(message.contains("WALCAST_REDIS_URL") && message.contains("percent-encode"));
         assert!(redis("http://cache:6379").validate().is_err());
+        let message = redis("redis://:pa/ss@cache:6379")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("percent-encode"), "{message}");
         assert!(redis("redis://:p%40ss@cache:6379").validate().is_ok());
     }
 
