@@ -150,7 +150,7 @@ pub async fn run(
     let health = Health::new(&config.destinations.sinks.kinds);
     // A one-off command holding a snapshot open: a sink that is not there fails it at
     // once rather than keep the snapshot (and the server's old row versions) waiting.
-    let (sinks, cursors) = open_sinks(
+    let crate::pipeline::Opened { sinks, cursors, .. } = open_sinks(
         &config.source,
         &config.destinations,
         config.batch_max_events,

@@ -310,3 +310,51 @@ async fn an_interrupted_backfill_resumes_and_doubles_nothing() {
     preload(&s.db, 10).await;
     assert_eq!(wait_all_delivered(&s).await, 200_010);
 }
+
+/// A slot dropped while walcast was stopped (`walcast teardown`, an operator, a failover
+/// that did not carry it): `walcast run` refuses to create a new one over sinks that hold
+/// events, names the recovery, and the recovery (an initial-snapshot backfill, then `run`)
+/// leaves every sink exact.
+#[tokio::test]
+async fn a_slot_dropped_while_stopped_is_refused_and_backfill_recovers_every_event() {
+    let s = stack().await;
+    let mut walcast = s.run();
+    preload(&s.db, 10).await;
+    eventually("10 events delivered", WAIT, || async {
+        s.redis.total().await == 10 && count(&s.db, "analytics.enriched_events").await == 10
+    })
+    .await;
+    assert!(walcast.terminate().await.success(), "{}", walcast.log());
+    preload(&s.db, 10).await;
+    s.db.batch_execute("SELECT pg_drop_replication_slot('walcast')")
+        .await
+        .unwrap();
+
+    let mut walcast = s.env.spawn_run();
+    let status = walcast.wait_exit(WAIT).await;
+    let log = walcast.log();
+    assert!(!status.success(), "walcast run must refuse:\n{log}");
+    assert!(
+        log.contains("replication slot walcast does not exist")
+            && log.contains("redis up to")
+            && log.contains("walcast backfill"),
+        "names the slot, what the sinks hold and the recovery:\n{log}"
+    );
+    let slots = count(&s.db, "pg_replication_slots").await;
+    assert_eq!(slots, 0, "no slot was created silently");
+
+    let out = s.env.output(&["backfill"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let walcast = s.env.spawn_run();
+    preload(&s.db, 10).await;
+    eventually("every event in every sink", WAIT, || async {
+        s.redis.total().await == 30 && count(&s.db, "analytics.enriched_events").await == 30
+    })
+    .await;
+    assert_verified(&s);
+    drop(walcast);
+}

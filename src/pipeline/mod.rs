@@ -78,7 +78,30 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     }
     let pg_config = config.source.pg_config()?;
     let client = crate::pg::connect("WALCAST_SOURCE_URL", &pg_config).await?;
-    for done in ensure_source(&client, &config.source).await? {
+    for done in source::ensure_publication(&client, &config.source).await? {
+        tracing::info!("{done}");
+    }
+    let opened = open_sinks(
+        &config.source,
+        &config.destinations,
+        config.batch_max_events,
+        &health,
+        None,
+        Some(&mut shutdown),
+    )
+    .await?;
+    let Some(Opened {
+        sinks, checkpoints, ..
+    }) = opened
+    else {
+        tracing::info!("stopped before every sink was reachable; nothing was read");
+        return Ok(());
+    };
+    let held: Vec<_> = checkpoints
+        .iter()
+        .filter_map(|(sink, checkpoint)| Some((*sink, (*checkpoint)?)))
+        .collect();
+    for done in ensure_slot(&client, &config.source, &held).await? {
         tracing::info!("{done}");
     }
     let slot = source::slot_info(&client, &config.source.slot)
@@ -104,19 +127,6 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     metrics::content_cache_entries(cache.len());
     tracing::info!(entries = cache.len(), "content cache loaded");
 
-    let opened = open_sinks(
-        &config.source,
-        &config.destinations,
-        config.batch_max_events,
-        &health,
-        None,
-        Some(&mut shutdown),
-    )
-    .await?;
-    let Some((sinks, _)) = opened else {
-        tracing::info!("stopped before every sink was reachable; nothing was read");
-        return Ok(());
-    };
     let release_source = Arc::clone(&sinks.release_source);
     let monitor = tokio::spawn(
         source::Monitor {
@@ -176,17 +186,19 @@ fn probes(config: &RunConfig) -> Result<Vec<Probe>, Error> {
         .collect()
 }
 
-/// `source::ensure`, waiting a while for a slot that is still held. After walcast was
-/// killed, the server keeps the slot active until its walsender notices the connection is
-/// gone, which under load can take seconds; a restart right away must not fail on that.
-async fn ensure_source(
+/// `source::ensure_slot_for_run`, waiting a while for a slot that is still held. After
+/// walcast was killed, the server keeps the slot active until its walsender notices the
+/// connection is gone, which under load can take seconds; a restart right away must not
+/// fail on that.
+async fn ensure_slot(
     client: &tokio_postgres::Client,
     source_args: &SourceArgs,
+    held: &[(&'static str, Position)],
 ) -> Result<Vec<String>, Error> {
     let deadline = Instant::now() + SLOT_RELEASE_WAIT;
     let mut attempt = 0;
     loop {
-        match source::ensure(client, source_args).await {
+        match source::ensure_slot_for_run(client, &source_args.slot, held).await {
             Err(source::SetupError::SlotInUse { pid, .. }) if Instant::now() < deadline => {
                 if attempt == 0 {
                     tracing::warn!(
@@ -205,6 +217,15 @@ async fn ensure_source(
     }
 }
 
+/// The sinks, started, with what each holds.
+pub(crate) struct Opened {
+    pub sinks: Sinks,
+    /// With a backfill job: each sink's cursor of it, in the sinks' order.
+    pub cursors: Vec<Option<i64>>,
+    /// Each sink's name and checkpoint, in the sinks' order.
+    pub checkpoints: Vec<(&'static str, Option<Position>)>,
+}
+
 /// Connects every configured sink and reads its checkpoint, so a sink that cannot start
 /// stops walcast before replication begins. With `backfill_job`, also reads each sink's
 /// cursor of that backfill (in the sinks' order).
@@ -220,7 +241,7 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
     health: &Arc<Health>,
     backfill_job: Option<&str>,
     mut stop: Option<&mut S>,
-) -> Result<Option<(Sinks, Vec<Option<i64>>)>, Error> {
+) -> Result<Option<Opened>, Error> {
     let mut sinks = Sinks::new(
         QueueLimits {
             queue_rows: SINK_QUEUE_BATCHES * batch_max_events,
@@ -229,10 +250,15 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
         Arc::clone(health),
     );
     let mut cursors = Vec::new();
+    let mut checkpoints = Vec::new();
     for kind in &to.sinks.kinds {
         let mut attempt: u32 = 0;
         loop {
             let started = start_sink(*kind, source, to, &mut sinks, &mut cursors, backfill_job);
+            let started = async {
+                checkpoints.push((kind.name(), started.await?));
+                Ok(())
+            };
             let error = match started.await {
                 Ok(()) => break,
                 Err(Error::SinkStart { sink, source }) if source.is_transient() => {
@@ -253,10 +279,14 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
             }
         }
     }
-    Ok(Some((sinks, cursors)))
+    Ok(Some(Opened {
+        sinks,
+        cursors,
+        checkpoints,
+    }))
 }
 
-/// Connects one sink, proves it ready and starts feeding it.
+/// Connects one sink, proves it ready and starts feeding it; returns its checkpoint.
 async fn start_sink(
     kind: SinkKind,
     source: &SourceArgs,
@@ -264,7 +294,7 @@ async fn start_sink(
     sinks: &mut Sinks,
     cursors: &mut Vec<Option<i64>>,
     job: Option<&str>,
-) -> Result<(), Error> {
+) -> Result<Option<Position>, Error> {
     let start = |source| Error::SinkStart {
         sink: kind.name(),
         source,
@@ -298,26 +328,21 @@ async fn start_sink(
     }
 }
 
-/// Starts feeding a sink that proved ready; with `backfill_job`, first reads its cursor.
+/// Reads the sink's checkpoint (which also proves it reachable) and starts feeding it;
+/// with `backfill_job`, first reads its cursor. Returns the checkpoint.
 async fn add<S: Sink>(
     sinks: &mut Sinks,
     cursors: &mut Vec<Option<i64>>,
-    sink: S,
+    mut sink: S,
     backfill_job: Option<&str>,
-) -> Result<(), crate::sink::SinkError> {
-    let mut sink = ready(sink).await?;
+) -> Result<Option<Position>, crate::sink::SinkError> {
+    let checkpoint = sink.checkpoint().await?;
+    tracing::info!(sink = sink.name(), checkpoint = ?checkpoint.map(|p| p.to_string()), "sink ready");
     if let Some(job) = backfill_job {
         cursors.push(sink.backfill_cursor(job).await?);
     }
     sinks.add(sink);
-    Ok(())
-}
-
-/// Reads the sink's checkpoint, which also proves the sink reachable.
-async fn ready<S: Sink>(mut sink: S) -> Result<S, crate::sink::SinkError> {
-    let checkpoint = sink.checkpoint().await?;
-    tracing::info!(sink = sink.name(), checkpoint = ?checkpoint.map(|p| p.to_string()), "sink ready");
-    Ok(sink)
+    Ok(checkpoint)
 }
 
 /// The transaction being read.

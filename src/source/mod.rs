@@ -7,8 +7,8 @@ mod stream;
 
 pub use monitor::{HEARTBEAT_PREFIX, Monitor};
 pub use setup::{
-    SetupError, SlotInfo, confirm_slot, create_schema, ensure, ensure_publication, preflight,
-    slot_info, teardown, wal_lsn,
+    SetupError, SlotInfo, confirm_slot, create_schema, ensure, ensure_publication,
+    ensure_slot_for_run, preflight, slot_info, teardown, wal_lsn,
 };
 pub use stream::{
     ReplicationError, SnapshotSlot, classify, create_slot_with_snapshot, is_reconnectable,

@@ -62,6 +62,16 @@ pub enum SetupError {
          Drop it with walcast teardown, then run walcast backfill to re-copy the table"
     )]
     SlotLost(String),
+    #[error(
+        "replication slot {slot} does not exist, but the sinks hold events ({held}): a new slot \
+         would start at the current WAL position and every row committed since they stopped \
+         would be lost without a word, so walcast does not create one. It was dropped while \
+         walcast was stopped (walcast teardown, an operator, or a failover that did not carry \
+         the slot). To recover: walcast backfill (it creates the slot together with a snapshot \
+         and copies engagement_events; every sink skips the events it already has), then \
+         walcast run"
+    )]
+    SlotMissingOverSinks { slot: String, held: String },
     #[error("{context}: {}", crate::pg::detail(source))]
     Postgres {
         context: &'static str,
@@ -172,6 +182,30 @@ pub async fn ensure(client: &Client, source: &SourceArgs) -> Result<Vec<String>,
     let mut done = Vec::new();
     publish_tables(client, &source.publication, &mut done).await?;
     ensure_slot(client, &source.slot, &mut done).await?;
+    Ok(done)
+}
+
+/// The slot for `walcast run`: checked when it exists; created only when no sink holds an
+/// event yet (`held` names each sink's checkpoint), since a slot created over sinks that
+/// hold events would skip, silently, every row committed while there was none.
+pub async fn ensure_slot_for_run(
+    client: &Client,
+    slot: &str,
+    held: &[(&'static str, crate::lsn::Position)],
+) -> Result<Vec<String>, SetupError> {
+    if slot_info(client, slot).await?.is_none() && !held.is_empty() {
+        let held = held
+            .iter()
+            .map(|(sink, position)| format!("{sink} up to {position}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(SetupError::SlotMissingOverSinks {
+            slot: slot.to_owned(),
+            held,
+        });
+    }
+    let mut done = Vec::new();
+    ensure_slot(client, slot, &mut done).await?;
     Ok(done)
 }
 
