@@ -76,10 +76,44 @@ pub fn rfc3339(ts: &DateTime<Utc>) -> String {
     ts.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
+/// The keys walcast itself puts in the event JSON beside the source's own columns, and
+/// `extra`, where an added source column that would take one of these names goes instead
+/// (`{"title": "<the content's title>", "extra": {"title": "<the column's value>"}}`), so
+/// every key appears once.
+pub const ENRICHMENT_KEYS: [&str; 10] = [
+    "content_type",
+    "length_seconds",
+    "title",
+    "slug",
+    "engagement_seconds",
+    "engagement_pct",
+    "content_missing",
+    "commit_lsn",
+    "commit_ts",
+    "extra",
+];
+
+/// Added columns whose names walcast's own keys already take, as one JSON object.
+struct Colliding<'a>(&'a [(String, Option<String>)]);
+
+impl serde::Serialize for Colliding<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        for (name, value) in self.0.iter().filter(|(n, _)| collides(n)) {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+fn collides(name: &str) -> bool {
+    ENRICHMENT_KEYS.contains(&name)
+}
+
 impl serde::Serialize for EnrichedEvent {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let content = self.content.as_deref();
-        let mut map = serializer.serialize_map(Some(17 + self.extra.len()))?;
+        let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("id", &self.id)?;
         map.serialize_entry("content_id", &self.content_id)?;
         map.serialize_entry("user_id", &self.user_id)?;
@@ -88,7 +122,7 @@ impl serde::Serialize for EnrichedEvent {
         map.serialize_entry("duration_ms", &self.duration_ms)?;
         map.serialize_entry("device", &self.device)?;
         map.serialize_entry("raw_payload", &self.raw_payload)?;
-        for (name, value) in &self.extra {
+        for (name, value) in self.extra.iter().filter(|(n, _)| !collides(n)) {
             map.serialize_entry(name, value)?;
         }
         map.serialize_entry(
@@ -109,6 +143,9 @@ impl serde::Serialize for EnrichedEvent {
         map.serialize_entry("content_missing", &self.content_missing())?;
         map.serialize_entry("commit_lsn", &self.position.commit_lsn.to_string())?;
         map.serialize_entry("commit_ts", &rfc3339(&self.commit_ts))?;
+        if self.extra.iter().any(|(n, _)| collides(n)) {
+            map.serialize_entry("extra", &Colliding(&self.extra))?;
+        }
         map.end()
     }
 }

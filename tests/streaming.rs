@@ -50,6 +50,30 @@ impl Stack {
     }
 }
 
+/// The keys of a JSON object as written, duplicates included (`serde_json::Value` would
+/// keep only the last of two equal keys).
+fn top_level_keys(json: &str) -> Vec<String> {
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut keys = Vec::new();
+            while let Some((key, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                keys.push(key);
+            }
+            Ok(keys)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde::Deserializer::deserialize_map(&mut de, Keys).unwrap()
+}
+
 fn num(v: &Value) -> Option<f64> {
     v.as_f64()
 }
@@ -367,6 +391,40 @@ async fn schema_change_and_bad_rows_do_not_stop_the_stream() {
     assert_eq!(e["campaign"], "autumn");
     assert_eq!(num(&e["engagement_seconds"]), Some(2.0));
 
+    // Added columns named like walcast's own keys: every key appears once, and those
+    // columns travel under `extra`.
+    s.db.batch_execute(
+        "ALTER TABLE engagement_events ADD COLUMN title text, ADD COLUMN commit_lsn text",
+    )
+    .await
+    .unwrap();
+    let colliding: i64 =
+        s.db.query_one(
+            "INSERT INTO engagement_events (content_id, event_type, event_ts, title, commit_lsn)
+             VALUES ($1::text::uuid, 'play', now(), 'from the source', 'not an lsn') RETURNING id",
+            &[&EPISODE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let e = s.wait_event(colliding, &walcast).await;
+    assert_eq!(e["title"], "An episode", "the content's title: {e}");
+    assert_eq!(e["extra"]["title"], "from the source", "{e}");
+    assert_eq!(e["extra"]["commit_lsn"], "not an lsn", "{e}");
+    let raw: String = redis::cmd("GET")
+        .arg(format!("event:{colliding}"))
+        .query_async(&mut s.redis.conn().await)
+        .await
+        .unwrap();
+    let keys = top_level_keys(&raw);
+    for key in ["title", "commit_lsn", "extra"] {
+        assert_eq!(
+            keys.iter().filter(|k| *k == key).count(),
+            1,
+            "{key} once in {raw}"
+        );
+    }
+
     // A user schema without NOT NULL lets a NULL event_ts in: rejected, counted, skipped.
     s.db.batch_execute(
         "ALTER TABLE engagement_events ALTER COLUMN event_ts DROP NOT NULL;
@@ -376,7 +434,7 @@ async fn schema_change_and_bad_rows_do_not_stop_the_stream() {
     .unwrap();
     let after_bad = s.insert(Some(EPISODE), Some(3000)).await;
     s.wait_event(after_bad, &walcast).await;
-    assert_eq!(s.redis.total().await, 3);
+    assert_eq!(s.redis.total().await, 4);
     let metrics = scrape_metrics(s.env.metrics_port).await;
     assert!(
         metrics.contains("walcast_dead_letters_total{reason=\"null_event_ts\"} 1"),
