@@ -67,4 +67,29 @@ pub enum Error {
     Metrics(String),
     #[error(transparent)]
     Backfill(#[from] backfill::BackfillError),
+    #[error(
+        "a pgoutput message at {lsn} ({kind}, {len} bytes) could not be decoded: {error}. \
+         walcast stops rather than acknowledge past it (the slot still holds it, nothing is \
+         lost); it is a walcast bug or a server feature it does not know: report it with this \
+         line and the server version"
+    )]
+    Undecodable {
+        lsn: lsn::Lsn,
+        kind: String,
+        len: usize,
+        #[source]
+        error: decode::DecodeError,
+    },
+    #[error(
+        "engagement_events was truncated (in the transaction committing at {commit_lsn}). Its \
+         ids may start again at 1 (TRUNCATE … RESTART IDENTITY) while every sink still holds \
+         the events it had under those ids, so walcast stops here rather than drop the new \
+         rows as already applied or mix them with the old ones; nothing after this point is \
+         acknowledged. To start over from the table as it is now: walcast teardown; remove \
+         the sinks' state (DROP SCHEMA analytics CASCADE on the analytics database, and on \
+         Redis the event:*, content:*, events:*, top:minute:*, stats:events and walcast:* \
+         keys, or FLUSHDB on a database walcast has to itself); then walcast backfill and \
+         walcast run"
+    )]
+    EventsTruncated { commit_lsn: lsn::Lsn },
 }

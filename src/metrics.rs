@@ -34,17 +34,13 @@ pub const HEARTBEATS_TOTAL: &str = "walcast_heartbeats_total";
 
 /// Why a row or a batch became a dead letter: every value `walcast_dead_letters_total`
 /// can carry in its `reason` label.
-pub const DEAD_LETTER_REASONS: [&str; 6] = [
+pub const DEAD_LETTER_REASONS: [&str; 5] = [
     crate::enrich::REASON_INVALID_VALUE,
     crate::enrich::REASON_MISSING_COLUMN,
     crate::enrich::REASON_NULL_EVENT_TS,
-    REASON_UNDECODABLE,
     crate::sink::webhook::REASON_REJECTED,
     crate::sink::webhook::REASON_EXHAUSTED,
 ];
-
-/// A change whose bytes or values could not be decoded.
-pub const REASON_UNDECODABLE: &str = "undecodable";
 
 /// The outcomes of `walcast_sink_batches_total`.
 pub const OUTCOMES: [&str; 4] = ["ok", "retry", "dead_letter", "error"];

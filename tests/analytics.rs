@@ -750,3 +750,60 @@ async fn a_permanent_sink_error_stops_walcast_without_acknowledging_the_batch() 
         "the rejected batch was not acknowledged"
     );
 }
+
+/// `TRUNCATE engagement_events RESTART IDENTITY` makes ids start over while every sink
+/// holds the old events under them: walcast stops there and stays stopped (nothing past
+/// the truncate is acknowledged), and the recovery it names leaves every sink exact.
+#[tokio::test]
+async fn a_truncate_of_the_events_table_stops_walcast_until_the_sinks_start_over() {
+    let s = stack().await;
+    let mut walcast = s.run();
+    load(&s.db, 10, 10).await;
+    s.wait_delivered(10, &walcast, WAIT).await;
+    s.db.batch_execute("TRUNCATE engagement_events RESTART IDENTITY")
+        .await
+        .unwrap();
+    load(&s.db, 10, 10).await;
+    let status = walcast.wait_exit(WAIT).await;
+    let log = walcast.log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("engagement_events was truncated") && log.contains("walcast backfill"),
+        "{log}"
+    );
+    // The old events are still there, none of the new ones: event 1 is the old row.
+    assert_eq!(s.redis.total().await, 10);
+    // Nothing past the truncate was acknowledged: a restart meets it again.
+    let mut again = s.env.spawn_run();
+    assert!(!again.wait_exit(WAIT).await.success());
+    assert!(
+        again.log().contains("engagement_events was truncated"),
+        "{}",
+        again.log()
+    );
+
+    // The recovery the message names.
+    let out = s.env.output(&["teardown"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.db.batch_execute("DROP SCHEMA analytics CASCADE")
+        .await
+        .unwrap();
+    redis::cmd("FLUSHDB")
+        .query_async::<()>(&mut s.redis.conn().await)
+        .await
+        .unwrap();
+    let out = s.env.output(&["backfill"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let walcast = s.env.spawn_run();
+    load(&s.db, 5, 5).await;
+    s.wait_delivered(15, &walcast, WAIT).await;
+    s.verify();
+}

@@ -340,7 +340,7 @@ async fn every_metric_has_help_and_alerting_counters_start_at_zero() {
     for series in [
         r#"walcast_dead_letters_total{reason="null_event_ts"}"#,
         r#"walcast_dead_letters_total{reason="invalid_value"}"#,
-        r#"walcast_dead_letters_total{reason="undecodable"}"#,
+        r#"walcast_dead_letters_total{reason="webhook_rejected"}"#,
         r#"walcast_sink_batches_total{sink="redis",outcome="retry"}"#,
         r#"walcast_sink_batches_total{sink="postgres",outcome="error"}"#,
         "walcast_replication_reconnects_total",

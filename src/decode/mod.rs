@@ -117,6 +117,26 @@ pub enum DecodeError {
     UnknownRelation(u32),
 }
 
+/// What kind of pgoutput message `data` is, by its first byte, for messages about it:
+/// `Insert ('I')`.
+pub fn message_kind(data: &[u8]) -> String {
+    let name = match data.first() {
+        Some(b'R') => "Relation",
+        Some(b'I') => "Insert",
+        Some(b'U') => "Update",
+        Some(b'D') => "Delete",
+        Some(b'T') => "Truncate",
+        Some(b'Y') => "Type",
+        Some(b'O') => "Origin",
+        Some(b'B') => "Begin",
+        Some(b'C') => "Commit",
+        Some(b'M') => "Message",
+        None => return "empty".to_owned(),
+        Some(_) => "unknown",
+    };
+    format!("{name} ({:?})", char::from(data[0]))
+}
+
 /// Decodes one pgoutput message (the payload of an `XLogData`).
 pub fn decode(data: &Bytes) -> Result<Change, DecodeError> {
     let mut r = Reader { buf: data.clone() };

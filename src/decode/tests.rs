@@ -148,3 +148,10 @@ fn relation_cache_reports_unknown_ids() {
     cache.insert(rel);
     assert_eq!(cache.get(0x400b).unwrap().name, "engagement_events");
 }
+
+#[test]
+fn message_kinds_are_named_for_errors() {
+    assert_eq!(super::message_kind(b"I\0\0"), "Insert ('I')");
+    assert_eq!(super::message_kind(b"Zxx"), "unknown ('Z')");
+    assert_eq!(super::message_kind(b""), "empty");
+}

@@ -37,6 +37,9 @@ pub enum Outcome {
     /// A content change applied to the cache, a Relation, or a change walcast does not
     /// deliver (updates and deletes of events, other tables).
     Applied,
+    /// `engagement_events` was truncated: its ids may start over, while every sink still
+    /// holds the events it had under them (see `pipeline`: walcast stops here).
+    EventsTruncated,
 }
 
 /// Which table a relation id is, as far as walcast cares.
@@ -115,6 +118,9 @@ impl Enricher {
                 Ok(Outcome::Applied)
             }
             Change::Truncate { relations } => {
+                if relations.iter().any(|&r| self.table(r) == Table::Events) {
+                    return Ok(Outcome::EventsTruncated);
+                }
                 if relations.iter().any(|&r| self.table(r) == Table::Content) {
                     self.cache.clear();
                 }

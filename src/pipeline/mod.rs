@@ -510,7 +510,7 @@ impl SourceLoop {
             }
             ReplicationEvent::XLogData {
                 data, wal_start, ..
-            } => self.change(&data, wal_start.into()),
+            } => self.change(&data, wal_start.into())?,
             ReplicationEvent::Commit {
                 end_lsn,
                 commit_time_micros,
@@ -543,20 +543,22 @@ impl SourceLoop {
         Ok(())
     }
 
-    /// Decodes and applies one pgoutput change. A change that cannot be decoded or turned
-    /// into an event is logged with its LSN and counted; the stream goes on.
-    fn change(&mut self, data: &bytes::Bytes, lsn: Lsn) {
-        let change = match decode::decode(data) {
-            Ok(change) => change,
-            Err(error) => {
-                tracing::error!(%lsn, %error, "undecodable pgoutput message skipped");
-                metrics::dead_lettered(metrics::REASON_UNDECODABLE);
-                return;
-            }
+    /// Decodes and applies one pgoutput change. A row that cannot be an event becomes a
+    /// dead letter and the stream goes on; a message that cannot be decoded at all, or a
+    /// TRUNCATE of the events table, stops walcast before anything past it is acknowledged.
+    fn change(&mut self, data: &bytes::Bytes, lsn: Lsn) -> Result<(), Error> {
+        let undecodable = |error| Error::Undecodable {
+            lsn,
+            kind: decode::message_kind(data),
+            len: data.len(),
+            error,
         };
+        let change = decode::decode(data).map_err(undecodable)?;
         let Some(tx) = self.tx.as_mut() else {
-            tracing::warn!(%lsn, "change outside a transaction skipped");
-            return;
+            // pgoutput sends row changes only inside Begin … Commit: what comes outside
+            // carries nothing walcast delivers (a Relation, say) or is a protocol surprise.
+            tracing::warn!(%lsn, kind = %decode::message_kind(data), "change outside a transaction ignored");
+            return Ok(());
         };
         let position = Position::new(tx.commit_lsn, tx.seq);
         let (relation, op) = match &change {
@@ -584,11 +586,14 @@ impl SourceLoop {
                 self.batcher.push_dead_letter(*dead, data.len());
             }
             Ok(Outcome::Applied) => {}
-            Err(error) => {
-                tracing::error!(%lsn, %error, "change skipped");
-                metrics::dead_lettered(metrics::REASON_UNDECODABLE);
+            Ok(Outcome::EventsTruncated) => {
+                return Err(Error::EventsTruncated {
+                    commit_lsn: tx.commit_lsn,
+                });
             }
+            Err(error) => return Err(undecodable(error)),
         }
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), Error> {
