@@ -11,7 +11,10 @@ ALTER TABLE engagement_events REPLICA IDENTITY DEFAULT;
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'walcast_pub') THEN
-        CREATE PUBLICATION walcast_pub FOR TABLE content, engagement_events;
+        -- Via the partition root: when engagement_events is partitioned, its changes
+        -- arrive under its own name rather than its partitions'.
+        CREATE PUBLICATION walcast_pub FOR TABLE content, engagement_events
+            WITH (publish_via_partition_root = true);
     END IF;
 END
 $$;

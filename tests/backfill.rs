@@ -358,3 +358,75 @@ async fn a_slot_dropped_while_stopped_is_refused_and_backfill_recovers_every_eve
     assert_verified(&s);
     drop(walcast);
 }
+
+/// A partitioned `engagement_events`: walcast's publication publishes via the partition
+/// root, so every event arrives under the table's name; `walcast backfill` and a second
+/// `walcast run` work on it. A publication made beforehand without the setting is refused
+/// with the fix.
+#[tokio::test]
+async fn a_partitioned_events_table_is_streamed_backfilled_and_verified() {
+    let s = Stack::start(
+        Redis::start().await,
+        &format!(
+            "DROP TABLE engagement_events;
+             CREATE TABLE engagement_events (
+                 id BIGSERIAL, content_id UUID REFERENCES content(id), user_id UUID,
+                 event_type TEXT, event_ts TIMESTAMPTZ NOT NULL, duration_ms INTEGER,
+                 device TEXT, raw_payload JSONB, PRIMARY KEY (id, event_ts)
+             ) PARTITION BY RANGE (event_ts);
+             CREATE TABLE engagement_events_old PARTITION OF engagement_events
+                 FOR VALUES FROM (MINVALUE) TO ('2026-01-01');
+             CREATE TABLE engagement_events_new PARTITION OF engagement_events
+                 FOR VALUES FROM ('2026-01-01') TO (MAXVALUE);
+             INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
+             VALUES ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now());
+             CREATE PUBLICATION other_pub FOR TABLE content, engagement_events;"
+        ),
+    )
+    .await;
+    let insert = |when: &str| {
+        format!(
+            "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms)
+             SELECT '{EPISODE}', 'play', {when}, 1000 FROM generate_series(1, 5)"
+        )
+    };
+    // Rows in both partitions before walcast first runs: the initial snapshot.
+    s.db.batch_execute(&insert("now()")).await.unwrap();
+    s.db.batch_execute(&insert("'2025-06-01'")).await.unwrap();
+
+    let refused = s
+        .env
+        .clone()
+        .set("WALCAST_PUBLICATION", "other_pub")
+        .output(&["setup"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("publish_via_partition_root = true"),
+        "names the fix: {err}"
+    );
+
+    let out = s.env.output(&["backfill"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut walcast = s.env.spawn_run();
+    s.db.batch_execute(&insert("now()")).await.unwrap();
+    s.db.batch_execute(&insert("'2025-06-01'")).await.unwrap();
+    eventually("20 events in every sink", WAIT, || async {
+        s.redis.total().await == 20 && count(&s.db, "analytics.enriched_events").await == 20
+    })
+    .await;
+    // A second start on the same publication.
+    assert!(walcast.terminate().await.success(), "{}", walcast.log());
+    let walcast = s.env.spawn_run();
+    s.db.batch_execute(&insert("now()")).await.unwrap();
+    eventually("25 events in every sink", WAIT, || async {
+        s.redis.total().await == 25 && count(&s.db, "analytics.enriched_events").await == 25
+    })
+    .await;
+    assert_verified(&s);
+    drop(walcast);
+}

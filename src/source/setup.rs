@@ -63,6 +63,17 @@ pub enum SetupError {
     )]
     SlotLost(String),
     #[error(
+        "publication {publication} publishes the partitions of public.{table} under their own \
+         names (publish_via_partition_root is off), which walcast cannot map to \
+         engagement_events. Run ALTER PUBLICATION {publication} SET \
+         (publish_via_partition_root = true); if a slot already read changes of the \
+         partitions, run walcast backfill afterwards to re-copy them"
+    )]
+    PublicationNotViaRoot {
+        publication: String,
+        table: &'static str,
+    },
+    #[error(
         "replication slot {slot} does not exist, but the sinks hold events ({held}): a new slot \
          would start at the current WAL position and every row committed since they stopped \
          would be lost without a word, so walcast does not create one. It was dropped while \
@@ -229,16 +240,24 @@ async fn publish_tables(
     // Names were validated as [a-z0-9_]+ (config.rs), so they need no quoting.
     let exists = client
         .query_opt(
-            "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate \
+            "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate, pubviaroot \
              FROM pg_publication WHERE pubname = $1",
             &[&publication],
         )
         .await
         .context("looking up the publication")?;
+    if let Some(row) = &exists
+        && !row.get::<_, bool>(1)
+    {
+        publish_via_root(client, publication, done).await?;
+    }
     match exists {
         None => {
+            // Via the partition root: a partitioned table's changes arrive under the
+            // table's own name, not its partitions'.
             let sql = format!(
-                "CREATE PUBLICATION {publication} FOR TABLE public.{CONTENT_TABLE}, public.{EVENTS_TABLE}"
+                "CREATE PUBLICATION {publication} FOR TABLE public.{CONTENT_TABLE}, \
+                 public.{EVENTS_TABLE} WITH (publish_via_partition_root = true)"
             );
             match client.batch_execute(&sql).await {
                 Ok(()) => done.push(format!("created publication {publication}")),
@@ -281,6 +300,45 @@ async fn publish_tables(
             done.push(format!("added public.{table} to publication {publication}"));
         }
     }
+    Ok(())
+}
+
+/// An existing publication without `publish_via_partition_root`: a partitioned table's
+/// changes would arrive under its partitions' names, which walcast would count as another
+/// table and skip. Where neither table is partitioned the setting changes nothing already
+/// in the WAL, so walcast sets it; where one is, changes already decoded that way cannot
+/// be recovered by the stream, so walcast refuses with the fix.
+async fn publish_via_root(
+    client: &Client,
+    publication: &str,
+    done: &mut Vec<String>,
+) -> Result<(), SetupError> {
+    for table in [CONTENT_TABLE, EVENTS_TABLE] {
+        let partitioned = client
+            .query_opt(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = 'public' AND c.relname = $1 AND c.relkind = 'p'",
+                &[&table],
+            )
+            .await
+            .context("looking up the source tables")?
+            .is_some();
+        if partitioned {
+            return Err(SetupError::PublicationNotViaRoot {
+                publication: publication.to_owned(),
+                table,
+            });
+        }
+    }
+    client
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"
+        ))
+        .await
+        .context("setting publish_via_partition_root")?;
+    done.push(format!(
+        "publication {publication} now publishes via the partition root"
+    ));
     Ok(())
 }
 

@@ -469,6 +469,7 @@ impl Drop for Redis {
 }
 
 /// The environment `walcast` needs to talk to a test pair of servers.
+#[derive(Clone)]
 pub struct Env {
     pub vars: Vec<(String, String)>,
     pub metrics_port: u16,
