@@ -1,7 +1,9 @@
 //! `walcast verify`: reconcile the sinks with the source.
 //!
 //! - Every `engagement_events` row is in `analytics.enriched_events` once, except the rows
-//!   that were dead-lettered; nothing is there that the source does not have. Ids are
+//!   that were dead-lettered (by the stream or by a backfill). An event the analytics
+//!   tables hold whose row the source no longer has was deleted at the source after it was
+//!   delivered (walcast delivers inserts only): it is listed, and is no failure. Ids are
 //!   compared page by page (keyset, 50,000 at a time), so memory stays flat for any table
 //!   size and the source and analytics databases may be different servers.
 //! - Every aggregate table equals a recomputation from the facts in SQL (both directions of
@@ -17,7 +19,7 @@ use tokio_postgres::Client;
 use crate::sink::postgres::AGGREGATES;
 
 const PAGE: i64 = 50_000;
-/// Missing or unexpected ids listed in the report, at most.
+/// Missing or deleted ids listed in the report, at most.
 const SAMPLE: usize = 10;
 
 /// What `verify` found.
@@ -36,22 +38,26 @@ pub struct AnalyticsReport {
     pub events: u64,
     pub missing: u64,
     pub missing_sample: Vec<i64>,
-    pub unexpected: u64,
-    pub unexpected_sample: Vec<i64>,
+    /// Delivered events whose source row is gone: deleted at the source afterwards.
+    pub deleted_at_source: u64,
+    pub deleted_sample: Vec<i64>,
     /// Per aggregate table, rows that differ from the recomputation.
     pub aggregate_diffs: Vec<(&'static str, u64)>,
 }
 
 impl Report {
-    /// Events every sink should hold.
+    /// Events every sink should hold: every source row that is not a dead letter, and
+    /// those delivered before their row was deleted at the source.
     pub fn expected(&self) -> u64 {
-        self.source_events.saturating_sub(self.dead_lettered)
+        let deleted = self.analytics.as_ref().map_or(0, |a| a.deleted_at_source);
+        self.source_events.saturating_sub(self.dead_lettered) + deleted
     }
 
     pub fn is_consistent(&self) -> bool {
-        let analytics_ok = self.analytics.as_ref().is_none_or(|a| {
-            a.missing == 0 && a.unexpected == 0 && a.aggregate_diffs.iter().all(|(_, n)| *n == 0)
-        });
+        let analytics_ok = self
+            .analytics
+            .as_ref()
+            .is_none_or(|a| a.missing == 0 && a.aggregate_diffs.iter().all(|(_, n)| *n == 0));
         let redis_ok = self.redis_total.is_none_or(|t| t == self.expected());
         analytics_ok && redis_ok
     }
@@ -71,8 +77,8 @@ impl fmt::Display for Report {
             )?;
             writeln!(
                 f,
-                "  unexpected         {} {:?}",
-                a.unexpected, a.unexpected_sample
+                "  deleted at source  {} {:?} (delivered, then deleted there; not a failure)",
+                a.deleted_at_source, a.deleted_sample
             )?;
             for (table, diffs) in &a.aggregate_diffs {
                 writeln!(f, "  {table:<27} {diffs} rows differ from the facts")?;
@@ -93,6 +99,15 @@ impl fmt::Display for Report {
     }
 }
 
+/// Ids of `engagement_events` rows that became dead letters: by the stream (`origin =
+/// 'source'`, the id in the raw values) or by a backfill (`origin = 'backfill'`, `row_id`).
+const DEAD_LETTERED_IDS: &str = "SELECT (raw->>'id')::bigint AS id FROM analytics.dead_letters
+     WHERE origin = 'source' AND source_table = 'engagement_events'
+       AND raw->>'id' ~ '^-?[0-9]+$'
+     UNION
+     SELECT row_id FROM analytics.dead_letters
+     WHERE origin = 'backfill' AND row_id IS NOT NULL";
+
 /// Counts the source rows and the dead letters of `engagement_events`.
 pub async fn source(
     source: &Client,
@@ -103,14 +118,23 @@ pub async fn source(
         .await?
         .get(0);
     let dead_lettered: i64 = match analytics {
-        Some(client) => client
-            .query_one(
-                "SELECT count(DISTINCT raw->>'id') FROM analytics.dead_letters
-                 WHERE origin = 'source' AND source_table = 'engagement_events'",
+        // Only those whose row the source still has: a deleted row is not expected anywhere.
+        Some(client) => {
+            let dead = ids(
+                client,
+                &format!("SELECT id FROM ({DEAD_LETTERED_IDS}) AS d ORDER BY id"),
                 &[],
             )
-            .await?
-            .get(0),
+            .await?;
+            let still: i64 = source
+                .query_one(
+                    "SELECT count(*) FROM engagement_events WHERE id = ANY($1)",
+                    &[&dead],
+                )
+                .await?
+                .get(0);
+            still
+        }
         None => 0,
     };
     Ok(Report {
@@ -128,9 +152,7 @@ pub async fn analytics(
     let mut report = AnalyticsReport::default();
     let dead = ids(
         analytics,
-        "SELECT DISTINCT (raw->>'id')::bigint FROM analytics.dead_letters
-         WHERE origin = 'source' AND source_table = 'engagement_events'
-           AND raw->>'id' ~ '^-?[0-9]+$'",
+        &format!("SELECT id FROM ({DEAD_LETTERED_IDS}) AS d ORDER BY id"),
         &[],
     )
     .await?;
@@ -195,7 +217,7 @@ fn compare_sorted(source: &[i64], held: &[i64], dead: &[i64], report: &mut Analy
                 j += 1;
             }
             (Some(s), h) if h.is_none_or(|h| s < h) => {
-                if !dead.contains(s) {
+                if dead.binary_search(s).is_err() {
                     report.missing += 1;
                     if report.missing_sample.len() < SAMPLE {
                         report.missing_sample.push(*s);
@@ -204,9 +226,9 @@ fn compare_sorted(source: &[i64], held: &[i64], dead: &[i64], report: &mut Analy
                 i += 1;
             }
             (_, Some(h)) => {
-                report.unexpected += 1;
-                if report.unexpected_sample.len() < SAMPLE {
-                    report.unexpected_sample.push(*h);
+                report.deleted_at_source += 1;
+                if report.deleted_sample.len() < SAMPLE {
+                    report.deleted_sample.push(*h);
                 }
                 j += 1;
             }
@@ -250,12 +272,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn merge_finds_missing_unexpected_and_ignores_dead_letters() {
+    fn merge_finds_missing_and_deleted_and_ignores_dead_letters() {
         let mut report = AnalyticsReport::default();
         compare_sorted(&[1, 2, 3, 5, 8], &[1, 3, 4, 5, 9], &[8], &mut report);
         assert_eq!(report.missing, 1);
         assert_eq!(report.missing_sample, vec![2]);
-        assert_eq!(report.unexpected, 2);
-        assert_eq!(report.unexpected_sample, vec![4, 9]);
+        assert_eq!(report.deleted_at_source, 2);
+        assert_eq!(report.deleted_sample, vec![4, 9]);
     }
 }

@@ -430,3 +430,55 @@ async fn a_partitioned_events_table_is_streamed_backfilled_and_verified() {
     assert_verified(&s);
     drop(walcast);
 }
+
+/// `walcast verify` after a backfill that dead-lettered rows, and after a delivered event
+/// was deleted at the source: consistent, with both counted for what they are.
+#[tokio::test]
+async fn verify_counts_backfill_dead_letters_and_rows_deleted_at_the_source() {
+    let s = stack().await;
+    s.db.batch_execute(&format!(
+        "ALTER TABLE engagement_events ALTER COLUMN event_ts DROP NOT NULL;
+         INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms)
+         SELECT '{EPISODE}', 'play', CASE WHEN g <= 2 THEN NULL ELSE now() END, 1000
+         FROM generate_series(1, 10) g"
+    ))
+    .await
+    .unwrap();
+    let out = s.env.output(&["backfill"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let walcast = s.env.spawn_run();
+    s.db.batch_execute(&format!(
+        "INSERT INTO engagement_events (content_id, event_type, event_ts) VALUES ('{EPISODE}', 'click', now())"
+    ))
+    .await
+    .unwrap();
+    eventually("9 events in every sink", WAIT, || async {
+        s.redis.total().await == 9 && count(&s.db, "analytics.enriched_events").await == 9
+    })
+    .await;
+    s.db.batch_execute("DELETE FROM engagement_events WHERE id = 5")
+        .await
+        .unwrap();
+    let out = s.env.output(&["verify"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |label: &str| {
+        report
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} in {report}"))
+            .to_owned()
+    };
+    assert!(line("dead-lettered").ends_with(" 2"), "{report}");
+    assert!(line("deleted at source").contains("1 [5]"), "{report}");
+    assert!(line("missing").contains(" 0 "), "{report}");
+    drop(walcast);
+}
