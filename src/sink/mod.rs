@@ -160,11 +160,13 @@ impl SinkError {
     /// walsender, which waits for walcast to confirm, which waits for this sink: the
     /// pipeline must let go of the replication connection so the server can stop.
     pub fn is_server_shutdown(&self) -> bool {
-        match self {
-            SinkError::Postgres { source, .. } => source
-                .code()
-                .is_some_and(|code| matches!(code.code(), "57P01" | "57P02" | "57P03")),
-            _ => false,
-        }
+        let source = match self {
+            SinkError::Postgres { source, .. } => source,
+            SinkError::Connect(err) => &err.source,
+            _ => return false,
+        };
+        source
+            .code()
+            .is_some_and(|code| matches!(code.code(), "57P01" | "57P02" | "57P03"))
     }
 }
