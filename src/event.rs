@@ -71,6 +71,21 @@ impl EnrichedEvent {
     }
 }
 
+/// Most characters of a free-text value (`device`, `content_type`, `event_type`) where it
+/// becomes a key: an index entry of an aggregate, a Redis key or hash field. A longer
+/// value is cut there to its first this many characters (the event itself keeps it whole);
+/// PostgreSQL's B-tree entries are limited to about 2,700 bytes, and 200 characters of
+/// UTF-8 take at most 800.
+pub const KEY_CHARS: usize = 200;
+
+/// `value` bounded to [`KEY_CHARS`] characters for use in a key.
+pub fn key_part(value: &str) -> &str {
+    match value.char_indices().nth(KEY_CHARS) {
+        Some((end, _)) => &value[..end],
+        None => value,
+    }
+}
+
 /// RFC 3339 in UTC with microseconds, the resolution of PostgreSQL timestamps.
 pub fn rfc3339(ts: &DateTime<Utc>) -> String {
     ts.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -219,6 +234,14 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_parts_are_cut_at_a_character_boundary() {
+        assert_eq!(key_part("ios"), "ios");
+        let long = "é".repeat(KEY_CHARS + 50);
+        assert_eq!(key_part(&long).chars().count(), KEY_CHARS);
+        assert_eq!(key_part(&long), "é".repeat(KEY_CHARS));
+    }
 
     #[test]
     fn hundredths_print_like_numeric_2() {

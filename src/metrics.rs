@@ -34,10 +34,11 @@ pub const HEARTBEATS_TOTAL: &str = "walcast_heartbeats_total";
 
 /// Why a row or a batch became a dead letter: every value `walcast_dead_letters_total`
 /// can carry in its `reason` label.
-pub const DEAD_LETTER_REASONS: [&str; 5] = [
+pub const DEAD_LETTER_REASONS: [&str; 6] = [
     crate::enrich::REASON_INVALID_VALUE,
     crate::enrich::REASON_MISSING_COLUMN,
     crate::enrich::REASON_NULL_EVENT_TS,
+    crate::sink::postgres::REASON_REJECTED,
     crate::sink::webhook::REASON_REJECTED,
     crate::sink::webhook::REASON_EXHAUSTED,
 ];

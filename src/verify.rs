@@ -38,6 +38,9 @@ pub struct AnalyticsReport {
     pub events: u64,
     pub missing: u64,
     pub missing_sample: Vec<i64>,
+    /// Events the analytics database refused (dead letters of origin `postgres`): in
+    /// Redis, not in the facts.
+    pub rejected: u64,
     /// Delivered events whose source row is gone: deleted at the source afterwards.
     pub deleted_at_source: u64,
     pub deleted_sample: Vec<i64>,
@@ -74,6 +77,11 @@ impl fmt::Display for Report {
                 f,
                 "  missing            {} {:?}",
                 a.missing, a.missing_sample
+            )?;
+            writeln!(
+                f,
+                "  refused by it      {} (dead letters of origin postgres)",
+                a.rejected
             )?;
             writeln!(
                 f,
@@ -150,12 +158,26 @@ pub async fn analytics(
     analytics: &Client,
 ) -> Result<AnalyticsReport, tokio_postgres::Error> {
     let mut report = AnalyticsReport::default();
+    // Not expected in the facts: rows that could not be events, and events the analytics
+    // database refused.
     let dead = ids(
         analytics,
-        &format!("SELECT id FROM ({DEAD_LETTERED_IDS}) AS d ORDER BY id"),
+        &format!(
+            "SELECT id FROM ({DEAD_LETTERED_IDS}
+                             UNION SELECT row_id FROM analytics.dead_letters
+                             WHERE origin = 'postgres' AND row_id IS NOT NULL) AS d
+             ORDER BY id"
+        ),
         &[],
     )
     .await?;
+    report.rejected = analytics
+        .query_one(
+            "SELECT count(DISTINCT row_id) FROM analytics.dead_letters WHERE origin = 'postgres'",
+            &[],
+        )
+        .await?
+        .get::<_, i64>(0) as u64;
     let mut after = i64::MIN;
     loop {
         let page = ids(
@@ -252,7 +274,10 @@ fn recompute_statement(table: &str, keys: &str, filter: &str) -> String {
         coalesce(sum(engagement_seconds), 0) AS engagement_seconds_total,
         avg(engagement_pct) AS engagement_pct_avg,
         max(event_ts) AS last_event_ts
-    FROM (SELECT *, (event_ts AT TIME ZONE 'UTC')::date AS day
+    FROM (SELECT content_id, user_id, event_type, event_ts, engagement_seconds,
+              engagement_pct, left(device, {key_chars}) AS device,
+              left(content_type, {key_chars}) AS content_type,
+              (event_ts AT TIME ZONE 'UTC')::date AS day
           FROM analytics.enriched_events) AS facts
     WHERE {filter}
     GROUP BY {keys}
@@ -263,7 +288,8 @@ actual AS (
     FROM analytics.{table}
 )
 SELECT (SELECT count(*) FROM (SELECT * FROM expected EXCEPT ALL SELECT * FROM actual) AS a)
-     + (SELECT count(*) FROM (SELECT * FROM actual EXCEPT ALL SELECT * FROM expected) AS b)"
+     + (SELECT count(*) FROM (SELECT * FROM actual EXCEPT ALL SELECT * FROM expected) AS b)",
+        key_chars = crate::event::KEY_CHARS
     )
 }
 

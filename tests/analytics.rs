@@ -807,3 +807,75 @@ async fn a_truncate_of_the_events_table_stops_walcast_until_the_sinks_start_over
     s.wait_delivered(15, &walcast, WAIT).await;
     s.verify();
 }
+
+/// One awkward value no longer stops walcast for good: a 3,000-character device is bounded
+/// where it becomes an aggregate key (and a Redis field), and a row the analytics database
+/// still refuses (here a constraint an operator added) becomes that sink's dead letter
+/// while Redis gets it and the stream goes on.
+#[tokio::test]
+async fn a_row_the_analytics_database_refuses_is_dead_lettered_and_the_stream_goes_on() {
+    let s = stack().await;
+    let walcast = s.run();
+    load(&s.db, 5, 5).await;
+    s.wait_delivered(5, &walcast, WAIT).await;
+    let long_device = "d".repeat(3_000);
+    s.db.execute(
+        "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms, device)
+         VALUES ($1::text::uuid, 'play', now(), 1000, $2)",
+        &[&EPISODE, &long_device],
+    )
+    .await
+    .unwrap();
+    s.wait_delivered(6, &walcast, WAIT).await;
+    let key_device: String =
+        s.db.query_one(
+            "SELECT device FROM analytics.device_analysis WHERE length(device) > 100",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key_device.len(), walcast::event::KEY_CHARS);
+
+    s.db.batch_execute(
+        "ALTER TABLE analytics.enriched_events ADD CONSTRAINT short_plays CHECK (duration_ms < 500000)",
+    )
+    .await
+    .unwrap();
+    s.db.batch_execute(&format!(
+        "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms)
+         VALUES ('{EPISODE}', 'play', now(), 1000), ('{EPISODE}', 'play', now(), 900000),
+                ('{EPISODE}', 'play', now(), 2000)"
+    ))
+    .await
+    .unwrap();
+    load(&s.db, 3, 3).await;
+    eventually(
+        "every event in redis, all but the refused one in analytics",
+        WAIT,
+        || async { s.redis.total().await == 12 && s.analytics_count().await == 11 },
+    )
+    .await;
+    let row = s
+        .db
+        .query_one(
+            "SELECT reason, detail, (raw->>'id')::bigint FROM analytics.dead_letters WHERE origin = 'postgres'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "analytics_rejected");
+    assert!(
+        row.get::<_, String>(1).contains("short_plays"),
+        "{}",
+        row.get::<_, String>(1)
+    );
+    assert_eq!(row.get::<_, i64>(2), 8);
+    let report = s.verify();
+    assert!(report.contains("refused by it      1"), "{report}");
+    let metrics = scrape_metrics(s.env.metrics_port).await;
+    assert!(
+        metrics.contains("walcast_dead_letters_total{reason=\"analytics_rejected\"} 1"),
+        "{metrics}"
+    );
+}

@@ -86,9 +86,11 @@ new AS (
         SELECT FROM checkpoint c WHERE (s.commit_lsn, s.commit_seq) <= (c.commit_lsn, c.seq))
     ORDER BY id
     ON CONFLICT (id) DO NOTHING
-    RETURNING content_id, user_id, event_type, event_ts, device, content_type,
+    RETURNING content_id, user_id, event_type, event_ts,
+        left(device, {key_chars}) AS device, left(content_type, {key_chars}) AS content_type,
         engagement_seconds, engagement_pct, (event_ts AT TIME ZONE 'UTC')::date AS day
-)"
+)",
+        key_chars = crate::event::KEY_CHARS
     );
     // Rows are inserted in key order so that two writers (the stream and a backfill) lock
     // aggregate rows in the same order; a deadlock is still retried as transient.
@@ -364,7 +366,13 @@ impl Sink for PostgresSink {
             (None, Some(last)) => Progress::Stream(last),
             (None, None) => return Ok(()), // acknowledgement markers: nothing to write
         };
-        let result = self.apply(batches, progress).await;
+        let result = match self.apply(batches, progress).await {
+            Err(err) if refuses_rows(&err) => {
+                tracing::warn!(sink = NAME, error = %err, "the analytics database refused a row; writing the events one by one to find it");
+                self.apply_each(batches, progress).await
+            }
+            other => other,
+        };
         if result.is_err() && self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             self.session = None;
         }
@@ -372,7 +380,24 @@ impl Sink for PostgresSink {
     }
 }
 
+/// Whether the database refused the rows rather than the write: a value it cannot store
+/// (SQLSTATE class 22, data exception), a constraint (23), a limit such as an index entry
+/// too large (54). Such a row becomes a dead letter and the stream goes on; a refusal of
+/// everything (the schema gone: 42P01, a privilege revoked: 42501) still stops walcast.
+fn refuses_rows(err: &SinkError) -> bool {
+    match err {
+        SinkError::Postgres { source, .. } => source
+            .code()
+            .is_some_and(|code| matches!(&code.code()[..2], "22" | "23" | "54")),
+        _ => false,
+    }
+}
+
+/// The dead-letter reason of a row the analytics database refused.
+pub const REASON_REJECTED: &str = "analytics_rejected";
+
 /// What a write records besides the rows, in the same transaction.
+#[derive(Clone, Copy)]
 enum Progress<'a> {
     /// The stream's checkpoint moves to this position.
     Stream(Position),
@@ -381,6 +406,96 @@ enum Progress<'a> {
 }
 
 impl PostgresSink {
+    /// Writes the events one transaction each, after a write of them all was refused for
+    /// a row: an event the database refuses becomes a dead letter (origin `postgres`) in a
+    /// transaction that also moves the checkpoint past it, so a replay neither retries nor
+    /// loses it. Every transaction moves the checkpoint to its own event, so the sequence
+    /// is as exactly-once as one write.
+    async fn apply_each(
+        &mut self,
+        batches: &[&Batch],
+        progress: Progress<'_>,
+    ) -> Result<(), SinkError> {
+        for event in super::events(batches) {
+            let mark;
+            let at = match progress {
+                Progress::Stream(_) => Progress::Stream(event.position),
+                Progress::Backfill(backfill) => {
+                    mark = BackfillMark {
+                        job: std::sync::Arc::clone(&backfill.job),
+                        cursor: Some(event.id),
+                    };
+                    Progress::Backfill(&mark)
+                }
+            };
+            let single = Batch {
+                events: vec![event.clone()],
+                ..Batch::default()
+            };
+            match self.apply(&[&single], at).await {
+                Ok(()) => {}
+                Err(err) if refuses_rows(&err) => {
+                    tracing::warn!(sink = NAME, position = %event.position, id = event.id, error = %err, "row refused by the analytics database, dead-lettered");
+                    self.reject(event, &err, at).await?;
+                    crate::metrics::dead_lettered(REASON_REJECTED);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        // The batches' own dead letters, and the progress of the whole write.
+        let rest = Batch {
+            dead_letters: batches
+                .iter()
+                .flat_map(|b| b.dead_letters.iter().cloned())
+                .collect(),
+            ..Batch::default()
+        };
+        self.apply(&[&rest], progress).await
+    }
+
+    /// Records a refused event as a dead letter, with the progress past it.
+    async fn reject(
+        &mut self,
+        event: &EnrichedEvent,
+        refusal: &SinkError,
+        progress: Progress<'_>,
+    ) -> Result<(), SinkError> {
+        let session = self.session().await?;
+        let context = "dead-lettering a refused row";
+        let pg = |source| SinkError::Postgres { context, source };
+        let tx = session.client.transaction().await.map_err(pg)?;
+        let dead = DeadLetter {
+            position: event.position,
+            table: crate::enrich::EVENTS_TABLE.to_owned(),
+            reason: REASON_REJECTED,
+            detail: refusal.to_string(),
+            raw: vec![
+                ("id".to_owned(), Some(event.id.to_string())),
+                ("event".to_owned(), Some(event.to_json())),
+            ],
+        };
+        let columns = DeadLetterColumns::new(&[&dead]);
+        tx.execute(
+            &session.dead_letters,
+            &[
+                &columns.reasons,
+                &columns.details,
+                &columns.tables,
+                &columns.lsns,
+                &columns.seqs,
+                &columns.raws,
+                &NAME,
+                &columns.row_ids,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        save_progress(&tx, &session.save_checkpoint, progress)
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)
+    }
+
     async fn apply(&mut self, batches: &[&Batch], progress: Progress<'_>) -> Result<(), SinkError> {
         let session = self.session().await?;
         let context = "writing a batch to the analytics database";
@@ -427,30 +542,39 @@ impl PostgresSink {
             .await
             .map_err(pg)?;
         }
-        match progress {
-            Progress::Stream(last) => {
-                let seq = i32::try_from(last.seq).unwrap_or(i32::MAX);
-                tx.execute(
-                    &session.save_checkpoint,
-                    &[&NAME, &last.commit_lsn.to_string(), &seq],
-                )
-                .await
-                .map_err(pg)?;
-            }
-            Progress::Backfill(BackfillMark {
-                job,
-                cursor: Some(id),
-            }) => {
-                tx.execute(SAVE_BACKFILL_CURSOR, &[&&**job, id])
-                    .await
-                    .map_err(pg)?;
-            }
-            Progress::Backfill(BackfillMark { job, cursor: None }) => {
-                tx.execute(END_BACKFILL, &[&&**job]).await.map_err(pg)?;
-            }
-        }
+        save_progress(&tx, &session.save_checkpoint, progress)
+            .await
+            .map_err(pg)?;
         tx.commit().await.map_err(pg)
     }
+}
+
+/// The checkpoint or the backfill's cursor, inside the write's transaction.
+async fn save_progress(
+    tx: &tokio_postgres::Transaction<'_>,
+    save_checkpoint: &Statement,
+    progress: Progress<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    match progress {
+        Progress::Stream(last) => {
+            let seq = i32::try_from(last.seq).unwrap_or(i32::MAX);
+            tx.execute(
+                save_checkpoint,
+                &[&NAME, &last.commit_lsn.to_string(), &seq],
+            )
+            .await?;
+        }
+        Progress::Backfill(BackfillMark {
+            job,
+            cursor: Some(id),
+        }) => {
+            tx.execute(SAVE_BACKFILL_CURSOR, &[&&**job, id]).await?;
+        }
+        Progress::Backfill(BackfillMark { job, cursor: None }) => {
+            tx.execute(END_BACKFILL, &[&&**job]).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The batch's dead letters as parallel arrays, for one `unnest` insert.

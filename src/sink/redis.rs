@@ -44,7 +44,7 @@ use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 
 use super::{Sink, SinkError};
-use crate::event::{Batch, EnrichedEvent, Hundredths};
+use crate::event::{Batch, EnrichedEvent, Hundredths, key_part};
 use crate::lsn::Position;
 
 pub const CHECKPOINT_KEY: &str = "walcast:checkpoint:redis";
@@ -382,7 +382,7 @@ impl RedisSink {
                 .arg(event.to_json())
                 .arg(event.content_id.as_deref().unwrap_or(""))
                 .arg(p.event_type())
-                .arg(event.device.as_deref().unwrap_or("unknown"))
+                .arg(p.device())
                 .arg(p.minute.as_deref().unwrap_or(""))
                 .arg(p.expires_at)
                 .arg(event.score().0)
@@ -426,8 +426,14 @@ impl<'a> Planned<'a> {
         }
     }
 
+    /// The event type as the stream name and counter field take it (bounded, see
+    /// [`key_part`]).
     fn event_type(&self) -> &str {
-        self.event.event_type.as_deref().unwrap_or("unknown")
+        key_part(self.event.event_type.as_deref().unwrap_or("unknown"))
+    }
+
+    fn device(&self) -> &str {
+        key_part(self.event.device.as_deref().unwrap_or("unknown"))
     }
 }
 
@@ -526,7 +532,7 @@ fn apply_commands<'a>(pipe: &mut redis::Pipeline, fresh: &[&'a Planned<'a>]) {
             .push(event.id.rem_euclid(IDS_PER_SHARD));
         count(("", "total"));
         count(("type:", p.event_type()));
-        count(("device:", event.device.as_deref().unwrap_or("unknown")));
+        count(("device:", p.device()));
     }
     for (shard, offsets) in shards {
         pipe.cmd("BITFIELD").arg(ids_key(shard));
