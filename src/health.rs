@@ -41,6 +41,9 @@ pub struct Health {
     /// Commit time, in microseconds since the Unix epoch, of the oldest transaction read
     /// from the stream that not every sink has confirmed yet; 0 when there is none.
     oldest_unapplied: AtomicI64,
+    /// Something wrong on the source that keeps events from being streamed (the
+    /// publication lost the table), with what to do; `None` when all is well.
+    source_problem: std::sync::Mutex<Option<String>>,
     sinks: Vec<SinkHealth>,
 }
 
@@ -60,6 +63,7 @@ impl Health {
             replicating: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             oldest_unapplied: AtomicI64::new(0),
+            source_problem: std::sync::Mutex::new(None),
             sinks: sinks
                 .iter()
                 .map(|kind| SinkHealth {
@@ -109,6 +113,20 @@ impl Health {
         }
     }
 
+    /// Records what is wrong on the source (`None`: nothing); returns the new state when
+    /// it changed.
+    pub fn set_source_problem(&self, problem: Option<String>) -> Option<Option<String>> {
+        let mut current = self
+            .source_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *current == problem {
+            return None;
+        }
+        *current = problem.clone();
+        Some(problem)
+    }
+
     pub fn sinks(&self) -> &[SinkHealth] {
         &self.sinks
     }
@@ -123,6 +141,11 @@ impl Health {
         if !self.replicating.load(Ordering::Relaxed) {
             why.push("replication is not streaming".to_owned());
         }
+        let problem = self
+            .source_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        why.extend(problem.clone());
         for sink in &self.sinks {
             if !sink.reachable.load(Ordering::Relaxed) {
                 why.push(format!("sink {} is unreachable", sink.name));

@@ -389,3 +389,79 @@ async fn a_sink_down_at_start_is_retried_until_it_answers() {
     })
     .await;
 }
+
+/// A publication altered to leave `engagement_events` out streams nothing of it: walcast
+/// turns not ready within seconds and names the fix, which (with a backfill of what was
+/// committed meanwhile) leaves every sink exact. A dropped and recreated table stops it.
+#[tokio::test]
+async fn a_publication_that_loses_the_table_is_noticed_and_a_recreated_table_stops_walcast() {
+    let s = stack().await;
+    let mut walcast = s.run();
+    let port = s.env.metrics_port;
+    load(&s.db, 3, 3).await;
+    eventually("3 events, ready", WAIT, || async {
+        s.redis.total().await == 3 && ready(port).await
+    })
+    .await;
+    s.db.batch_execute("ALTER PUBLICATION walcast_pub DROP TABLE engagement_events")
+        .await
+        .unwrap();
+    load(&s.db, 3, 3).await;
+    let body = wait_for(
+        "/readyz to say the publication lost the table",
+        WAIT,
+        || async {
+            let (status, body) = http_get(port, "/readyz").await;
+            (status == 503).then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        body.contains("does not cover public.engagement_events")
+            && body.contains("ALTER PUBLICATION walcast_pub ADD TABLE"),
+        "{body}"
+    );
+    assert!(
+        walcast.log().contains("does not cover"),
+        "{}",
+        walcast.log()
+    );
+
+    s.db.batch_execute("ALTER PUBLICATION walcast_pub ADD TABLE engagement_events")
+        .await
+        .unwrap();
+    eventually("ready again", WAIT, || ready(port)).await;
+    let out = s.env.output(&["backfill", "--from-id", "4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    load(&s.db, 2, 2).await;
+    eventually("every event in every sink", WAIT, || async {
+        s.redis.total().await == 8 && support::count(&s.db, "analytics.enriched_events").await == 8
+    })
+    .await;
+    let out = s.env.output(&["verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    s.db.batch_execute(
+        "DROP TABLE engagement_events;
+         CREATE TABLE engagement_events (id BIGSERIAL PRIMARY KEY, content_id UUID, user_id UUID,
+             event_type TEXT, event_ts TIMESTAMPTZ NOT NULL, duration_ms INTEGER, device TEXT,
+             raw_payload JSONB)",
+    )
+    .await
+    .unwrap();
+    let status = walcast.wait_exit(WAIT).await;
+    assert!(!status.success());
+    assert!(
+        walcast.log().contains("engagement_events was dropped"),
+        "{}",
+        walcast.log()
+    );
+}

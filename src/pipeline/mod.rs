@@ -117,6 +117,14 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     }
     let durable = slot.confirmed_flush_lsn.unwrap_or_default();
     health.start_at(durable);
+    let events_table: u32 = client
+        .query_one("SELECT 'public.engagement_events'::regclass::oid", &[])
+        .await
+        .map_err(|source| Error::Postgres {
+            context: "looking up engagement_events",
+            source,
+        })?
+        .get(0);
 
     let cache = ContentCache::load(&client)
         .await
@@ -132,6 +140,8 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         source::Monitor {
             config: pg_config,
             slot: config.source.slot.clone(),
+            publication: config.source.publication.clone(),
+            events_table,
             heartbeat: config.heartbeat(),
             retained_wal_warn: config.retained_wal_warn.as_u64(),
             health: Arc::clone(&health),

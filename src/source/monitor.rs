@@ -2,6 +2,12 @@
 //! slot's row in `pg_replication_slots` and turns it into the lag gauges; writes the
 //! heartbeat; and stops walcast when PostgreSQL has invalidated the slot.
 //!
+//! It also keeps the publication honest. A publication that no longer covers
+//! `engagement_events` (altered by someone) streams nothing of it while everything looks
+//! fine: walcast turns not ready and says how to fix it. An `engagement_events` that was
+//! dropped (and maybe created again, with its ids starting over) stops walcast, as a
+//! TRUNCATE does: neither shows in the stream itself.
+//!
 //! It never stops walcast for its own connection trouble: while the source is down the
 //! replication stream reconnects, and so does the monitor.
 
@@ -22,6 +28,9 @@ pub const HEARTBEAT_PREFIX: &str = "walcast_heartbeat";
 pub struct Monitor {
     pub config: tokio_postgres::Config,
     pub slot: String,
+    pub publication: String,
+    /// The oid `public.engagement_events` had when walcast started.
+    pub events_table: u32,
     pub heartbeat: Option<Duration>,
     pub retained_wal_warn: u64,
     pub health: Arc<Health>,
@@ -58,6 +67,14 @@ impl Monitor {
                 }
             }
             let db = client.as_ref().expect("connected above");
+            if let Err(error) = self.check_publication(db).await {
+                if let ReplicationError::EventsTableReplaced { .. } = error {
+                    return Err(error);
+                }
+                tracing::debug!(%error, "reading the publication failed");
+                client = None;
+                continue;
+            }
             match slot_info(db, &self.slot).await {
                 Ok(Some(info)) => {
                     self.observe(&info, &mut above_warn)?;
@@ -80,6 +97,46 @@ impl Monitor {
                 self.beat(db).await;
             }
         }
+    }
+
+    /// Whether `engagement_events` is still the table walcast started with, and still in
+    /// the publication.
+    async fn check_publication(&self, db: &tokio_postgres::Client) -> Result<(), ReplicationError> {
+        let row = db
+            .query_one(
+                "SELECT to_regclass('public.engagement_events')::oid,
+                        EXISTS (SELECT 1 FROM pg_publication_tables
+                                WHERE pubname = $1 AND schemaname = 'public'
+                                  AND tablename = 'engagement_events')",
+                &[&self.publication],
+            )
+            .await
+            .map_err(|e| ReplicationError::Monitor(crate::pg::detail(&e)))?;
+        let oid: Option<u32> = row.get(0);
+        if oid != Some(self.events_table) {
+            return Err(ReplicationError::EventsTableReplaced {
+                publication: self.publication.clone(),
+            });
+        }
+        let covered: bool = row.get(1);
+        let problem = (!covered).then(|| {
+            format!(
+                "publication {p} does not cover public.engagement_events (someone altered it): \
+                 nothing of the table is streamed. Run ALTER PUBLICATION {p} ADD TABLE \
+                 public.engagement_events, then walcast backfill --since <when it was removed> \
+                 to copy the rows committed meanwhile",
+                p = self.publication
+            )
+        });
+        if let Some(now) = self.health.set_source_problem(problem) {
+            match now {
+                Some(problem) => tracing::error!("{problem}"),
+                None => {
+                    tracing::info!(publication = %self.publication, "publication covers engagement_events again")
+                }
+            }
+        }
+        Ok(())
     }
 
     fn observe(&self, info: &SlotInfo, above_warn: &mut bool) -> Result<(), ReplicationError> {

@@ -34,6 +34,18 @@ pub enum ReplicationError {
          max_slot_wal_keep_size and alert on walcast_slot_retained_wal_bytes"
     )]
     SlotInvalidated { slot: String },
+    #[error(
+        "public.engagement_events was dropped (and maybe created again, its ids starting over) \
+         while walcast streamed it: the new table is not in publication {publication}, and \
+         the sinks hold the old table's events under ids the new one may reuse. To start over \
+         from the table as it is now: walcast teardown; remove the sinks' state (DROP SCHEMA \
+         analytics CASCADE on the analytics database, and on Redis the event:*, content:*, \
+         events:*, top:minute:*, stats:events and walcast:* keys, or FLUSHDB on a database \
+         walcast has to itself); then walcast backfill and walcast run"
+    )]
+    EventsTableReplaced { publication: String },
+    #[error("slot monitor: {0}")]
+    Monitor(String),
     #[error("replication connection: {0}")]
     Protocol(#[from] PgWireError),
     #[error(transparent)]
