@@ -382,6 +382,13 @@ pub struct Destinations {
 
     #[command(flatten)]
     pub webhook: WebhookArgs,
+
+    /// Longest a write to Redis or the analytics database may take, e.g. `30s`. A write
+    /// past it counts as failed: its connection is dropped, the write is retried, and
+    /// /readyz names the sink, so a hung server or a black-holed connection is noticed.
+    /// (The webhook has WALCAST_WEBHOOK_TIMEOUT per POST instead.)
+    #[arg(long, env = "WALCAST_SINK_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub sink_write_timeout: Duration,
 }
 
 impl Destinations {
@@ -389,6 +396,12 @@ impl Destinations {
         let kinds = &self.sinks.kinds;
         if kinds.is_empty() {
             return Err(invalid("WALCAST_SINKS", "name at least one sink"));
+        }
+        if self.sink_write_timeout < Duration::from_millis(100) {
+            return Err(invalid(
+                "WALCAST_SINK_WRITE_TIMEOUT",
+                "must be at least 100ms",
+            ));
         }
         let mut seen = kinds.clone();
         seen.sort_by_key(|s| s.name());

@@ -465,3 +465,113 @@ async fn a_publication_that_loses_the_table_is_noticed_and_a_recreated_table_sto
         walcast.log()
     );
 }
+
+/// A hung analytics server (its walcast backend SIGSTOPped, connection open): the write
+/// deadline turns /readyz not ready naming the sink, Redis keeps receiving, and after
+/// SIGCONT every event is in both sinks exactly once.
+#[tokio::test]
+async fn a_hung_analytics_backend_is_noticed_within_the_write_deadline() {
+    let mut s = stack().await;
+    s.env.put("WALCAST_SINK_WRITE_TIMEOUT", "2s");
+    let walcast = s.run();
+    let port = s.env.metrics_port;
+    load(&s.db, 10, 10).await;
+    eventually("10 events in both sinks, ready", WAIT, || async {
+        s.redis.total().await == 10
+            && support::count(&s.db, "analytics.enriched_events").await == 10
+            && ready(port).await
+    })
+    .await;
+    let backend: i32 =
+        s.db.query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&walcast::sink::postgres::APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    signal_pid(backend as u32, libc::SIGSTOP);
+    load(&s.db, 10, 10).await;
+    let body = wait_for("/readyz to name the hung sink", WAIT, || async {
+        let (status, body) = http_get(port, "/readyz").await;
+        (status == 503 && body.contains("postgres")).then_some(body)
+    })
+    .await;
+    assert!(body.contains("sink postgres writes are failing"), "{body}");
+    eventually("redis keeps receiving", WAIT, || async {
+        s.redis.total().await == 20
+    })
+    .await;
+    assert!(
+        walcast.log().contains("WALCAST_SINK_WRITE_TIMEOUT"),
+        "{}",
+        walcast.log()
+    );
+    signal_pid(backend as u32, libc::SIGCONT);
+    eventually("everything in analytics, ready", WAIT, || async {
+        support::count(&s.db, "analytics.enriched_events").await == 20 && ready(port).await
+    })
+    .await;
+    let out = s.env.output(&["verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// SIGTERM while a sink hangs ends within the bound, acknowledging only what every sink
+/// confirmed.
+#[tokio::test]
+async fn sigterm_while_redis_hangs_exits_within_the_bound() {
+    let s = stack().await;
+    let mut walcast = s.run();
+    load(&s.db, 10, 10).await;
+    eventually("10 events delivered", WAIT, || async {
+        s.redis.total().await == 10
+    })
+    .await;
+    signal_pid(s.redis.pid(), libc::SIGSTOP);
+    load(&s.db, 10, 10).await;
+    eventually("analytics has the new events", WAIT, || async {
+        support::count(&s.db, "analytics.enriched_events").await == 20
+    })
+    .await;
+    let stopped = std::time::Instant::now();
+    let status = walcast.terminate().await;
+    let took = stopped.elapsed();
+    signal_pid(s.redis.pid(), libc::SIGCONT);
+    assert!(status.success(), "exit {status}:\n{}", walcast.log());
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}:\n{}",
+        walcast.log()
+    );
+    // Redis never confirmed the second transaction: the slot must not have passed it.
+    let redis_checkpoint: String = redis::cmd("GET")
+        .arg("walcast:checkpoint:redis")
+        .query_async(&mut s.redis.conn().await)
+        .await
+        .unwrap();
+    let redis_lsn = u64::from_str_radix(&redis_checkpoint[..16], 16).unwrap();
+    let flushed = confirmed_flush(&s.db, "walcast").await.unwrap();
+    let last_commit: i64 =
+        s.db.query_one(
+            "SELECT (max(commit_lsn) - '0/0')::bigint FROM analytics.enriched_events",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        flushed <= last_commit as u64 && flushed > redis_lsn,
+        "slot {flushed:X} between redis's {redis_lsn:X} and the unconfirmed {last_commit:X}"
+    );
+    // The next start delivers the rest to Redis, once.
+    let walcast = s.env.spawn_run();
+    eventually("redis catches up", WAIT, || async {
+        s.redis.total().await == 20
+    })
+    .await;
+    drop(walcast);
+}

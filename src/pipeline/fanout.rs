@@ -58,6 +58,8 @@ pub struct QueueLimits {
     /// Rows one write takes from the queue at most (a single larger batch is still
     /// written whole).
     pub write_rows: usize,
+    /// Longest one write may take (sinks with [`Sink::has_write_deadline`]).
+    pub write_timeout: Duration,
 }
 
 /// One sink's queue: the channel and its capacity in rows.
@@ -97,6 +99,7 @@ impl Sinks {
             limits: QueueLimits {
                 queue_rows: limits.queue_rows.clamp(1, Semaphore::MAX_PERMITS),
                 write_rows: limits.write_rows.max(1),
+                write_timeout: limits.write_timeout,
             },
             release_source: Arc::new(Notify::new()),
             tasks: JoinSet::new(),
@@ -116,12 +119,16 @@ impl Sinks {
         });
         let confirm = self.confirm_tx.clone();
         let write_rows = self.limits.write_rows;
+        let deadline = sink
+            .has_write_deadline()
+            .then_some(self.limits.write_timeout);
         let shared = Shared {
             release_source: Arc::clone(&self.release_source),
             health: Arc::clone(&self.health),
         };
-        self.tasks
-            .spawn(sink_task(sink, index, rx, write_rows, confirm, shared));
+        self.tasks.spawn(sink_task(
+            sink, index, rx, write_rows, deadline, confirm, shared,
+        ));
     }
 
     pub fn len(&self) -> usize {
@@ -238,6 +245,7 @@ async fn sink_task<S: Sink>(
     index: usize,
     mut queue: mpsc::UnboundedReceiver<Queued>,
     write_rows: usize,
+    deadline: Option<Duration>,
     confirm: mpsc::UnboundedSender<(usize, u64)>,
     shared: Shared,
 ) -> Result<(), FanoutError> {
@@ -271,7 +279,18 @@ async fn sink_task<S: Sink>(
         let mut attempt: u32 = 0;
         loop {
             let started = std::time::Instant::now();
-            match sink.write(&batches).await {
+            let written = match deadline {
+                Some(limit) => match tokio::time::timeout(limit, sink.write(&batches)).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        // The write's connection is in an unknown state: start afresh.
+                        sink.reset();
+                        Err(SinkError::Deadline(limit))
+                    }
+                },
+                None => sink.write(&batches).await,
+            };
+            match written {
                 Ok(()) => {
                     metrics::sink_written(name, &batches, started.elapsed(), Utc::now());
                     health.set_failing(false);
@@ -386,6 +405,7 @@ mod tests {
         let limits = QueueLimits {
             queue_rows: 100,
             write_rows,
+            write_timeout: Duration::from_secs(30),
         };
         let mut sinks = Sinks::new(limits, Health::new(&[SinkKind::Redis]));
         let (writes_tx, writes) = mpsc::unbounded_channel();
@@ -442,6 +462,77 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// Hangs on its first write (a stopped server); counts resets; then writes.
+    struct HangsOnce {
+        writes: u32,
+        resets: Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl Sink for HangsOnce {
+        fn name(&self) -> &'static str {
+            "hangs-once"
+        }
+
+        fn reset(&mut self) {
+            self.resets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
+            Ok(None)
+        }
+
+        async fn write(&mut self, _batches: &[&Batch]) -> Result<(), SinkError> {
+            self.writes += 1;
+            if self.writes == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        }
+
+        async fn backfill_cursor(&mut self, _job: &str) -> Result<Option<i64>, SinkError> {
+            Ok(None)
+        }
+    }
+
+    /// A write past its deadline is cut, the sink's connections are dropped, the sink is
+    /// reported failing, and the retry confirms the batch.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_past_its_deadline_is_retried_on_fresh_connections() {
+        let health = Health::new(&[SinkKind::Redis]);
+        let limits = QueueLimits {
+            queue_rows: 100,
+            write_rows: 100,
+            write_timeout: Duration::from_secs(3),
+        };
+        let mut sinks = Sinks::new(limits, Arc::clone(&health));
+        let resets = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        sinks.add(HangsOnce {
+            writes: 0,
+            resets: Arc::clone(&resets),
+        });
+        let (batches_tx, batches_rx) = mpsc::channel(16);
+        let (ack_tx, mut ack_rx) = watch::channel(Lsn(0));
+        let fanout = tokio::spawn(run(sinks, batches_rx, Lsn(0), ack_tx));
+        batches_tx.send(one_row(7)).await.unwrap();
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            ack_rx.wait_for(|lsn| *lsn == Lsn(7)),
+        )
+        .await
+        .expect("the batch is confirmed, not held by the hung write")
+        .unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(resets.load(std::sync::atomic::Ordering::Relaxed), 1);
+        drop(batches_tx);
+        fanout.await.unwrap().unwrap();
     }
 
     #[test]

@@ -46,8 +46,14 @@ const BATCH_QUEUE: usize = 2;
 const SINK_QUEUE_BATCHES: usize = 2;
 /// How long `run` waits at start for a slot that is still held before it gives up.
 const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for the final status update to reach PostgreSQL.
+/// How long shutdown waits, after the sinks, for the final status update to reach
+/// PostgreSQL and the slot to show it.
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the sinks to confirm what they were given. A sink that
+/// hangs (a stopped server, a webhook retrying under `block`) does not keep the process
+/// alive past it: walcast acknowledges what every sink confirmed and exits; the next
+/// start replays the rest, and the checkpoints skip what was applied after all.
+const SHUTDOWN_DRAIN_WAIT: Duration = Duration::from_secs(10);
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
@@ -256,6 +262,7 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
         QueueLimits {
             queue_rows: SINK_QUEUE_BATCHES * batch_max_events,
             write_rows: batch_max_events,
+            write_timeout: to.sink_write_timeout,
         },
         Arc::clone(health),
     );
@@ -482,7 +489,11 @@ impl SourceLoop {
                 () = shutdown.as_mut() => return Ok(false),
                 () = tokio::time::sleep(delay) => {}
             }
-            match source::start_replication(&self.source, self.acked, self.status_interval).await {
+            let started = tokio::select! {
+                () = shutdown.as_mut() => return Ok(false),
+                started = source::start_replication(&self.source, self.acked, self.status_interval) => started,
+            };
+            match started {
                 Ok(repl) => {
                     self.repl = repl;
                     self.health.set_replicating(true);
@@ -640,7 +651,12 @@ impl SourceLoop {
         mut self,
         mut fanout: tokio::task::JoinHandle<Result<(), FanoutError>>,
     ) -> Result<(), Error> {
-        self.flush().await?;
+        let drained = tokio::time::Instant::now() + SHUTDOWN_DRAIN_WAIT;
+        // Handing over the open batch waits for room when a sink is stuck: bounded too.
+        let handed = tokio::time::timeout_at(drained, self.flush()).await;
+        if let Ok(result) = handed {
+            result?;
+        }
         let SourceLoop {
             repl,
             batch_tx,
@@ -651,26 +667,44 @@ impl SourceLoop {
         drop(batch_tx);
         let joined = loop {
             tokio::select! {
-                joined = &mut fanout => break joined,
+                joined = &mut fanout => break Some(joined),
                 Ok(()) = ack_rx.changed() => {
                     repl.update_applied_lsn((*ack_rx.borrow_and_update()).into());
                 }
+                () = tokio::time::sleep_until(drained) => break None,
             }
         };
-        let fanned = finish_fanout(joined);
+        let fanned = match joined {
+            Some(joined) => finish_fanout(joined),
+            None => {
+                fanout.abort();
+                tracing::warn!(
+                    wait_s = SHUTDOWN_DRAIN_WAIT.as_secs(),
+                    "a sink did not confirm its writes in time; stopping with what every sink \
+                     confirmed (the next start replays the rest)"
+                );
+                Ok(())
+            }
+        };
         let last = *ack_rx.borrow();
         repl.update_applied_lsn(last.into());
         // pgwire-replication sends no status update of its own on shutdown: wait (bounded)
         // until the last one carried our final position.
-        let deadline = Instant::now() + FINAL_ACK_WAIT;
-        while Lsn::from(repl.metrics().last_applied_lsn()) < last && Instant::now() < deadline {
+        // One deadline for the whole tail, so a source that stopped answering cannot hold
+        // the exit either.
+        let deadline = tokio::time::Instant::now() + FINAL_ACK_WAIT;
+        while Lsn::from(repl.metrics().last_applied_lsn()) < last
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut repl = repl;
-        if let Err(error) = repl.shutdown().await {
-            tracing::debug!(%error, "replication stream closed with an error");
+        match tokio::time::timeout_at(deadline, repl.shutdown()).await {
+            Ok(Err(error)) => tracing::debug!(%error, "replication stream closed with an error"),
+            Err(_) => repl.abort(),
+            Ok(Ok(())) => {}
         }
-        let confirmed = tokio::time::timeout(FINAL_ACK_WAIT, confirm_final(&source, last)).await;
+        let confirmed = tokio::time::timeout_at(deadline, confirm_final(&source, last)).await;
         match confirmed {
             Ok(Ok(slot_at)) if slot_at >= last => tracing::info!(flushed = %last, "stopped"),
             Ok(Ok(slot_at)) => tracing::warn!(

@@ -38,6 +38,18 @@ pub trait Sink: Send + 'static {
         std::time::Duration::ZERO
     }
 
+    /// Whether a write may be cut short by `WALCAST_SINK_WRITE_TIMEOUT`. The webhook's
+    /// writes include its own retries within their budget, each POST bounded by its own
+    /// timeout, so it opts out.
+    fn has_write_deadline(&self) -> bool {
+        true
+    }
+
+    /// Forgets the sink's connections after a write was cut short by its deadline: what
+    /// was in flight on them is unknown, so the next write starts on fresh ones (its
+    /// checkpoint makes the retry exact).
+    fn reset(&mut self) {}
+
     /// The highest position this sink has durably applied, read at start-up.
     fn checkpoint(&mut self) -> impl Future<Output = Result<Option<Position>, SinkError>> + Send;
 
@@ -97,6 +109,14 @@ pub enum SinkError {
     Unsupported(String),
     #[error(transparent)]
     Connect(#[from] crate::pg::ConnectError),
+    /// A write took longer than `WALCAST_SINK_WRITE_TIMEOUT` (a hung server, a dead
+    /// connection): retried on a fresh connection.
+    #[error(
+        "the write did not finish within {} (WALCAST_SINK_WRITE_TIMEOUT): the server hangs or \
+         the connection is dead; retrying on a new connection",
+        humantime::format_duration(*.0)
+    )]
+    Deadline(std::time::Duration),
     /// The webhook did not accept a batch within its retry budget, with
     /// `WALCAST_WEBHOOK_ON_FAILURE=block`: retried until it does.
     #[error("webhook: {0}")]
@@ -150,7 +170,7 @@ impl SinkError {
             SinkError::RedisConnect { source, .. } => {
                 source.is_io_error() || source.is_timeout() || source.is_connection_refusal()
             }
-            SinkError::WebhookBlocked(_) => true,
+            SinkError::WebhookBlocked(_) | SinkError::Deadline(_) => true,
             SinkError::BadCheckpoint(_) | SinkError::Unsupported(_) => false,
         }
     }

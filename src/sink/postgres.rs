@@ -324,6 +324,10 @@ pub async fn read_checkpoint(
 }
 
 impl Sink for PostgresSink {
+    fn reset(&mut self) {
+        self.session = None;
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

@@ -597,6 +597,10 @@ pub fn minute_bucket(ts: &DateTime<Utc>) -> String {
 }
 
 impl Sink for RedisSink {
+    fn reset(&mut self) {
+        self.conn = None;
+    }
+
     fn name(&self) -> &'static str {
         "redis"
     }

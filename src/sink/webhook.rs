@@ -524,6 +524,10 @@ impl WebhookSink {
 }
 
 impl Sink for WebhookSink {
+    fn has_write_deadline(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }
