@@ -12,7 +12,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use support::{Redis, Stack, count, eventually, metric, scrape_metrics};
+use support::{Redis, Stack, count, eventually, metric, scrape_metrics, wait_for};
 use walcast::sink::webhook::verify;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -468,5 +468,66 @@ async fn a_spent_retry_budget_dead_letters_the_batch() {
     assert!(
         spent < Duration::from_secs(2),
         "retried for {spent:?} on a 1 s budget"
+    );
+}
+
+/// After replication reconnects, one write can hold the old session's batches and the new
+/// session's replay of them: every event still goes once, in order, under one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_reconnects_send_no_event_under_two_keys() {
+    let receiver = Receiver::start(|_| Reply::Slow(Duration::from_millis(300))).await;
+    let s = stack(&receiver).await;
+    let walcast = s.run();
+    let writer = {
+        let db = s.pg.client("app").await;
+        tokio::spawn(async move { load(&db, 30 * 120, 120).await })
+    };
+    let mut ended = 0;
+    for _ in 0..7 {
+        // Wait for the next session's walsender (walcast reconnected), then end it.
+        let pid: i32 = wait_for("a new walsender", WAIT, || async {
+            s.db.query_opt(
+                "SELECT pid FROM pg_stat_replication WHERE application_name = 'walcast' AND pid <> $1",
+                &[&ended],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get(0))
+        })
+        .await;
+        s.db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+        ended = pid;
+    }
+    writer.await.unwrap();
+    let expected = source_ids(&s).await;
+    eventually(
+        "every event delivered",
+        Duration::from_secs(120),
+        || async { receiver.delivered().len() >= expected.len() },
+    )
+    .await;
+    let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    for request in receiver.requests() {
+        for id in event_ids(&request.body) {
+            keys_of.entry(id).or_default().insert(request.key.clone());
+        }
+    }
+    let twice: Vec<_> = keys_of
+        .iter()
+        .filter(|(_, keys)| keys.len() > 1)
+        .take(5)
+        .collect();
+    assert!(twice.is_empty(), "events sent under two keys: {twice:?}");
+    assert_eq!(
+        receiver.delivered(),
+        expected,
+        "each event once, in commit order"
+    );
+    assert!(
+        walcast.log().contains("replication resumed"),
+        "{}",
+        walcast.log()
     );
 }

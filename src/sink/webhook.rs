@@ -549,9 +549,18 @@ impl Sink for WebhookSink {
         if let Some(outbox) = self.outbox.take() {
             self.send(outbox).await?;
         }
-        let checkpoint = self.checkpoint;
+        // Filtered against a running position, not only the checkpoint: after a replication
+        // reconnect one write can hold the old session's batches and the new session's
+        // replay of them, and each event must go once, in order, under one key.
+        let mut running = self.checkpoint;
         let events: Vec<&EnrichedEvent> = super::events(batches)
-            .filter(|e| checkpoint.is_none_or(|c| e.position > c))
+            .filter(|e| {
+                let fresh = running.is_none_or(|at| e.position > at);
+                if fresh {
+                    running = Some(e.position);
+                }
+                fresh
+            })
             .collect();
         for chunk in events.chunks(self.batch_max_events) {
             let outbox = Outbox::new(chunk);
