@@ -156,6 +156,7 @@ pub async fn run(
         config.batch_max_events,
         &health,
         Some(&job),
+        None,
         None::<&mut std::future::Pending<()>>,
     )
     .await?

@@ -5,6 +5,12 @@
 //! the commit LSN of the event's transaction, then the event's index inside it. Commit
 //! LSNs are strictly increasing in the order pgoutput delivers transactions, so positions
 //! are totally ordered and the same on every replay of the slot.
+//!
+//! Positions compare only within one WAL history. [`SourceId`] names that history: the
+//! cluster's system identifier (new with every initdb, so a dump restored elsewhere has
+//! another) and the timeline (new after a point-in-time recovery or a standby's
+//! promotion). Sinks store it with their checkpoint; walcast never compares a position of
+//! one history with one of another.
 
 use std::fmt;
 use std::str::FromStr;
@@ -79,8 +85,10 @@ impl Position {
         format!("{:016X}:{:08X}", self.commit_lsn.0, self.seq)
     }
 
-    /// Parses [`Position::to_sortable`]'s form.
+    /// Parses [`Position::to_sortable`]'s form; what follows a `|` (the source identity a
+    /// checkpoint carries) is not part of it.
     pub fn from_sortable(s: &str) -> Option<Position> {
+        let s = s.split_once('|').map_or(s, |(position, _)| position);
         let (lsn, seq) = s.split_once(':')?;
         if lsn.len() != 16 || seq.len() != 8 {
             return None;
@@ -95,6 +103,35 @@ impl Position {
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}#{}", self.commit_lsn, self.seq)
+    }
+}
+
+/// The WAL history positions belong to, as `IDENTIFY_SYSTEM` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceId {
+    pub system_id: u64,
+    pub timeline: u32,
+}
+
+impl SourceId {
+    /// `<system id>/<timeline>`, as stored beside checkpoints.
+    pub fn stored(self) -> String {
+        format!("{}/{}", self.system_id, self.timeline)
+    }
+
+    /// Parses [`SourceId::stored`]'s form.
+    pub fn from_stored(s: &str) -> Option<SourceId> {
+        let (system_id, timeline) = s.split_once('/')?;
+        Some(SourceId {
+            system_id: system_id.parse().ok()?,
+            timeline: timeline.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for SourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "system {} timeline {}", self.system_id, self.timeline)
     }
 }
 

@@ -56,14 +56,41 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// Bounds on waiting for a server that stopped answering, where the URL sets none
+/// (libpq's `connect_timeout`, `keepalives_idle`, `keepalives_interval`,
+/// `keepalives_count`, `tcp_user_timeout` set them): a connect gives up after 10 s, and a
+/// connection whose peer went silent (a network partition, a black-holed route) is
+/// declared dead after about a minute instead of the kernel's two hours.
+fn with_bounds(config: &Config) -> Config {
+    use std::time::Duration;
+    let mut config = config.clone();
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    // tokio-postgres's own default, i.e. not set in the URL.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_interval(Duration::from_secs(10));
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(60));
+    }
+    config
+}
+
 /// Connects and drives the connection on a task of its own. `setting` names where the
 /// settings came from (`WALCAST_SOURCE_URL`, `WALCAST_ANALYTICS_URL`), for the error.
 pub async fn connect(setting: &'static str, config: &Config) -> Result<Client, ConnectError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(|source| ConnectError {
-        setting,
-        endpoint: Endpoint::of(config),
-        source,
-    })?;
+    let bounded = with_bounds(config);
+    let (client, connection) = bounded
+        .connect(NoTls)
+        .await
+        .map_err(|source| ConnectError {
+            setting,
+            endpoint: Endpoint::of(config),
+            source,
+        })?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(setting, error = %detail(&error), "postgres connection closed");

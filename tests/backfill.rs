@@ -88,6 +88,14 @@ async fn walcast(s: &Stack, args: &[&str]) -> (std::process::ExitStatus, String)
     (status, child.log())
 }
 
+/// Waits until Redis and the analytics tables both hold `n` events.
+async fn in_both_sinks(s: &Stack, n: i64) {
+    eventually(&format!("{n} events in both sinks"), WAIT, || async {
+        s.redis.total().await == n && count(&s.db, "analytics.enriched_events").await == n
+    })
+    .await;
+}
+
 /// Waits until both sinks hold as many events as the source; returns that number.
 async fn wait_all_delivered(s: &Stack) -> i64 {
     wait_for("every source row in both sinks", WAIT, || async {
@@ -320,10 +328,7 @@ async fn a_slot_dropped_while_stopped_is_refused_and_backfill_recovers_every_eve
     let s = stack().await;
     let mut walcast = s.run();
     preload(&s.db, 10).await;
-    eventually("10 events delivered", WAIT, || async {
-        s.redis.total().await == 10 && count(&s.db, "analytics.enriched_events").await == 10
-    })
-    .await;
+    in_both_sinks(&s, 10).await;
     assert!(walcast.terminate().await.success(), "{}", walcast.log());
     preload(&s.db, 10).await;
     s.db.batch_execute("SELECT pg_drop_replication_slot('walcast')")
@@ -351,10 +356,7 @@ async fn a_slot_dropped_while_stopped_is_refused_and_backfill_recovers_every_eve
     );
     let walcast = s.env.spawn_run();
     preload(&s.db, 10).await;
-    eventually("every event in every sink", WAIT, || async {
-        s.redis.total().await == 30 && count(&s.db, "analytics.enriched_events").await == 30
-    })
-    .await;
+    in_both_sinks(&s, 30).await;
     assert_verified(&s);
     drop(walcast);
 }
@@ -415,18 +417,12 @@ async fn a_partitioned_events_table_is_streamed_backfilled_and_verified() {
     let mut walcast = s.env.spawn_run();
     s.db.batch_execute(&insert("now()")).await.unwrap();
     s.db.batch_execute(&insert("'2025-06-01'")).await.unwrap();
-    eventually("20 events in every sink", WAIT, || async {
-        s.redis.total().await == 20 && count(&s.db, "analytics.enriched_events").await == 20
-    })
-    .await;
+    in_both_sinks(&s, 20).await;
     // A second start on the same publication.
     assert!(walcast.terminate().await.success(), "{}", walcast.log());
     let walcast = s.env.spawn_run();
     s.db.batch_execute(&insert("now()")).await.unwrap();
-    eventually("25 events in every sink", WAIT, || async {
-        s.redis.total().await == 25 && count(&s.db, "analytics.enriched_events").await == 25
-    })
-    .await;
+    in_both_sinks(&s, 25).await;
     assert_verified(&s);
     drop(walcast);
 }
@@ -456,10 +452,7 @@ async fn verify_counts_backfill_dead_letters_and_rows_deleted_at_the_source() {
     ))
     .await
     .unwrap();
-    eventually("9 events in every sink", WAIT, || async {
-        s.redis.total().await == 9 && count(&s.db, "analytics.enriched_events").await == 9
-    })
-    .await;
+    in_both_sinks(&s, 9).await;
     s.db.batch_execute("DELETE FROM engagement_events WHERE id = 5")
         .await
         .unwrap();
@@ -480,5 +473,178 @@ async fn verify_counts_backfill_dead_letters_and_rows_deleted_at_the_source() {
     assert!(line("dead-lettered").ends_with(" 2"), "{report}");
     assert!(line("deleted at source").contains("1 [5]"), "{report}");
     assert!(line("missing").contains(" 0 "), "{report}");
+    drop(walcast);
+}
+
+/// The source dumped and restored into a new cluster (another system identifier, WAL at
+/// other positions) with the same sinks: walcast refuses to compare positions of two
+/// histories, and the start-over it names (checkpoints deleted, an initial-snapshot
+/// backfill, run) leaves every sink exact, the restored rows counted once.
+#[tokio::test]
+async fn a_source_restored_into_a_new_cluster_is_refused_and_the_start_over_is_exact() {
+    let s = stack().await;
+    let mut walcast = s.run();
+    preload(&s.db, 10).await;
+    in_both_sinks(&s, 10).await;
+    assert!(walcast.terminate().await.success(), "{}", walcast.log());
+
+    // "pg_dump | psql" into a new cluster: the same rows, ids and sequence.
+    let restored = support::Postgres::start_new_cluster().await;
+    let db2 = restored.create_source_db("app").await;
+    db2.batch_execute(&format!(
+        "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts) VALUES
+           ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now()),
+           ('{VIDEO}', 'video', 'A video', 'video', 600, now())"
+    ))
+    .await
+    .unwrap();
+    for row in
+        s.db.query(
+            "SELECT id, content_id::text, event_type, event_ts::text, duration_ms, device
+             FROM engagement_events ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        let (id, content, kind, ts, duration, device): (
+            i64,
+            Option<String>,
+            Option<String>,
+            String,
+            Option<i32>,
+            Option<String>,
+        ) = (
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get(5),
+        );
+        db2.execute(
+            "INSERT INTO engagement_events (id, content_id, event_type, event_ts, duration_ms, device)
+             VALUES ($1, $2::text::uuid, $3, $4::text::timestamptz, $5, $6)",
+            &[&id, &content, &kind, &ts, &duration, &device],
+        )
+        .await
+        .unwrap();
+    }
+    db2.batch_execute(
+        "SELECT setval('engagement_events_id_seq', (SELECT max(id) FROM engagement_events))",
+    )
+    .await
+    .unwrap();
+    preload(&db2, 5).await;
+
+    let analytics_url = s.pg.url("app");
+    let env = s
+        .env
+        .clone()
+        .set("WALCAST_SOURCE_URL", &restored.url("app"))
+        .set("WALCAST_ANALYTICS_URL", &analytics_url);
+    let mut refused = env.spawn_run();
+    assert!(!refused.wait_exit(WAIT).await.success());
+    let log = refused.log();
+    assert!(
+        log.contains("another WAL history")
+            && log.contains("DELETE FROM analytics.walcast_checkpoint"),
+        "names what happened and the start-over:\n{log}"
+    );
+    assert_eq!(s.redis.total().await, 10, "nothing was written");
+
+    s.db.batch_execute("DELETE FROM analytics.walcast_checkpoint")
+        .await
+        .unwrap();
+    redis::cmd("DEL")
+        .arg("walcast:checkpoint:redis")
+        .query_async::<()>(&mut s.redis.conn().await)
+        .await
+        .unwrap();
+    let out = env.output(&["backfill"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let walcast = env.spawn_run();
+    preload(&db2, 2).await;
+    in_both_sinks(&s, 17).await;
+    let out = env.output(&["verify"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(walcast);
+}
+
+/// A Redis that came back empty while walcast was stopped (no persistence: a cache), and a
+/// sink left out of WALCAST_SINKS for a run and added back: each is found behind the slot
+/// at start and rebuilt from the table before streaming; every sink ends exact.
+#[tokio::test]
+async fn a_sink_that_went_back_in_time_is_rebuilt_from_the_table_at_start() {
+    let mut s = stack().await;
+    let mut walcast = s.run();
+    preload(&s.db, 10).await;
+    in_both_sinks(&s, 10).await;
+    assert!(walcast.terminate().await.success(), "{}", walcast.log());
+    s.redis.restart().await; // not persistent: empty
+    preload(&s.db, 5).await;
+    let mut walcast = s.env.spawn_run();
+    in_both_sinks(&s, 15).await;
+    let log = walcast.log();
+    assert!(log.contains("rebuilding it from the table"), "{log}");
+    assert!(log.contains("sinks rebuilt from the table"), "{log}");
+    assert_verified(&s);
+
+    // Redis only for a while: the analytics sink misses those events.
+    assert!(walcast.terminate().await.success(), "{}", walcast.log());
+    let redis_only = s.env.clone().set("WALCAST_SINKS", "redis");
+    let mut walcast = redis_only.spawn_run();
+    preload(&s.db, 4).await;
+    eventually("redis has them", WAIT, || async {
+        s.redis.total().await == 19
+    })
+    .await;
+    assert!(walcast.terminate().await.success(), "{}", walcast.log());
+    let walcast = s.env.spawn_run();
+    preload(&s.db, 1).await;
+    in_both_sinks(&s, 20).await;
+    assert_verified(&s);
+    // A start with every sink in step rebuilds nothing.
+    drop(walcast);
+    let mut again = s.env.spawn_run();
+    preload(&s.db, 1).await;
+    eventually("streamed", WAIT, || async { s.redis.total().await == 21 }).await;
+    assert!(!again.log().contains("rebuilding"), "{}", again.log());
+    assert!(again.terminate().await.success());
+}
+
+/// Redis emptied under a running walcast (FLUSHALL, or a restart without persistence):
+/// the next write notices its checkpoint went back, walcast stops and says so, and the next
+/// start rebuilds Redis from the table.
+#[tokio::test]
+async fn redis_losing_its_data_under_a_running_walcast_stops_it_and_the_restart_rebuilds() {
+    let s = stack().await;
+    let mut walcast = s.run();
+    preload(&s.db, 10).await;
+    in_both_sinks(&s, 10).await;
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut s.redis.conn().await)
+        .await
+        .unwrap();
+    preload(&s.db, 5).await;
+    let status = walcast.wait_exit(WAIT).await;
+    let log = walcast.log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("Redis lost writes walcast had confirmed"),
+        "{log}"
+    );
+    let walcast = s.env.spawn_run();
+    in_both_sinks(&s, 15).await;
+    assert_verified(&s);
     drop(walcast);
 }

@@ -325,7 +325,12 @@ async fn every_metric_has_help_and_alerting_counters_start_at_zero() {
     let walcast = s.run();
     let port = s.env.metrics_port;
     eventually("ready", WAIT, || ready(port)).await;
-    let m = scrape_metrics(port).await;
+    // The slot monitor's gauges appear with its first reading.
+    let m = wait_for("the slot monitor's first reading", WAIT, || async {
+        let m = scrape_metrics(port).await;
+        metric(&m, "walcast_slot_retained_wal_bytes").map(|_| m)
+    })
+    .await;
     let families: Vec<&str> = m
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
@@ -574,4 +579,54 @@ async fn sigterm_while_redis_hangs_exits_within_the_bound() {
     })
     .await;
     drop(walcast);
+}
+
+/// A replication connection black-holed by the network (packets dropped, sockets open):
+/// walcast notices the silence within three heartbeat intervals, reconnects through a
+/// working route, and delivers everything.
+// The proxy runs on the test's runtime, beside blocking `walcast setup` calls: two threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_replication_connection_is_noticed_and_replaced() {
+    let pg = support::Postgres::start_with(&[("wal_sender_timeout", "5s")]).await;
+    let db = pg.create_source_db("app").await;
+    db.batch_execute(&format!(
+        "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
+         VALUES ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now())"
+    ))
+    .await
+    .unwrap();
+    let redis = Redis::start().await;
+    let proxy = support::Proxy::start(pg.port).await;
+    let mut env = support::Env::new(&pg, "app", &redis);
+    env.put(
+        "WALCAST_SOURCE_URL",
+        &format!("postgres://postgres@127.0.0.1:{}/app", proxy.port),
+    );
+    env.put("WALCAST_ANALYTICS_URL", &pg.url("app"));
+    env.put("WALCAST_HEARTBEAT_INTERVAL", "1s");
+    let s = Stack { pg, redis, db, env };
+    let walcast = s.run();
+    load(&s.db, 5, 5).await;
+    eventually("5 events delivered", WAIT, || async {
+        s.redis.total().await == 5
+    })
+    .await;
+    proxy.black_hole_open_connections();
+    let cut = std::time::Instant::now();
+    load(&s.db, 5, 5).await;
+    eventually("the rest delivered over a new connection", WAIT, || async {
+        s.redis.total().await == 10
+            && support::count(&s.db, "analytics.enriched_events").await == 10
+    })
+    .await;
+    let log = walcast.log();
+    assert!(log.contains("nothing received from the server"), "{log}");
+    assert!(log.contains("replication resumed"), "{log}");
+    eprintln!("black hole noticed and healed in {:?}", cut.elapsed());
+    let out = s.env.output(&["verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

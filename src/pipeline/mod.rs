@@ -12,6 +12,7 @@
 mod ack;
 mod batch;
 pub(crate) mod fanout;
+mod rebuild;
 
 pub use ack::AckTracker;
 pub use batch::Batcher;
@@ -32,7 +33,7 @@ use crate::decode::{self, Change};
 use crate::enrich::{ContentCache, Enricher, Outcome};
 use crate::event::Batch;
 use crate::health::{self, Health, Probe};
-use crate::lsn::{Lsn, Position};
+use crate::lsn::{Lsn, Position, SourceId};
 use crate::metrics::{self, ChangeCounts};
 use crate::sink::Sink;
 use crate::sink::postgres::PostgresSink;
@@ -87,12 +88,15 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     for done in source::ensure_publication(&client, &config.source).await? {
         tracing::info!("{done}");
     }
+    let source_id = source::identify(&config.source).await?;
+    tracing::info!(source = %source_id, "source identified");
     let opened = open_sinks(
         &config.source,
         &config.destinations,
         config.batch_max_events,
         &health,
         None,
+        Some(source_id),
         Some(&mut shutdown),
     )
     .await?;
@@ -122,6 +126,18 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         .into());
     }
     let durable = slot.confirmed_flush_lsn.unwrap_or_default();
+    if let Some((behind, ahead)) = rebuild::behind(&checkpoints, durable) {
+        tracing::warn!(
+            sinks = ?behind, holds = %ahead, slot = %durable,
+            "a sink holds less than the others and the slot have confirmed (it restarted \
+             empty, was restored from an older copy, or was left out of WALCAST_SINKS for a \
+             while): rebuilding it from the table before streaming"
+        );
+        if !rebuild::rebuild(&config, &behind, ahead, source_id, shutdown.as_mut()).await? {
+            tracing::info!("stopped during the rebuild; the next start resumes it");
+            return Ok(());
+        }
+    }
     health.start_at(durable);
     let events_table: u32 = client
         .query_one("SELECT 'public.engagement_events'::regclass::oid", &[])
@@ -176,6 +192,8 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         release_source,
         health,
         unapplied: VecDeque::new(),
+        silence_limit: config.heartbeat().map(silence_limit),
+        last_heard: tokio::time::Instant::now(),
     };
     let result = source_loop.run(fanout, monitor, shutdown).await;
     drop(background);
@@ -256,6 +274,7 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
     batch_max_events: usize,
     health: &Arc<Health>,
     backfill_job: Option<&str>,
+    source_id: Option<SourceId>,
     mut stop: Option<&mut S>,
 ) -> Result<Option<Opened>, Error> {
     let mut sinks = Sinks::new(
@@ -271,7 +290,15 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
     for kind in &to.sinks.kinds {
         let mut attempt: u32 = 0;
         loop {
-            let started = start_sink(*kind, source, to, &mut sinks, &mut cursors, backfill_job);
+            let started = start_sink(
+                *kind,
+                source,
+                to,
+                &mut sinks,
+                &mut cursors,
+                backfill_job,
+                source_id,
+            );
             let started = async {
                 checkpoints.push((kind.name(), started.await?));
                 Ok(())
@@ -311,6 +338,7 @@ async fn start_sink(
     sinks: &mut Sinks,
     cursors: &mut Vec<Option<i64>>,
     job: Option<&str>,
+    source_id: Option<SourceId>,
 ) -> Result<Option<Position>, Error> {
     let start = |source| Error::SinkStart {
         sink: kind.name(),
@@ -326,13 +354,17 @@ async fn start_sink(
             let sink = RedisSink::connect(&to.redis.redis_url)
                 .await
                 .map_err(start)?;
-            add(sinks, cursors, sink, job).await.map_err(start)
+            add(sinks, cursors, sink, job, source_id)
+                .await
+                .map_err(start)
         }
         SinkKind::Postgres => {
             let pg_config = to.analytics.pg_config(&source.url)?;
             let (sink, versions) = PostgresSink::connect(pg_config).await.map_err(start)?;
             migrated(sink.name(), versions);
-            add(sinks, cursors, sink, job).await.map_err(start)
+            add(sinks, cursors, sink, job, source_id)
+                .await
+                .map_err(start)
         }
         SinkKind::Webhook => {
             let pg_config = to.analytics.pg_config(&source.url)?;
@@ -340,19 +372,32 @@ async fn start_sink(
                 .await
                 .map_err(start)?;
             migrated(sink.name(), versions);
-            add(sinks, cursors, sink, job).await.map_err(start)
+            add(sinks, cursors, sink, job, source_id)
+                .await
+                .map_err(start)
         }
     }
 }
 
 /// Reads the sink's checkpoint (which also proves it reachable) and starts feeding it;
-/// with `backfill_job`, first reads its cursor. Returns the checkpoint.
+/// with `backfill_job`, first reads its cursor. With `source`, first checks that the
+/// checkpoint belongs to the source's WAL history, and has the sink store it from now on.
+/// Returns the checkpoint.
 async fn add<S: Sink>(
     sinks: &mut Sinks,
     cursors: &mut Vec<Option<i64>>,
     mut sink: S,
     backfill_job: Option<&str>,
+    source: Option<SourceId>,
 ) -> Result<Option<Position>, crate::sink::SinkError> {
+    if let Some(current) = source {
+        if let Some(stored) = sink.source().await?
+            && stored != current
+        {
+            return Err(crate::sink::SinkError::OtherHistory { stored, current });
+        }
+        sink.set_source(current).await?;
+    }
     let checkpoint = sink.checkpoint().await?;
     tracing::info!(sink = sink.name(), checkpoint = ?checkpoint.map(|p| p.to_string()), "sink ready");
     if let Some(job) = backfill_job {
@@ -386,6 +431,21 @@ struct SourceLoop {
     /// Commit LSN and time of transactions read but not yet confirmed by every sink, oldest
     /// first, for the lag in seconds. Only the oldest matters, so it is capped.
     unapplied: VecDeque<(Lsn, DateTime<Utc>)>,
+    /// See [`silence_limit`]; `None` without a heartbeat.
+    silence_limit: Option<Duration>,
+    /// When the source loop last received something, or finished handling it (time spent
+    /// waiting for the sinks is not the server's silence).
+    last_heard: tokio::time::Instant,
+}
+
+/// How long the replication stream may stay silent before walcast takes the connection
+/// for dead. With the heartbeat on, the walsender has WAL to send (and a keepalive after
+/// it) at least once per heartbeat interval, so three intervals of nothing — not even a
+/// keepalive — mean the connection is gone (a partition, a black-holed route), which TCP
+/// alone would notice only after hours. Without the heartbeat an idle database may be
+/// silent for good, so there is no such limit.
+fn silence_limit(heartbeat: Duration) -> Duration {
+    (heartbeat * 3).max(Duration::from_secs(5))
 }
 
 /// Most transactions `SourceLoop::unapplied` remembers.
@@ -431,15 +491,35 @@ impl SourceLoop {
                 // receive), so losing the race to another arm loses nothing.
                 event = self.repl.recv() => {
                     let lost = match event {
-                        Ok(Some(event)) => match self.handle(event).await {
-                            Ok(()) => continue,
-                            Err(err) => break Err(err),
-                        },
+                        Ok(Some(event)) => {
+                            let handled = self.handle(event).await;
+                            self.last_heard = tokio::time::Instant::now();
+                            match handled {
+                                Ok(()) => continue,
+                                Err(err) => break Err(err),
+                            }
+                        }
                         Ok(None) => "the server ended the replication stream".to_owned(),
                         Err(err) if source::is_reconnectable(&err) => err.to_string(),
                         Err(err) => break Err(source::classify(err, &self.source.slot).into()),
                     };
                     match self.reconnect(&lost, &mut shutdown).await {
+                        Ok(true) => {}
+                        Ok(false) => break Ok(()),
+                        Err(err) => break Err(err),
+                    }
+                }
+                // Priority 4b: nothing at all from the server for too long: the connection
+                // is dead even though no error says so.
+                () = silent(self.last_heard, self.silence_limit) => {
+                    let limit = self.silence_limit.unwrap_or_default();
+                    let why = format!(
+                        "nothing received from the server for {} (not even a keepalive, while \
+                         the heartbeat writes WAL every {}): the connection is taken for dead",
+                        humantime::format_duration(limit),
+                        humantime::format_duration(limit / 3)
+                    );
+                    match self.reconnect(&why, &mut shutdown).await {
                         Ok(true) => {}
                         Ok(false) => break Ok(()),
                         Err(err) => break Err(err),
@@ -496,6 +576,7 @@ impl SourceLoop {
             match started {
                 Ok(repl) => {
                     self.repl = repl;
+                    self.last_heard = tokio::time::Instant::now();
                     self.health.set_replicating(true);
                     metrics::replication_reconnected();
                     tracing::info!(from = %self.acked, attempt, "replication resumed");
@@ -737,6 +818,14 @@ fn finish_fanout(
         Ok(result) => result.map_err(Error::from),
         Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
         Err(_) => Ok(()),
+    }
+}
+
+/// Completes once `limit` has passed since `last_heard`; never without a limit.
+async fn silent(last_heard: tokio::time::Instant, limit: Option<Duration>) {
+    match limit {
+        Some(limit) => tokio::time::sleep_until(last_heard + limit).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -20,7 +20,7 @@ pub mod webhook;
 use std::future::Future;
 
 use crate::event::{BackfillMark, Batch, EnrichedEvent};
-use crate::lsn::Position;
+use crate::lsn::{Position, SourceId};
 
 /// A destination for enriched events. Batches arrive in commit order. After a restart a
 /// sink may be offered events it already applied: it must skip them (checkpoint) and
@@ -49,6 +49,22 @@ pub trait Sink: Send + 'static {
     /// was in flight on them is unknown, so the next write starts on fresh ones (its
     /// checkpoint makes the retry exact).
     fn reset(&mut self) {}
+
+    /// The source identity stored with the checkpoint: `None` when nothing is stored yet
+    /// (or was stored before walcast recorded identities).
+    fn source(&mut self) -> impl Future<Output = Result<Option<SourceId>, SinkError>> + Send {
+        async { Ok(None) }
+    }
+
+    /// From now on, store `source` with every checkpoint (and record it now where the
+    /// sink can do so without a checkpoint).
+    fn set_source(
+        &mut self,
+        source: SourceId,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = source;
+        async { Ok(()) }
+    }
 
     /// The highest position this sink has durably applied, read at start-up.
     fn checkpoint(&mut self) -> impl Future<Output = Result<Option<Position>, SinkError>> + Send;
@@ -101,6 +117,29 @@ pub enum SinkError {
         context: &'static str,
         #[source]
         source: tokio_postgres::Error,
+    },
+    #[error(
+        "its checkpoint belongs to another WAL history ({stored}) than the source's \
+         ({current}): the source was restored into a new cluster, recovered to a point in \
+         time, or failed over, so positions do not compare and walcast will not guess which \
+         events the sink has. If the source holds the same rows (a dump and restore, a \
+         recovery you continue from), start over keeping the sinks' data: delete their \
+         checkpoints (DELETE FROM analytics.walcast_checkpoint on the analytics database; \
+         DEL walcast:checkpoint:redis on Redis), then walcast backfill (it copies the table, \
+         and every sink skips the ids it has) and walcast run. If it holds other rows, first \
+         remove the sinks' state as after a TRUNCATE"
+    )]
+    OtherHistory { stored: SourceId, current: SourceId },
+    #[error(
+        "Redis lost writes walcast had confirmed: its checkpoint went from {wrote} back to {}, \
+         so it restarted empty or from an older snapshot, or failed over to a replica that \
+         was behind, while walcast ran. Start walcast again: it finds Redis behind the slot \
+         and rebuilds it from the table before streaming",
+        found.map_or("none".to_owned(), |p| p.to_string())
+    )]
+    LostState {
+        wrote: Position,
+        found: Option<Position>,
     },
     #[error("checkpoint {0:?} stored by the sink is not a walcast position")]
     BadCheckpoint(String),
@@ -171,7 +210,10 @@ impl SinkError {
                 source.is_io_error() || source.is_timeout() || source.is_connection_refusal()
             }
             SinkError::WebhookBlocked(_) | SinkError::Deadline(_) => true,
-            SinkError::BadCheckpoint(_) | SinkError::Unsupported(_) => false,
+            SinkError::BadCheckpoint(_)
+            | SinkError::Unsupported(_)
+            | SinkError::OtherHistory { .. }
+            | SinkError::LostState { .. } => false,
         }
     }
 

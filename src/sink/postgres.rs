@@ -28,7 +28,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::{Sink, SinkError};
 use crate::event::{BackfillMark, Batch, DeadLetter, EnrichedEvent, rfc3339};
-use crate::lsn::Position;
+use crate::lsn::{Position, SourceId};
 
 /// The sink's name in `analytics.walcast_checkpoint` and in metric labels.
 pub const NAME: &str = "postgres";
@@ -47,6 +47,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ),
     ("004_backfill", include_str!("../../sql/004_backfill.sql")),
     ("005_webhook", include_str!("../../sql/005_webhook.sql")),
+    (
+        "006_checkpoint_source",
+        include_str!("../../sql/006_checkpoint_source.sql"),
+    ),
 ];
 
 /// Columns of the staging table, in COPY order; `enriched_events` has these plus
@@ -172,7 +176,7 @@ const SAVE_CHECKPOINT: &str = "INSERT INTO analytics.walcast_checkpoint AS c
 VALUES ($1, $2::text::pg_lsn, $3, now())
 ON CONFLICT (sink) DO UPDATE SET
     commit_lsn = excluded.commit_lsn, seq = excluded.seq, updated_at = excluded.updated_at
-WHERE (c.commit_lsn, c.seq) < (excluded.commit_lsn, excluded.seq)";
+WHERE c.commit_lsn IS NULL OR (c.commit_lsn, c.seq) < (excluded.commit_lsn, excluded.seq)";
 
 /// A connection with the staging table and the prepared statements of one session.
 struct Session {
@@ -317,15 +321,85 @@ pub async fn read_checkpoint(
         )
         .await?;
     Ok(row.and_then(|row| {
-        let lsn: String = row.get(0);
-        let seq: i32 = row.get(1);
-        Some(Position::new(lsn.parse().ok()?, u32::try_from(seq).ok()?))
+        let lsn: Option<String> = row.get(0);
+        let seq: Option<i32> = row.get(1);
+        Some(Position::new(lsn?.parse().ok()?, u32::try_from(seq?).ok()?))
     }))
+}
+
+/// Raises the analytics sink's checkpoint to `position` once a rebuild from the table has
+/// brought everything up to it (see `pipeline::rebuild`).
+pub async fn raise_checkpoint(
+    client: &Client,
+    position: Position,
+) -> Result<(), tokio_postgres::Error> {
+    let seq = i32::try_from(position.seq).unwrap_or(i32::MAX);
+    client
+        .execute(
+            SAVE_CHECKPOINT,
+            &[&NAME, &position.commit_lsn.to_string(), &seq],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The source identity `sink` stored with its checkpoint.
+pub async fn read_source(
+    client: &Client,
+    sink: &str,
+) -> Result<Option<SourceId>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT source FROM analytics.walcast_checkpoint WHERE sink = $1",
+            &[&sink],
+        )
+        .await?;
+    Ok(row
+        .and_then(|row| row.get::<_, Option<String>>(0))
+        .and_then(|s| SourceId::from_stored(&s)))
+}
+
+/// Records `source` as the history of `sink`'s checkpoint (before its first write, the
+/// row has no position yet).
+pub async fn claim_source(
+    client: &Client,
+    sink: &str,
+    source: SourceId,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO analytics.walcast_checkpoint (sink, source, updated_at)
+             VALUES ($1, $2, now())
+             ON CONFLICT (sink) DO UPDATE SET source = excluded.source",
+            &[&sink, &source.stored()],
+        )
+        .await?;
+    Ok(())
 }
 
 impl Sink for PostgresSink {
     fn reset(&mut self) {
         self.session = None;
+    }
+
+    async fn source(&mut self) -> Result<Option<SourceId>, SinkError> {
+        let session = self.session().await?;
+        read_source(&session.client, NAME)
+            .await
+            .map_err(|source| SinkError::Postgres {
+                context: "reading the analytics checkpoint's source",
+                source,
+            })
+    }
+
+    async fn set_source(&mut self, source: SourceId) -> Result<(), SinkError> {
+        let session = self.session().await?;
+        claim_source(&session.client, NAME, source)
+            .await
+            .map_err(|e| SinkError::Postgres {
+                context: "recording the analytics checkpoint's source",
+                source: e,
+            })
     }
 
     fn name(&self) -> &'static str {
@@ -478,22 +552,9 @@ impl PostgresSink {
                 ("event".to_owned(), Some(event.to_json())),
             ],
         };
-        let columns = DeadLetterColumns::new(&[&dead]);
-        tx.execute(
-            &session.dead_letters,
-            &[
-                &columns.reasons,
-                &columns.details,
-                &columns.tables,
-                &columns.lsns,
-                &columns.seqs,
-                &columns.raws,
-                &NAME,
-                &columns.row_ids,
-            ],
-        )
-        .await
-        .map_err(pg)?;
+        insert_dead_letters(&tx, &session.dead_letters, &[&dead], NAME)
+            .await
+            .map_err(pg)?;
         save_progress(&tx, &session.save_checkpoint, progress)
             .await
             .map_err(pg)?;
@@ -525,32 +586,44 @@ impl PostgresSink {
         }
         let dead: Vec<&DeadLetter> = batches.iter().flat_map(|b| &b.dead_letters).collect();
         if !dead.is_empty() {
-            let columns = DeadLetterColumns::new(&dead);
             let origin = match progress {
                 Progress::Stream(_) => "source",
                 Progress::Backfill(_) => "backfill",
             };
-            tx.execute(
-                &session.dead_letters,
-                &[
-                    &columns.reasons,
-                    &columns.details,
-                    &columns.tables,
-                    &columns.lsns,
-                    &columns.seqs,
-                    &columns.raws,
-                    &origin,
-                    &columns.row_ids,
-                ],
-            )
-            .await
-            .map_err(pg)?;
+            insert_dead_letters(&tx, &session.dead_letters, &dead, origin)
+                .await
+                .map_err(pg)?;
         }
         save_progress(&tx, &session.save_checkpoint, progress)
             .await
             .map_err(pg)?;
         tx.commit().await.map_err(pg)
     }
+}
+
+/// `dead` into `analytics.dead_letters` under `origin`, inside the write's transaction.
+async fn insert_dead_letters(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &Statement,
+    dead: &[&DeadLetter],
+    origin: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let columns = DeadLetterColumns::new(dead);
+    tx.execute(
+        statement,
+        &[
+            &columns.reasons,
+            &columns.details,
+            &columns.tables,
+            &columns.lsns,
+            &columns.seqs,
+            &columns.raws,
+            &origin,
+            &columns.row_ids,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// The checkpoint or the backfill's cursor, inside the write's transaction.

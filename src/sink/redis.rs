@@ -45,9 +45,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 
 use super::{Sink, SinkError};
 use crate::event::{Batch, EnrichedEvent, Hundredths, key_part};
-use crate::lsn::Position;
+use crate::lsn::{Position, SourceId};
 
 pub const CHECKPOINT_KEY: &str = "walcast:checkpoint:redis";
+
+/// The sink's name in logs and metric labels.
+pub const NAME: &str = "redis";
 /// How long `event:{id}` keys live.
 pub const EVENT_TTL_SECONDS: u64 = 24 * 3600;
 /// How long a minute bucket lives after its minute ends.
@@ -171,6 +174,24 @@ pub struct RedisSink {
     /// drop the guard. A write that fails drops the connection; the next one reconnects.
     conn: Option<MultiplexedConnection>,
     script: redis::Script,
+    /// `|<system id>/<timeline>` of the source, appended to every checkpoint written; empty
+    /// until [`Sink::set_source`].
+    source_suffix: String,
+    /// The last checkpoint this process wrote. Finding a lower one (or none) in Redis
+    /// later means Redis lost confirmed writes while walcast ran.
+    written: Option<Position>,
+}
+
+/// The stored checkpoint `LLLLLLLLLLLLLLLL:SSSSSSSS[|<system id>/<timeline>]`: a fixed-width
+/// position first, so checkpoints still compare as strings, then the WAL history it
+/// belongs to.
+fn parse_checkpoint(stored: &str) -> Result<(Position, Option<SourceId>), SinkError> {
+    let position = Position::from_sortable(stored)
+        .ok_or_else(|| SinkError::BadCheckpoint(stored.to_owned()))?;
+    let source = stored
+        .split_once('|')
+        .and_then(|(_, source)| SourceId::from_stored(source));
+    Ok((position, source))
 }
 
 /// Events per `MULTI`/`EXEC`. Redis runs a transaction start to end, keeping every reader
@@ -189,6 +210,8 @@ impl RedisSink {
             client: redis::Client::open(url)?,
             conn: None,
             script: redis::Script::new(APPLY_BATCH),
+            source_suffix: String::new(),
+            written: None,
         };
         if let Err(source) = sink.conn().await {
             return Err(SinkError::RedisConnect {
@@ -319,6 +342,16 @@ impl RedisSink {
             } else {
                 None
             };
+            // Backfills do not read the stream's checkpoint.
+            if stream
+                && let Some(written) = self.written
+                && checkpoint.is_none_or(|c| c < written)
+            {
+                return Err(SinkError::LostState {
+                    wrote: written,
+                    found: checkpoint,
+                });
+            }
             let mut applied = vec![false; planned.len()];
             for ((_, members), bits) in shards.iter().zip(bits) {
                 let bits: Vec<i64> =
@@ -342,16 +375,23 @@ impl RedisSink {
                 Progress::Stream(upto) if checkpoint.is_some_and(|c| upto <= c) => None,
                 other => Some(other),
             };
-            let write = transaction(&fresh, record);
+            let write = transaction(&fresh, record, &self.source_suffix);
             // `None`: EXEC refused, a watched key changed since it was read.
             let done: Option<Vec<redis::Value>> = write.query_async(self.conn().await?).await?;
             if done.is_some() {
+                if let Some(Progress::Stream(upto)) = record {
+                    self.written = self.written.max(Some(upto));
+                }
                 return Ok(());
             }
             tracing::debug!("a concurrent write changed the redis guards; trying again");
         }
         let (key, mode, mark) = match progress {
-            Progress::Stream(upto) => (CHECKPOINT_KEY.to_owned(), "stream", upto.to_sortable()),
+            Progress::Stream(upto) => (
+                CHECKPOINT_KEY.to_owned(),
+                "stream",
+                format!("{}{}", upto.to_sortable(), self.source_suffix),
+            ),
             Progress::Backfill(key, cursor) => (
                 key.to_owned(),
                 "backfill",
@@ -448,7 +488,11 @@ enum Progress<'a> {
 }
 
 /// The `MULTI`/`EXEC` that applies `fresh` and, when given, records the progress.
-fn transaction(fresh: &[&Planned], progress: Option<Progress>) -> redis::Pipeline {
+fn transaction(
+    fresh: &[&Planned],
+    progress: Option<Progress>,
+    source_suffix: &str,
+) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.atomic();
     apply_commands(&mut pipe, fresh);
@@ -457,7 +501,7 @@ fn transaction(fresh: &[&Planned], progress: Option<Progress>) -> redis::Pipelin
         Some(Progress::Stream(position)) => {
             pipe.cmd("SET")
                 .arg(CHECKPOINT_KEY)
-                .arg(position.to_sortable())
+                .arg(format!("{}{source_suffix}", position.to_sortable()))
                 .ignore();
         }
         Some(Progress::Backfill(key, Some(id))) => {
@@ -477,7 +521,7 @@ pub fn encode_transaction(events: &[EnrichedEvent], now: i64) -> Vec<u8> {
     let planned: Vec<Planned> = events.iter().map(|e| Planned::new(e, now, false)).collect();
     let fresh: Vec<&Planned> = planned.iter().collect();
     let last = events.last().map(|e| Progress::Stream(e.position));
-    transaction(&fresh, last).get_packed_pipeline()
+    transaction(&fresh, last, "").get_packed_pipeline()
 }
 
 /// Appends the commands that apply `fresh` (events no guard stopped), with the same
@@ -572,6 +616,29 @@ fn apply_commands<'a>(pipe: &mut redis::Pipeline, fresh: &[&'a Planned<'a>]) {
     }
 }
 
+/// Raises the stream's checkpoint to `position` (of `source`'s history) once a rebuild from
+/// the table has brought everything up to it (see `pipeline::rebuild`).
+pub async fn raise_checkpoint(
+    url: &str,
+    position: Position,
+    source: SourceId,
+) -> Result<(), SinkError> {
+    let mut conn = connect(url).await?;
+    let stored: Option<String> = redis::cmd("GET")
+        .arg(CHECKPOINT_KEY)
+        .query_async(&mut conn)
+        .await?;
+    let current = stored.map(|s| parse_checkpoint(&s)).transpose()?;
+    if current.is_none_or(|(p, _)| p < position) {
+        redis::cmd("SET")
+            .arg(CHECKPOINT_KEY)
+            .arg(format!("{}|{}", position.to_sortable(), source.stored()))
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// A reconnecting, multiplexed connection.
 pub async fn connect(url: &str) -> Result<ConnectionManager, SinkError> {
     let client = redis::Client::open(url)?;
@@ -602,7 +669,7 @@ impl Sink for RedisSink {
     }
 
     fn name(&self) -> &'static str {
-        "redis"
+        NAME
     }
 
     /// Two milliseconds: under thousands of one-row transactions a second, a write then
@@ -614,9 +681,25 @@ impl Sink for RedisSink {
 
     async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
         let stored = self.get(CHECKPOINT_KEY).await?;
-        stored
-            .map(|s| Position::from_sortable(&s).ok_or(SinkError::BadCheckpoint(s)))
-            .transpose()
+        Ok(stored
+            .map(|s| parse_checkpoint(&s))
+            .transpose()?
+            .map(|(p, _)| p))
+    }
+
+    async fn source(&mut self) -> Result<Option<SourceId>, SinkError> {
+        let stored = self.get(CHECKPOINT_KEY).await?;
+        Ok(stored
+            .map(|s| parse_checkpoint(&s))
+            .transpose()?
+            .and_then(|(_, s)| s))
+    }
+
+    /// Redis records the source with its first checkpoint: a checkpoint key without a
+    /// position would not compare as one.
+    async fn set_source(&mut self, source: SourceId) -> Result<(), SinkError> {
+        self.source_suffix = format!("|{}", source.stored());
+        Ok(())
     }
 
     async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {

@@ -32,7 +32,7 @@ use tokio_postgres::Client;
 use super::{Sink, SinkError};
 use crate::config::{OnFailure, WebhookArgs, WebhookEndpoint};
 use crate::event::{BackfillMark, Batch, EnrichedEvent};
-use crate::lsn::Position;
+use crate::lsn::{Position, SourceId};
 use crate::metrics;
 use crate::pipeline::fanout::backoff;
 
@@ -228,11 +228,13 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn new(events: &[&EnrichedEvent]) -> Self {
+    /// A batch of `events`, keyed `[<system id>/<timeline>:]<first>-<last>`.
+    fn new(events: &[&EnrichedEvent], source: Option<SourceId>) -> Self {
         let first = events.first().expect("a batch has events").position;
         let last = events.last().expect("a batch has events").position;
+        let history = source.map_or(String::new(), |s| format!("{}:", s.stored()));
         Outbox {
-            key: format!("{}-{}", first.to_sortable(), last.to_sortable()),
+            key: format!("{history}{}-{}", first.to_sortable(), last.to_sortable()),
             first,
             last,
             body: body(first, last, events),
@@ -356,7 +358,8 @@ impl Store {
              VALUES ($1, $2::text::pg_lsn, $3, now())
              ON CONFLICT (sink) DO UPDATE SET
                  commit_lsn = excluded.commit_lsn, seq = excluded.seq, updated_at = now()
-             WHERE (c.commit_lsn, c.seq) < (excluded.commit_lsn, excluded.seq)",
+             WHERE c.commit_lsn IS NULL
+                OR (c.commit_lsn, c.seq) < (excluded.commit_lsn, excluded.seq)",
             &[
                 &NAME,
                 &outbox.last.commit_lsn.to_string(),
@@ -409,6 +412,9 @@ pub struct WebhookSink {
     /// A batch sent but not confirmed, read at start or kept after a failed write: sent
     /// again first, as it was.
     outbox: Option<Outbox>,
+    /// The source's WAL history, part of every idempotency key: positions repeat across
+    /// histories, keys must not.
+    source: Option<SourceId>,
 }
 
 impl WebhookSink {
@@ -436,6 +442,7 @@ impl WebhookSink {
                 on_failure: args.webhook_on_failure,
                 checkpoint: None,
                 outbox: None,
+                source: None,
             },
             migrated,
         ))
@@ -528,6 +535,22 @@ impl Sink for WebhookSink {
         false
     }
 
+    async fn source(&mut self) -> Result<Option<SourceId>, SinkError> {
+        let client = self.store.client().await?;
+        super::postgres::read_source(client, NAME)
+            .await
+            .map_err(pg("reading the webhook checkpoint's source"))
+    }
+
+    async fn set_source(&mut self, source: SourceId) -> Result<(), SinkError> {
+        let client = self.store.client().await?;
+        super::postgres::claim_source(client, NAME, source)
+            .await
+            .map_err(pg("recording the webhook checkpoint's source"))?;
+        self.source = Some(source);
+        Ok(())
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }
@@ -563,7 +586,7 @@ impl Sink for WebhookSink {
             })
             .collect();
         for chunk in events.chunks(self.batch_max_events) {
-            let outbox = Outbox::new(chunk);
+            let outbox = Outbox::new(chunk, self.source);
             self.store.save_outbox(&outbox).await?;
             self.send(outbox).await?;
         }

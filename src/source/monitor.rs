@@ -22,6 +22,8 @@ use crate::metrics;
 
 /// How often the slot is read.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one of the monitor's queries may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The prefix of heartbeat messages in the WAL.
 pub const HEARTBEAT_PREFIX: &str = "walcast_heartbeat";
 
@@ -67,7 +69,12 @@ impl Monitor {
                 }
             }
             let db = client.as_ref().expect("connected above");
-            if let Err(error) = self.check_publication(db).await {
+            // Bounded: a source that stopped answering must not stop the lag gauges from
+            // showing it; a new connection is tried next time.
+            let checked = tokio::time::timeout(QUERY_TIMEOUT, self.check_publication(db))
+                .await
+                .unwrap_or_else(|_| Err(ReplicationError::Monitor("no answer within 5 s".into())));
+            if let Err(error) = checked {
                 if let ReplicationError::EventsTableReplaced { .. } = error {
                     return Err(error);
                 }
@@ -75,7 +82,13 @@ impl Monitor {
                 client = None;
                 continue;
             }
-            match slot_info(db, &self.slot).await {
+            let read = tokio::time::timeout(QUERY_TIMEOUT, slot_info(db, &self.slot)).await;
+            let Ok(read) = read else {
+                tracing::debug!("reading the slot took longer than 5 s; reconnecting");
+                client = None;
+                continue;
+            };
+            match read {
                 Ok(Some(info)) => {
                     self.observe(&info, &mut above_warn)?;
                 }
@@ -94,7 +107,12 @@ impl Monitor {
                 && last_heartbeat.elapsed() >= every
             {
                 last_heartbeat = Instant::now();
-                self.beat(db).await;
+                if tokio::time::timeout(QUERY_TIMEOUT, self.beat(db))
+                    .await
+                    .is_err()
+                {
+                    client = None;
+                }
             }
         }
     }

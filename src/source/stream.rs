@@ -11,7 +11,7 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, TlsC
 use tokio_postgres::config::Host;
 
 use crate::config::{ConfigError, SourceArgs};
-use crate::lsn::Lsn;
+use crate::lsn::{Lsn, SourceId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
@@ -134,6 +134,32 @@ fn replication_config(source: &SourceArgs) -> Result<ReplicationConfig, ConfigEr
     .with_tls(tls)
     .with_options("-c DateStyle=ISO,MDY -c TimeZone=UTC -c extra_float_digits=3")
     .with_application_name("walcast"))
+}
+
+/// The source's WAL history: `IDENTIFY_SYSTEM` on a replication session (what walcast's
+/// REPLICATION attribute allows; `pg_control_system()` may be closed to it).
+pub async fn identify(source: &SourceArgs) -> Result<SourceId, ReplicationError> {
+    let mut session = ReplicationClient::connect_gated(replication_config(source)?).await?;
+    let rows = session
+        .simple_query("IDENTIFY_SYSTEM")
+        .await
+        .map_err(|e| classify(e, &source.slot))?;
+    let text = |i: usize| -> Option<String> {
+        let value = rows.first()?.get(i)?.as_ref()?;
+        Some(String::from_utf8_lossy(value).into_owned())
+    };
+    let id = (|| {
+        Some(SourceId {
+            system_id: text(0)?.parse().ok()?,
+            timeline: text(1)?.parse().ok()?,
+        })
+    })();
+    drop(session);
+    id.ok_or_else(|| {
+        ReplicationError::Protocol(PgWireError::Protocol(
+            "IDENTIFY_SYSTEM returned no system identifier or timeline".into(),
+        ))
+    })
 }
 
 /// A slot just created together with a snapshot of the database at its consistent point.

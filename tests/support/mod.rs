@@ -16,7 +16,7 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -127,17 +127,32 @@ fn give_to_pg_user(path: &Path) {
     }
 }
 
+/// Runs initdb into `data`, as the server's user.
+fn initdb(binary: &Path, data: &Path) {
+    let out = pg_command(binary)
+        .arg("-D")
+        .arg(data)
+        .args(walcast::demo::INITDB_ARGS)
+        .output()
+        .expect("run initdb");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A cluster made by initdb once, copied for each test (initdb takes seconds, a copy
 /// milliseconds).
 fn template() -> PathBuf {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE
         .get_or_init(|| {
-            let initdb = find_binary("initdb", "postgresql");
+            let initdb_binary = find_binary("initdb", "postgresql");
             // In the system temp dir, not under target/: as root the cluster runs as an
             // unprivileged user, who may not be able to enter the checkout (a 0700 clone).
             let root = std::env::temp_dir();
-            let version = Command::new(&initdb)
+            let version = Command::new(&initdb_binary)
                 .arg("--version")
                 .output()
                 .map(|o| {
@@ -157,17 +172,7 @@ fn template() -> PathBuf {
             let _ = std::fs::remove_dir_all(&staging);
             std::fs::create_dir_all(&staging).unwrap();
             give_to_pg_user(&staging);
-            let out = pg_command(&initdb)
-                .arg("-D")
-                .arg(&staging)
-                .args(walcast::demo::INITDB_ARGS)
-                .output()
-                .expect("run initdb");
-            assert!(
-                out.status.success(),
-                "initdb failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            initdb(&initdb_binary, &staging);
             // Another test process may have won the race; either copy is fine.
             if std::fs::rename(&staging, &template).is_err() {
                 let _ = std::fs::remove_dir_all(&staging);
@@ -193,19 +198,34 @@ impl Postgres {
 
     /// Starts with extra `-c name=value` settings (they override the defaults).
     pub async fn start_with(settings: &[(&str, &str)]) -> Postgres {
+        Self::start_from(true, settings).await
+    }
+
+    /// A cluster made by initdb for this test alone rather than copied from the template:
+    /// it has a system identifier of its own, as a dump restored into a new cluster does.
+    pub async fn start_new_cluster() -> Postgres {
+        Self::start_from(false, &[]).await
+    }
+
+    async fn start_from(copy_template: bool, settings: &[(&str, &str)]) -> Postgres {
         let dir = tempfile::Builder::new()
             .prefix("walcast-pg-")
             .tempdir()
             .unwrap();
         let data = dir.path().join("data");
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(template())
-            .arg(&data)
-            .status()
-            .expect("copy the template cluster");
-        assert!(status.success());
-        give_to_pg_user(dir.path());
+        if copy_template {
+            let status = Command::new("cp")
+                .arg("-a")
+                .arg(template())
+                .arg(&data)
+                .status()
+                .expect("copy the template cluster");
+            assert!(status.success());
+            give_to_pg_user(dir.path());
+        } else {
+            give_to_pg_user(dir.path());
+            initdb(&find_binary("initdb", "postgresql"), &data);
+        }
         let mut all: Vec<(String, String)> = [
             ("wal_level", "logical"),
             ("max_wal_senders", "10"),
@@ -717,4 +737,65 @@ pub async fn current_lsn(client: &tokio_postgres::Client) -> u64 {
         .unwrap()
         .get(0);
     v as u64
+}
+
+/// A TCP proxy in front of a server, to make a connection fail the way networks do.
+pub struct Proxy {
+    pub port: u16,
+    /// Connections opened before the current generation forward nothing.
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    pub async fn start(target_port: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let current = Arc::clone(&generation);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                else {
+                    continue;
+                };
+                let born = current.load(Ordering::Relaxed);
+                let (a_read, a_write) = inbound.into_split();
+                let (b_read, b_write) = outbound.into_split();
+                for (mut from, mut to) in [(a_read, b_write), (b_read, a_write)] {
+                    let current = Arc::clone(&current);
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let read = from.read(&mut buf).await;
+                            // Black-holed: the bytes vanish, and so does a close: the other
+                            // side's socket stays open, as behind a route that drops packets.
+                            if current.load(Ordering::Relaxed) != born {
+                                if matches!(read, Ok(0) | Err(_)) {
+                                    std::future::pending::<()>().await;
+                                }
+                                continue;
+                            }
+                            let n = match read {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { port, generation }
+    }
+
+    /// Every connection open now stops forwarding in both directions, its sockets left
+    /// open (a route that drops packets); new connections go through.
+    pub fn black_hole_open_connections(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
