@@ -100,7 +100,7 @@ fn describe() {
     );
     describe_counter!(
         DEAD_LETTERS_TOTAL,
-        "Rows that could not be events and webhook batches given up on, by reason."
+        "Rows that could not be events, events the analytics database refused, and webhook batches given up on, by reason."
     );
     describe_counter!(
         CONTENT_MISSING_TOTAL,
