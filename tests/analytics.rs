@@ -789,12 +789,7 @@ async fn a_truncate_of_the_events_table_stops_walcast_until_the_sinks_start_over
     );
 
     // The recovery the message names.
-    let out = s.env.output(&["teardown"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.env.succeed(&["teardown"]);
     s.db.batch_execute("DROP SCHEMA analytics CASCADE")
         .await
         .unwrap();
@@ -802,12 +797,7 @@ async fn a_truncate_of_the_events_table_stops_walcast_until_the_sinks_start_over
         .query_async::<()>(&mut s.redis.conn().await)
         .await
         .unwrap();
-    let out = s.env.output(&["backfill"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.env.succeed(&["backfill"]);
     let walcast = s.env.spawn_run();
     load(&s.db, 5, 5).await;
     s.wait_delivered(15, &walcast, WAIT).await;

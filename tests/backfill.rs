@@ -348,12 +348,7 @@ async fn a_slot_dropped_while_stopped_is_refused_and_backfill_recovers_every_eve
     let slots = count(&s.db, "pg_replication_slots").await;
     assert_eq!(slots, 0, "no slot was created silently");
 
-    let out = s.env.output(&["backfill"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.env.succeed(&["backfill"]);
     let walcast = s.env.spawn_run();
     preload(&s.db, 10).await;
     in_both_sinks(&s, 30).await;
@@ -408,12 +403,7 @@ async fn a_partitioned_events_table_is_streamed_backfilled_and_verified() {
         "names the fix: {err}"
     );
 
-    let out = s.env.output(&["backfill"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.env.succeed(&["backfill"]);
     let mut walcast = s.env.spawn_run();
     s.db.batch_execute(&insert("now()")).await.unwrap();
     s.db.batch_execute(&insert("'2025-06-01'")).await.unwrap();
@@ -440,12 +430,7 @@ async fn verify_counts_backfill_dead_letters_and_rows_deleted_at_the_source() {
     ))
     .await
     .unwrap();
-    let out = s.env.output(&["backfill"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.env.succeed(&["backfill"]);
     let walcast = s.env.spawn_run();
     s.db.batch_execute(&format!(
         "INSERT INTO engagement_events (content_id, event_type, event_ts) VALUES ('{EPISODE}', 'click', now())"
@@ -561,12 +546,7 @@ async fn a_source_restored_into_a_new_cluster_is_refused_and_the_start_over_is_e
         .query_async::<()>(&mut s.redis.conn().await)
         .await
         .unwrap();
-    let out = env.output(&["backfill"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.succeed(&["backfill"]);
     let walcast = env.spawn_run();
     preload(&db2, 2).await;
     in_both_sinks(&s, 17).await;

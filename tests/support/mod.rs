@@ -537,6 +537,18 @@ impl Env {
         self.command(args).output().expect("run walcast")
     }
 
+    /// Runs a walcast command that must succeed; returns its stdout.
+    pub fn succeed(&self, args: &[&str]) -> String {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "walcast {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Starts `walcast run` in the background.
     pub fn spawn_run(&self) -> Walcast {
         self.spawn(&["run"])
