@@ -16,6 +16,23 @@ use crate::lsn::{Lsn, Position};
 pub struct Hundredths(pub i64);
 
 impl Hundredths {
+    /// The text form of a `numeric` with at most two places (`"7.00"`, `"-1.5"`, `"3"`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (negative, digits) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+        let all_digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+        if whole.is_empty() || fraction.len() > 2 || !all_digits(whole) || !all_digits(fraction) {
+            return None;
+        }
+        let whole: i64 = whole.parse().ok()?;
+        let fraction: i64 = format!("{fraction:0<2}").parse().ok()?;
+        let value = whole.checked_mul(100)?.checked_add(fraction)?;
+        Some(Hundredths(if negative { -value } else { value }))
+    }
+
     pub fn as_f64(self) -> f64 {
         // Division of an exact integer by 100 yields the double nearest the decimal, which
         // prints back as the same decimal.
@@ -250,5 +267,18 @@ mod tests {
         assert_eq!(Hundredths(-105).to_string(), "-1.05");
         assert_eq!(Hundredths(0).to_string(), "0.00");
         assert_eq!(Hundredths(2).as_f64().to_string(), "0.02");
+    }
+
+    #[test]
+    fn hundredths_parse_what_they_print() {
+        for value in [700, 2, -105, 0, 123_456_789] {
+            let text = Hundredths(value).to_string();
+            assert_eq!(Hundredths::parse(&text), Some(Hundredths(value)), "{text}");
+        }
+        assert_eq!(Hundredths::parse("3"), Some(Hundredths(300)));
+        assert_eq!(Hundredths::parse("-1.5"), Some(Hundredths(-150)));
+        for bad in ["", "-", "1.234", "1.x", "a.00", "+1", "1e3"] {
+            assert_eq!(Hundredths::parse(bad), None, "{bad}");
+        }
     }
 }

@@ -50,6 +50,10 @@ pub struct Health {
 #[derive(Debug)]
 pub struct SinkHealth {
     pub name: &'static str,
+    /// A sink that follows a durable log rather than the stream (the webhook behind the
+    /// analytics facts): it holds back neither the slot nor readiness, its failures are
+    /// reported as a note.
+    pub follows: bool,
     reachable: AtomicBool,
     failing: AtomicBool,
     /// The newest WAL position this sink has applied everything up to.
@@ -59,6 +63,19 @@ pub struct SinkHealth {
 impl Health {
     /// One entry per sink, in the order the fan-out numbers them.
     pub fn new(sinks: &[SinkKind]) -> Arc<Self> {
+        Self::with_followers(sinks, &[])
+    }
+
+    /// The fan-out's sinks, then `followers` (see [`SinkHealth::follows`]), numbered on.
+    pub fn with_followers(sinks: &[SinkKind], followers: &[SinkKind]) -> Arc<Self> {
+        let entry = |kind: &SinkKind, follows: bool| SinkHealth {
+            name: kind.name(),
+            follows,
+            // Unknown until the first probe; readiness waits for it.
+            reachable: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
+            confirmed: AtomicU64::new(0),
+        };
         Arc::new(Health {
             replicating: AtomicBool::new(false),
             acked: AtomicU64::new(0),
@@ -66,13 +83,8 @@ impl Health {
             source_problem: std::sync::Mutex::new(None),
             sinks: sinks
                 .iter()
-                .map(|kind| SinkHealth {
-                    name: kind.name(),
-                    // Unknown until the first probe; readiness waits for it.
-                    reachable: AtomicBool::new(false),
-                    failing: AtomicBool::new(false),
-                    confirmed: AtomicU64::new(0),
-                })
+                .map(|kind| entry(kind, false))
+                .chain(followers.iter().map(|kind| entry(kind, true)))
                 .collect(),
         })
     }
@@ -80,7 +92,7 @@ impl Health {
     /// Where the slot stood when streaming began: every sink has applied up to there.
     pub fn start_at(&self, acked: Lsn) {
         self.set_acked(acked);
-        for sink in &self.sinks {
+        for sink in self.sinks.iter().filter(|s| !s.follows) {
             sink.set_confirmed(acked);
         }
     }
@@ -146,7 +158,7 @@ impl Health {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         why.extend(problem.clone());
-        for sink in &self.sinks {
+        for sink in self.sinks.iter().filter(|s| !s.follows) {
             if !sink.reachable.load(Ordering::Relaxed) {
                 why.push(format!("sink {} is unreachable", sink.name));
             } else if sink.failing.load(Ordering::Relaxed) {
@@ -157,6 +169,21 @@ impl Health {
             }
         }
         why
+    }
+
+    /// What is wrong that does not make the process unready: a following sink failing.
+    pub fn notes(&self) -> Vec<String> {
+        self.sinks
+            .iter()
+            .filter(|s| s.follows && s.failing.load(Ordering::Relaxed))
+            .map(|s| {
+                format!(
+                    "sink {} deliveries are failing and being retried; it catches up from \
+                     the analytics facts, holding back nothing else",
+                    s.name
+                )
+            })
+            .collect()
     }
 }
 
@@ -217,7 +244,12 @@ type Endpoint = (PrometheusHandle, Arc<Health>);
 async fn readyz(State((_, health)): State<Endpoint>) -> (StatusCode, String) {
     let why = health.not_ready();
     if why.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
+        let notes: String = health
+            .notes()
+            .iter()
+            .map(|note| format!("note: {note}\n"))
+            .collect();
+        (StatusCode::OK, format!("ready\n{notes}"))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

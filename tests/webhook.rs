@@ -381,16 +381,32 @@ async fn a_slow_webhook_does_not_delay_redis() {
         );
     }
     // All three are in Redis while the webhook has not answered the first request yet.
+    eventually("the webhook called", WAIT, || async {
+        !receiver.requests().is_empty()
+    })
+    .await;
     let requests = receiver.requests();
-    assert!(!requests.is_empty(), "the webhook was called");
     assert!(
         requests.iter().all(|r| r.answered.is_none()),
         "Redis did not wait for the webhook"
     );
 }
 
+/// With the analytics sink, the webhook follows its facts: a batch it will not take holds
+/// back nothing but the webhook itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_on_failure_block_the_batch_is_retried_and_the_acknowledgement_waits() {
+async fn with_on_failure_block_the_batch_is_retried_and_nothing_else_waits() {
+    on_failure_block(true).await;
+}
+
+/// Without the analytics sink there is no durable log to follow: the webhook is fed from
+/// the stream, and the acknowledgement waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_analytics_on_failure_block_holds_the_acknowledgement() {
+    on_failure_block(false).await;
+}
+
+async fn on_failure_block(with_analytics: bool) {
     let accept = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let receiver = {
         let accept = Arc::clone(&accept);
@@ -405,6 +421,9 @@ async fn with_on_failure_block_the_batch_is_retried_and_the_acknowledgement_wait
     };
     let mut s = stack(&receiver).await;
     s.env.put("WALCAST_WEBHOOK_ON_FAILURE", "block");
+    if !with_analytics {
+        s.env.put("WALCAST_SINKS", "redis,webhook");
+    }
     let _walcast = s.run();
     load(&s.db, 1, 1).await;
     eventually(
@@ -415,13 +434,29 @@ async fn with_on_failure_block_the_batch_is_retried_and_the_acknowledgement_wait
     .await;
     let event = s.redis.event(source_ids(&s).await[0]).await.unwrap();
     let commit: walcast::lsn::Lsn = event["commit_lsn"].as_str().unwrap().parse().unwrap();
-    // Held: nothing dead-lettered, the slot short of the event's commit, /readyz says why.
     assert_eq!(count(&s.db, "analytics.dead_letters").await, 0);
-    let flushed = support::confirmed_flush(&s.db, "walcast").await.unwrap();
-    assert!(flushed < commit.0, "slot at {flushed:X} passed {commit}");
-    let (status, body) = support::http_get(s.env.metrics_port, "/readyz").await;
-    assert_eq!(status, 503);
-    assert!(body.contains("sink webhook writes are failing"), "{body}");
+    if with_analytics {
+        // Nothing held: the slot passes the event, analytics has it, /readyz is ready and
+        // says what the webhook is doing.
+        eventually("the slot moves past the event", WAIT, || async {
+            support::confirmed_flush(&s.db, "walcast").await.unwrap() > commit.0
+        })
+        .await;
+        assert_eq!(count(&s.db, "analytics.enriched_events").await, 1);
+        let (status, body) = support::http_get(s.env.metrics_port, "/readyz").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("note: sink webhook deliveries are failing"),
+            "{body}"
+        );
+    } else {
+        // Held: the slot short of the event's commit, /readyz says why.
+        let flushed = support::confirmed_flush(&s.db, "walcast").await.unwrap();
+        assert!(flushed < commit.0, "slot at {flushed:X} passed {commit}");
+        let (status, body) = support::http_get(s.env.metrics_port, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("sink webhook writes are failing"), "{body}");
+    }
 
     accept.store(true, std::sync::atomic::Ordering::Relaxed);
     eventually("delivered once accepted", WAIT, || async {
@@ -529,5 +564,153 @@ async fn replication_reconnects_send_no_event_under_two_keys() {
         walcast.log().contains("replication resumed"),
         "{}",
         walcast.log()
+    );
+}
+
+/// The webhook follows the analytics facts: what it sends is, key for key, the event
+/// Redis got from the stream, whatever the row holds (NULLs, unknown content, JSON
+/// payloads, added columns, one of them named like an enrichment key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_sends_the_events_redis_has() {
+    let receiver = Receiver::start(|_| Reply::Ok).await;
+    let s = stack(&receiver).await;
+    s.db.batch_execute(
+        "ALTER TABLE engagement_events ADD COLUMN region TEXT, ADD COLUMN title INTEGER,
+             DROP CONSTRAINT engagement_events_content_id_fkey",
+    )
+    .await
+    .unwrap();
+    let _walcast = s.run();
+    s.db.batch_execute(&format!(
+        r#"INSERT INTO engagement_events
+             (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload, region, title)
+         VALUES
+             ('{EPISODE}', gen_random_uuid(), 'play', now(), 12345, 'ios',
+              '{{"b": [1, 2.5, null], "a": {{"nested": "é \"q\""}}}}', 'eu', 7),
+             ('{EPISODE}', NULL, 'pause', '2026-01-02 03:04:05.678901+00', NULL, NULL, NULL, NULL, NULL),
+             ('00000000-0000-0000-0000-0000000000ff', gen_random_uuid(), 'click', now(), 1, 'web', '[]', 'us', NULL),
+             (NULL, gen_random_uuid(), 'finish', now(), 333333, 'tv', '{{}}', NULL, -1)"#
+    ))
+    .await
+    .unwrap();
+    let ids = source_ids(&s).await;
+    eventually("every event delivered", WAIT, || async {
+        receiver.delivered().len() == ids.len()
+    })
+    .await;
+    let mut sent = Vec::new();
+    for request in receiver.requests().iter().filter(|r| r.status == 200) {
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+        sent.extend(body["events"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(sent.len(), ids.len());
+    for event in &sent {
+        let id = event["id"].as_i64().unwrap();
+        let in_redis = s.redis.event(id).await.expect("the event in Redis");
+        assert_eq!(event, &in_redis, "event {id}: webhook against Redis");
+    }
+    assert_eq!(sent[0]["extra"]["title"], "7", "{}", sent[0]);
+    assert_eq!(sent[0]["region"], "eu");
+}
+
+/// A webhook answering 503 holds back neither Redis, nor analytics, nor the slot; once it
+/// answers again it gets every event, in commit order, each under one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_webhook_holds_back_neither_redis_nor_the_slot() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let receiver = {
+        let failing = Arc::clone(&failing);
+        Receiver::start(move |_| {
+            if failing.load(std::sync::atomic::Ordering::Relaxed) {
+                Reply::Status(503)
+            } else {
+                Reply::Ok
+            }
+        })
+        .await
+    };
+    let mut s = stack(&receiver).await;
+    s.env.put("WALCAST_WEBHOOK_BATCH_MAX_EVENTS", "500");
+    let _walcast = s.run();
+    // About 500 events a second for 15 s, in transactions of 25 rows, while the probe
+    // measures commit → visible in Redis from outside.
+    let writer = {
+        let db = s.pg.client("app").await;
+        tokio::spawn(async move {
+            for _ in 0..300 {
+                load(&db, 25, 25).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut latencies = Vec::new();
+    while !writer.is_finished() {
+        let id: i64 = s
+            .db
+            .query_one(
+                &format!(
+                    "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, device)
+                     VALUES ('{EPISODE}', gen_random_uuid(), 'play', now(), 'probe') RETURNING id"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let committed = Instant::now();
+        eventually("the probe's event in Redis", WAIT, || async {
+            s.redis.event(id).await.is_some()
+        })
+        .await;
+        latencies.push(committed.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    writer.await.unwrap();
+    let expected = source_ids(&s).await;
+    let end = support::current_lsn(&s.db).await;
+    eventually("Redis and analytics hold every event", WAIT, || async {
+        s.redis.total().await == expected.len() as i64
+            && count(&s.db, "analytics.enriched_events").await == expected.len() as i64
+    })
+    .await;
+    eventually("the slot past the load", WAIT, || async {
+        support::confirmed_flush(&s.db, "walcast").await.unwrap() >= end
+    })
+    .await;
+    assert!(receiver.delivered().is_empty(), "the webhook accepted nothing yet");
+    assert!(
+        receiver.requests().len() >= 2,
+        "the webhook was tried and retried"
+    );
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    eprintln!(
+        "webhook answering 503: {} events; commit → Redis over {} probes: p50 {:?}, p99 {:?}, max {:?}",
+        expected.len(),
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        p99,
+        latencies.last().unwrap()
+    );
+
+    failing.store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually("the webhook caught up", WAIT, || async {
+        receiver.delivered().len() >= expected.len()
+    })
+    .await;
+    assert_eq!(
+        receiver.delivered(),
+        expected,
+        "each event once, in commit order"
+    );
+    let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    for request in receiver.requests() {
+        for id in event_ids(&request.body) {
+            keys_of.entry(id).or_default().insert(request.key.clone());
+        }
+    }
+    assert!(
+        keys_of.values().all(|keys| keys.len() == 1),
+        "an event sent under two keys"
     );
 }

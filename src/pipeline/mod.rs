@@ -62,7 +62,8 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     config.validate()?;
     let mut shutdown = std::pin::pin!(shutdown);
-    let health = Health::new(&config.destinations.sinks.kinds);
+    let layout = Layout::of(&config.destinations);
+    let health = Health::with_followers(&layout.fanned.sinks.kinds, &layout.followers());
     // Tasks that live as long as this function: dropping the set stops them.
     let mut background = JoinSet::new();
     if let Some(addr) = config.metrics_addr()? {
@@ -80,7 +81,10 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     }
     // Probes first, so /readyz tells which sink is unreachable while walcast waits for it.
-    for (index, probe) in probes(&config)?.into_iter().enumerate() {
+    for (index, probe) in probes(&layout.fanned, &config.source)?
+        .into_iter()
+        .enumerate()
+    {
         background.spawn(health::probe_forever(probe, Arc::clone(&health), index));
     }
     let pg_config = config.source.pg_config()?;
@@ -92,7 +96,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     tracing::info!(source = %source_id, "source identified");
     let opened = open_sinks(
         &config.source,
-        &config.destinations,
+        &layout.fanned,
         config.batch_max_events,
         &health,
         None,
@@ -139,6 +143,10 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         }
     }
     health.start_at(durable);
+    if layout.webhook_follows {
+        let follower = open_follower(&config, source_id).await?;
+        background.spawn(follower.follow(Arc::clone(&health), layout.fanned.sinks.kinds.len()));
+    }
     let events_table: u32 = client
         .query_one("SELECT 'public.engagement_events'::regclass::oid", &[])
         .await
@@ -200,9 +208,59 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     result
 }
 
+/// Which sinks the fan-out feeds, and whether the webhook follows the analytics facts
+/// instead (see `sink::webhook`): it does whenever the analytics sink is enabled, since
+/// those facts are then a durable log of every event.
+struct Layout {
+    fanned: Destinations,
+    webhook_follows: bool,
+}
+
+impl Layout {
+    fn of(to: &Destinations) -> Self {
+        let webhook_follows = to.sinks.contains(SinkKind::Webhook) && to.sinks.contains(SinkKind::Postgres);
+        let mut fanned = to.clone();
+        if webhook_follows {
+            fanned.sinks.kinds.retain(|kind| *kind != SinkKind::Webhook);
+        }
+        Layout {
+            fanned,
+            webhook_follows,
+        }
+    }
+
+    fn followers(&self) -> Vec<SinkKind> {
+        if self.webhook_follows {
+            vec![SinkKind::Webhook]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// The webhook, ready to follow the analytics facts: connected, its checkpoint checked
+/// against the source's history and read, and where it starts fixed.
+async fn open_follower(config: &RunConfig, source_id: SourceId) -> Result<WebhookSink, Error> {
+    let start = |source| Error::SinkStart {
+        sink: crate::sink::webhook::NAME,
+        source,
+    };
+    let pg_config = config
+        .destinations
+        .analytics
+        .pg_config(&config.source.url)?;
+    let (mut sink, _) = WebhookSink::connect(&config.destinations.webhook, pg_config)
+        .await
+        .map_err(start)?;
+    claim_history(&mut sink, source_id).await.map_err(start)?;
+    sink.checkpoint().await.map_err(start)?;
+    let from = sink.start_following().await.map_err(start)?;
+    tracing::info!(sink = sink.name(), checkpoint = ?from.map(|p| p.to_string()), "webhook follows the analytics facts");
+    Ok(sink)
+}
+
 /// One probe per sink, in the fan-out's order.
-fn probes(config: &RunConfig) -> Result<Vec<Probe>, Error> {
-    let to = &config.destinations;
+fn probes(to: &Destinations, source: &SourceArgs) -> Result<Vec<Probe>, Error> {
     to.sinks
         .kinds
         .iter()
@@ -213,7 +271,7 @@ fn probes(config: &RunConfig) -> Result<Vec<Probe>, Error> {
                     problem: e.to_string(),
                 })
             }),
-            SinkKind::Postgres => Ok(Probe::postgres(to.analytics.pg_config(&config.source.url)?)),
+            SinkKind::Postgres => Ok(Probe::postgres(to.analytics.pg_config(&source.url)?)),
             // A system walcast does not control: judged by its deliveries, not probed.
             SinkKind::Webhook => Ok(Probe::Deliveries),
         })
@@ -391,12 +449,7 @@ async fn add<S: Sink>(
     source: Option<SourceId>,
 ) -> Result<Option<Position>, crate::sink::SinkError> {
     if let Some(current) = source {
-        if let Some(stored) = sink.source().await?
-            && stored != current
-        {
-            return Err(crate::sink::SinkError::OtherHistory { stored, current });
-        }
-        sink.set_source(current).await?;
+        claim_history(&mut sink, current).await?;
     }
     let checkpoint = sink.checkpoint().await?;
     tracing::info!(sink = sink.name(), checkpoint = ?checkpoint.map(|p| p.to_string()), "sink ready");
@@ -405,6 +458,20 @@ async fn add<S: Sink>(
     }
     sinks.add(sink);
     Ok(checkpoint)
+}
+
+/// Checks that the sink's checkpoint belongs to the source's WAL history `current`, and
+/// has the sink store it from now on.
+async fn claim_history<S: Sink>(
+    sink: &mut S,
+    current: SourceId,
+) -> Result<(), crate::sink::SinkError> {
+    if let Some(stored) = sink.source().await?
+        && stored != current
+    {
+        return Err(crate::sink::SinkError::OtherHistory { stored, current });
+    }
+    sink.set_source(current).await
 }
 
 /// The transaction being read.

@@ -119,7 +119,7 @@ pub(crate) async fn rebuild(
                     .analytics
                     .pg_config(&config.source.url)?;
                 let client = crate::pg::connect("WALCAST_ANALYTICS_URL", &analytics).await?;
-                sink::postgres::raise_checkpoint(&client, ahead)
+                sink::postgres::raise_checkpoint(&client, sink::postgres::NAME, ahead)
                     .await
                     .map_err(|source| Error::SinkStart {
                         sink: name,

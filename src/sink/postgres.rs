@@ -51,6 +51,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "006_checkpoint_source",
         include_str!("../../sql/006_checkpoint_source.sql"),
     ),
+    (
+        "007_webhook_follows_facts",
+        include_str!("../../sql/007_webhook_follows_facts.sql"),
+    ),
 ];
 
 /// Columns of the staging table, in COPY order; `enriched_events` has these plus
@@ -77,15 +81,16 @@ pub const AGGREGATES: [(&str, &str, &str); 4] = [
 
 /// The statement that moves staged events into the facts table and increments the
 /// aggregates by exactly the rows it inserted. `$1` is the sink name whose checkpoint
-/// filters the staged rows; a backfill passes a name that has none.
+/// filters the staged rows; a backfill passes a name that has none, and `$2` true, which
+/// marks its rows as backfilled (see sql/007).
 fn apply_statement() -> String {
     let mut sql = format!(
         "WITH checkpoint AS (
     SELECT commit_lsn, seq FROM analytics.walcast_checkpoint WHERE sink = $1
 ),
 new AS (
-    INSERT INTO analytics.enriched_events ({COLUMNS})
-    SELECT {COLUMNS} FROM pg_temp.walcast_stage s
+    INSERT INTO analytics.enriched_events ({COLUMNS}, backfilled)
+    SELECT {COLUMNS}, $2::bool FROM pg_temp.walcast_stage s
     WHERE NOT EXISTS (
         SELECT FROM checkpoint c WHERE (s.commit_lsn, s.commit_seq) <= (c.commit_lsn, c.seq))
     ORDER BY id
@@ -327,17 +332,19 @@ pub async fn read_checkpoint(
     }))
 }
 
-/// Raises the analytics sink's checkpoint to `position` once a rebuild from the table has
-/// brought everything up to it (see `pipeline::rebuild`).
+/// Raises `sink`'s checkpoint to `position` (never lowers it): the analytics sink's once a
+/// rebuild from the table has brought everything up to it (see `pipeline::rebuild`), the
+/// webhook's where it starts following the facts.
 pub async fn raise_checkpoint(
     client: &Client,
+    sink: &str,
     position: Position,
 ) -> Result<(), tokio_postgres::Error> {
     let seq = i32::try_from(position.seq).unwrap_or(i32::MAX);
     client
         .execute(
             SAVE_CHECKPOINT,
-            &[&NAME, &position.commit_lsn.to_string(), &seq],
+            &[&sink, &position.commit_lsn.to_string(), &seq],
         )
         .await?;
     Ok(())
@@ -576,11 +583,11 @@ impl PostgresSink {
                 .await
                 .map_err(pg)?;
             copy.as_mut().finish().await.map_err(pg)?;
-            let checkpoint_of = match progress {
-                Progress::Stream(_) => NAME,
-                Progress::Backfill(_) => NO_CHECKPOINT,
+            let (checkpoint_of, backfilled) = match progress {
+                Progress::Stream(_) => (NAME, false),
+                Progress::Backfill(_) => (NO_CHECKPOINT, true),
             };
-            tx.query_one(&session.apply, &[&checkpoint_of])
+            tx.query_one(&session.apply, &[&checkpoint_of, &backfilled])
                 .await
                 .map_err(pg)?;
         }

@@ -21,6 +21,7 @@
 //! When `WALCAST_WEBHOOK_SECRET` is set, `Walcast-Signature: t=<unix seconds>,v1=<hex>`
 //! carries HMAC-SHA256(secret, "<t>.<body>") (see [`sign`] and [`verify`]).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -30,8 +31,12 @@ use sha2::Sha256;
 use tokio_postgres::Client;
 
 use super::{Sink, SinkError};
+use serde_json::value::RawValue;
+
 use crate::config::{OnFailure, WebhookArgs, WebhookEndpoint};
-use crate::event::{BackfillMark, Batch, EnrichedEvent};
+use crate::enrich::Content;
+use crate::event::{BackfillMark, Batch, EnrichedEvent, Hundredths};
+use crate::health::Health;
 use crate::lsn::{Position, SourceId};
 use crate::metrics;
 use crate::pipeline::fanout::backoff;
@@ -49,6 +54,10 @@ pub const REASON_EXHAUSTED: &str = "webhook_exhausted";
 const SNIPPET_CHARS: usize = 500;
 /// The longest `Retry-After` honoured as given.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// How long the follower waits before looking for new facts after it found fewer than a
+/// full batch: the webhook's latency over the analytics sink's, and ten small queries a
+/// second on the analytics database while the stream is idle.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
 /// `t=<timestamp>,v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
 pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
@@ -121,6 +130,8 @@ pub struct Deliverer {
     url: reqwest::Url,
     secret: Option<Vec<u8>>,
     budget: Duration,
+    /// Where the follower's retries are reported while they go on (`health`'s entry).
+    health: Option<(Arc<Health>, usize)>,
 }
 
 impl Deliverer {
@@ -137,6 +148,7 @@ impl Deliverer {
             url: args.url().map_err(|e| invalid(&e))?,
             secret: args.secret().map_err(|e| invalid(&e))?,
             budget: args.webhook_retry_budget,
+            health: None,
         })
     }
 
@@ -160,6 +172,9 @@ impl Deliverer {
                 };
             }
             metrics::sink_failed(NAME, "retry");
+            if let Some((health, index)) = &self.health {
+                health.sink(*index).set_failing(true);
+            }
             tracing::warn!(sink = NAME, key, error = %why, attempt = attempts, retry_in_ms = delay.as_millis() as u64, "webhook delivery failed, retrying");
             tokio::time::sleep(delay).await;
         }
@@ -308,6 +323,25 @@ impl Store {
         Ok((checkpoint, outbox))
     }
 
+    /// Up to `limit` events the stream brought into `analytics.enriched_events` after
+    /// `after`, in position order (backfilled rows are left out: see sql/007).
+    async fn facts_after(
+        &mut self,
+        after: Option<Position>,
+        limit: usize,
+    ) -> Result<Vec<EnrichedEvent>, SinkError> {
+        let (lsn, seq) = after.map_or(("0/0".to_owned(), -1), |p| {
+            (p.commit_lsn.to_string(), self::seq(p))
+        });
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let rows = client
+            .query(FACTS_AFTER, &[&lsn, &seq, &limit])
+            .await
+            .map_err(pg("reading the analytics facts to send"))?;
+        rows.iter().map(fact).collect()
+    }
+
     async fn save_outbox(&mut self, outbox: &Outbox) -> Result<(), SinkError> {
         let client = self.client().await?;
         client
@@ -370,6 +404,85 @@ impl Store {
         .map_err(pg(context))?;
         tx.commit().await.map_err(pg(context))
     }
+}
+
+/// The facts the stream brought, after a position, in the stream's order: every column the
+/// event JSON is made of.
+const FACTS_AFTER: &str = "SELECT id, content_id::text, user_id::text, event_type,
+    (extract(epoch FROM event_ts) * 1000000)::int8, duration_ms, device, raw_payload::text,
+    extra::text, content_type, length_seconds, title, slug, engagement_seconds::text,
+    engagement_pct::text, content_missing, commit_lsn::text, commit_seq,
+    (extract(epoch FROM commit_ts) * 1000000)::int8
+FROM analytics.enriched_events
+WHERE NOT backfilled AND (commit_lsn, commit_seq) > ($1::text::pg_lsn, $2)
+ORDER BY commit_lsn, commit_seq
+LIMIT $3";
+
+/// A row of [`FACTS_AFTER`] as the event it was made from.
+fn fact(row: &tokio_postgres::Row) -> Result<EnrichedEvent, SinkError> {
+    let bad = |what: &str| SinkError::Unsupported(format!("analytics.enriched_events: {what}"));
+    let micros = |i: usize| {
+        chrono::DateTime::from_timestamp_micros(row.get::<_, i64>(i))
+            .ok_or_else(|| bad("a timestamp out of range"))
+    };
+    let hundredths = |i: usize| -> Result<Option<Hundredths>, SinkError> {
+        row.get::<_, Option<String>>(i)
+            .map(|text| Hundredths::parse(&text).ok_or_else(|| bad("an engagement value")))
+            .transpose()
+    };
+    let raw_payload = row
+        .get::<_, Option<String>>(7)
+        .map(RawValue::from_string)
+        .transpose()
+        .map_err(|_| bad("raw_payload is not JSON"))?;
+    let extra = match row.get::<_, Option<String>>(8) {
+        None => Vec::new(),
+        Some(text) => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+            .map_err(|_| bad("extra is not a JSON object"))?
+            .into_iter()
+            .map(|(name, value)| {
+                let value = match value {
+                    serde_json::Value::Null => None,
+                    serde_json::Value::String(text) => Some(text),
+                    other => Some(other.to_string()),
+                };
+                (name, value)
+            })
+            .collect(),
+    };
+    let content_id: Option<String> = row.get(1);
+    let missing: bool = row.get(15);
+    let content = match (&content_id, missing) {
+        (Some(id), false) => Some(Arc::new(Content {
+            id: id.clone(),
+            content_type: row.get(9),
+            length_seconds: row.get(10),
+            title: row.get(11),
+            slug: row.get(12),
+        })),
+        _ => None,
+    };
+    let lsn: String = row.get(16);
+    let seq: i32 = row.get(17);
+    Ok(EnrichedEvent {
+        position: Position::new(
+            lsn.parse().map_err(|_| bad("a commit_lsn"))?,
+            u32::try_from(seq).map_err(|_| bad("a negative commit_seq"))?,
+        ),
+        commit_ts: micros(18)?,
+        id: row.get(0),
+        content_id,
+        user_id: row.get(2),
+        event_type: row.get(3),
+        event_ts: micros(4)?,
+        duration_ms: row.get(5),
+        device: row.get(6),
+        raw_payload,
+        extra,
+        content,
+        engagement_seconds: hundredths(13)?,
+        engagement_pct: hundredths(14)?,
+    })
 }
 
 async fn dead_letter(
@@ -527,6 +640,100 @@ impl WebhookSink {
                 .map_err(pg(context))?,
         };
         Ok(())
+    }
+}
+
+/// Following the analytics facts (the transactional-outbox pattern): with the analytics
+/// sink enabled, `walcast run` does not give the webhook the stream at all. The analytics
+/// sink's transactions are a durable, ordered log of every streamed event, each once
+/// (`analytics.enriched_events`, one row per id, in position order); the webhook reads it
+/// after its own checkpoint and delivers it as above. So a webhook that fails, rate-limits
+/// or hangs holds back neither the slot nor Redis nor analytics: it falls behind, and
+/// catches up from the facts, in commit order, under keys made of stored positions. After
+/// a replication reconnect the replayed events never reach it, since the analytics sink
+/// skipped them by its checkpoint.
+impl WebhookSink {
+    /// Fixes where following starts when the webhook holds no checkpoint (it is new, or
+    /// was added to `WALCAST_SINKS`): after what the analytics sink holds, recorded at once
+    /// so a restart starts there too. Events before it are sent by `walcast backfill`.
+    /// Returns the checkpoint followed from.
+    pub async fn start_following(&mut self) -> Result<Option<Position>, SinkError> {
+        if self.checkpoint.is_none() {
+            let client = self.store.client().await?;
+            let analytics = super::postgres::read_checkpoint(client, super::postgres::NAME)
+                .await
+                .map_err(pg("reading the analytics checkpoint"))?;
+            if let Some(at) = analytics {
+                super::postgres::raise_checkpoint(client, NAME, at)
+                    .await
+                    .map_err(pg("recording where the webhook starts"))?;
+                tracing::info!(sink = NAME, from = %at, "the webhook holds no checkpoint: it starts after the events the analytics sink holds (walcast backfill sends earlier ones)");
+                self.checkpoint = Some(at);
+            }
+        }
+        Ok(self.checkpoint)
+    }
+
+    /// Delivers the facts as they arrive, forever; failures are retried with backoff and
+    /// reported in `health` (entry `index`) as a note, not as unreadiness.
+    pub async fn follow(mut self, health: Arc<Health>, index: usize) {
+        let state = health.sink(index);
+        state.set_reachable(true);
+        if let Some(at) = self.checkpoint {
+            state.set_confirmed(at.commit_lsn);
+        }
+        self.deliverer.health = Some((Arc::clone(&health), index));
+        let mut attempt: u32 = 0;
+        loop {
+            match self.follow_once().await {
+                Ok(sent) => {
+                    if attempt > 0 {
+                        tracing::info!(sink = NAME, "webhook deliveries resumed");
+                    }
+                    attempt = 0;
+                    state.set_failing(false);
+                    if let Some(at) = self.checkpoint {
+                        state.set_confirmed(at.commit_lsn);
+                    }
+                    if sent < self.batch_max_events {
+                        tokio::time::sleep(FOLLOW_POLL).await;
+                    }
+                }
+                Err(error) => {
+                    state.set_failing(true);
+                    let delay = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    metrics::sink_failed(NAME, "retry");
+                    tracing::warn!(sink = NAME, %error, attempt, retry_in_ms = delay.as_millis() as u64, "webhook follower failed, retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Sends what is unconfirmed, then the next batch of facts; returns how many events
+    /// the new batch had.
+    async fn follow_once(&mut self) -> Result<usize, SinkError> {
+        if let Some(outbox) = self.outbox.take() {
+            self.send(outbox).await?;
+        }
+        let events = self
+            .store
+            .facts_after(self.checkpoint, self.batch_max_events)
+            .await?;
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let outbox = Outbox::new(&events.iter().collect::<Vec<_>>(), self.source);
+        self.store.save_outbox(&outbox).await?;
+        self.send(outbox).await?;
+        let batch = Batch {
+            events,
+            ..Batch::default()
+        };
+        metrics::sink_written(NAME, &[&batch], started.elapsed(), Utc::now());
+        Ok(batch.events.len())
     }
 }
 
