@@ -153,7 +153,12 @@ pub async fn run(
     let crate::pipeline::Opened { sinks, cursors, .. } = open_sinks(
         &config.source,
         &config.destinations,
-        config.batch_max_events,
+        // A backfill's batches are bounded in events only; the stream's byte default
+        // bounds its queues.
+        (
+            config.batch_max_events,
+            crate::config::DEFAULT_BATCH_MAX_BYTES,
+        ),
         &health,
         Some(&job),
         None,

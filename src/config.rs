@@ -12,6 +12,9 @@ use chrono::{DateTime, Utc};
 
 use clap::{Args, ValueEnum};
 
+/// `WALCAST_BATCH_MAX_BYTES`'s default: 8 MiB.
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 8 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{setting}: {problem}")]
@@ -527,7 +530,7 @@ pub struct RunConfig {
     pub batch_max_events: usize,
 
     /// Most bytes of row data in one batch.
-    #[arg(long, env = "WALCAST_BATCH_MAX_BYTES", default_value_t = 8 * 1024 * 1024)]
+    #[arg(long, env = "WALCAST_BATCH_MAX_BYTES", default_value_t = DEFAULT_BATCH_MAX_BYTES)]
     pub batch_max_bytes: usize,
 
     /// How often walcast tells PostgreSQL its confirmed position (standby status update),

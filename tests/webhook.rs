@@ -677,7 +677,10 @@ async fn a_failing_webhook_holds_back_neither_redis_nor_the_slot() {
         support::confirmed_flush(&s.db, "walcast").await.unwrap() >= end
     })
     .await;
-    assert!(receiver.delivered().is_empty(), "the webhook accepted nothing yet");
+    assert!(
+        receiver.delivered().is_empty(),
+        "the webhook accepted nothing yet"
+    );
     assert!(
         receiver.requests().len() >= 2,
         "the webhook was tried and retried"

@@ -7,10 +7,12 @@
 //! ```
 //!
 //! Sinks write concurrently: a slow sink delays no other sink's writes, only the
-//! acknowledgement. Each sink's queue is bounded in rows, not in batches (a semaphore of
-//! row permits, released when the sink has written them): under a trickle of one-row
-//! transactions a sink that stalls for a second still has room for thousands of them, so
-//! the other sinks go on undisturbed; under a flood it holds a couple of full batches.
+//! acknowledgement. Each sink's queue is bounded in rows and in bytes, not in batches (two
+//! semaphores, of row permits and of KiB permits, released when the sink has written
+//! them): under a trickle of one-row transactions a sink that stalls still has room for
+//! thousands of them, so the other sinks go on undisturbed; under a flood it holds a couple
+//! of full batches; with rows of a megabyte it holds a couple of batches' bytes, not
+//! thousands of rows.
 //! When a slow sink's queue is full the fan-out waits, the source's queue fills, and the
 //! source stops reading: backpressure all the way to the walsender instead of a growing
 //! buffer.
@@ -48,24 +50,58 @@ use crate::sink::{Sink, SinkError};
 type Numbered = Arc<(u64, Batch)>;
 
 /// A batch in one sink's queue, holding its share of that queue's capacity until written.
-type Queued = (Numbered, OwnedSemaphorePermit);
+type Queued = (Numbered, Permits);
+
+/// A batch's share of one queue: its rows and its KiB.
+struct Permits {
+    _rows: OwnedSemaphorePermit,
+    _kib: OwnedSemaphorePermit,
+}
 
 /// How much each sink may have queued, and how much one write may take.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
     /// Rows a sink may have queued or in its current write.
     pub queue_rows: usize,
+    /// Bytes of rows (as [`Batch::bytes`] counts them) a sink may have queued or in its
+    /// current write.
+    pub queue_bytes: usize,
     /// Rows one write takes from the queue at most (a single larger batch is still
     /// written whole).
     pub write_rows: usize,
+    /// Bytes of rows one write takes from the queue at most (likewise).
+    pub write_bytes: usize,
     /// Longest one write may take (sinks with [`Sink::has_write_deadline`]).
     pub write_timeout: Duration,
 }
 
-/// One sink's queue: the channel and its capacity in rows.
+/// One sink's queue: the channel and its capacity in rows and in KiB.
 struct Queue {
     tx: mpsc::UnboundedSender<Queued>,
-    capacity: Arc<Semaphore>,
+    rows: Arc<Semaphore>,
+    kib: Arc<Semaphore>,
+}
+
+impl Queue {
+    /// Waits for room for `rows` rows and `kib` KiB.
+    async fn room(&self, rows: u32, kib: u32) -> Permits {
+        let closed = "the semaphore is never closed";
+        Permits {
+            _rows: Arc::clone(&self.rows)
+                .acquire_many_owned(rows)
+                .await
+                .expect(closed),
+            _kib: Arc::clone(&self.kib)
+                .acquire_many_owned(kib)
+                .await
+                .expect(closed),
+        }
+    }
+}
+
+/// Capacity limits as semaphore permits: within what one acquire can ask for.
+fn permits(n: usize) -> usize {
+    n.clamp(1, u32::MAX as usize)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +133,10 @@ impl Sinks {
         Sinks {
             health,
             limits: QueueLimits {
-                queue_rows: limits.queue_rows.clamp(1, Semaphore::MAX_PERMITS),
+                queue_rows: permits(limits.queue_rows),
+                queue_bytes: limits.queue_bytes.max(1024),
                 write_rows: limits.write_rows.max(1),
+                write_bytes: limits.write_bytes.max(1),
                 write_timeout: limits.write_timeout,
             },
             release_source: Arc::new(Notify::new()),
@@ -115,10 +153,14 @@ impl Sinks {
         let (tx, rx) = mpsc::unbounded_channel();
         self.queues.push(Queue {
             tx,
-            capacity: Arc::new(Semaphore::new(self.limits.queue_rows)),
+            rows: Arc::new(Semaphore::new(self.limits.queue_rows)),
+            kib: Arc::new(Semaphore::new(permits(self.limits.queue_bytes / 1024))),
         });
         let confirm = self.confirm_tx.clone();
-        let write_rows = self.limits.write_rows;
+        let limit = Fill {
+            rows: self.limits.write_rows,
+            bytes: self.limits.write_bytes,
+        };
         let deadline = sink
             .has_write_deadline()
             .then_some(self.limits.write_timeout);
@@ -126,9 +168,8 @@ impl Sinks {
             release_source: Arc::clone(&self.release_source),
             health: Arc::clone(&self.health),
         };
-        self.tasks.spawn(sink_task(
-            sink, index, rx, write_rows, deadline, confirm, shared,
-        ));
+        self.tasks
+            .spawn(sink_task(sink, index, rx, limit, deadline, confirm, shared));
     }
 
     pub fn len(&self) -> usize {
@@ -180,15 +221,13 @@ pub async fn run(
             batch = batches.recv(), if queues.is_some() => match batch {
                 Some(batch) => {
                     let seq = tracker.dispatch(batch.ack_lsn);
-                    // An acknowledgement marker takes one permit; a batch larger than the
-                    // whole queue takes all of it.
+                    // An acknowledgement marker takes one permit of each; a batch larger
+                    // than the whole queue takes all of it.
                     let rows = batch.rows().clamp(1, limits.queue_rows) as u32;
+                    let kib = batch.bytes.div_ceil(1024).clamp(1, permits(limits.queue_bytes / 1024)) as u32;
                     let numbered = Arc::new((seq, batch));
                     for queue in queues.iter().flatten() {
-                        let permit = Arc::clone(&queue.capacity)
-                            .acquire_many_owned(rows)
-                            .await
-                            .expect("the semaphore is never closed");
+                        let permit = queue.room(rows, kib).await;
                         // A closed queue means that sink's task ended with an error, which
                         // the join arm reports next.
                         let _ = queue.tx.send((Arc::clone(&numbered), permit));
@@ -212,20 +251,47 @@ pub async fn run(
     Ok(())
 }
 
-/// Moves what is queued into `group` while it fits in `write_rows`; the first batch that
-/// does not fit is returned, to start the next write.
+/// How much one write takes, or may take: rows and bytes.
+#[derive(Debug, Clone, Copy)]
+struct Fill {
+    rows: usize,
+    bytes: usize,
+}
+
+impl Fill {
+    fn of(batch: &Batch) -> Self {
+        Fill {
+            rows: batch.rows(),
+            bytes: batch.bytes,
+        }
+    }
+
+    fn full(self, limit: Fill) -> bool {
+        self.rows >= limit.rows || self.bytes >= limit.bytes
+    }
+
+    /// `self` with `batch` added, when that stays within `limit`.
+    fn with(self, batch: &Batch, limit: Fill) -> Option<Fill> {
+        let rows = self.rows + batch.rows();
+        let bytes = self.bytes + batch.bytes;
+        (rows <= limit.rows && bytes <= limit.bytes).then_some(Fill { rows, bytes })
+    }
+}
+
+/// Moves what is queued into `group` while it fits in `limit`; the first batch that does
+/// not fit is returned, to start the next write.
 fn take_queued(
     queue: &mut mpsc::UnboundedReceiver<Queued>,
     group: &mut Vec<Queued>,
-    rows: &mut usize,
-    write_rows: usize,
+    fill: &mut Fill,
+    limit: Fill,
 ) -> Option<Queued> {
-    while *rows < write_rows {
+    while !fill.full(limit) {
         let Ok(next) = queue.try_recv() else { break };
-        if *rows + next.0.1.rows() > write_rows {
-            return Some(next);
+        match fill.with(&next.0.1, limit) {
+            Some(more) => *fill = more,
+            None => return Some(next),
         }
-        *rows += next.0.1.rows();
         group.push(next);
     }
     None
@@ -239,12 +305,12 @@ struct Shared {
 
 /// Writes every batch of its queue to one sink, in order, retrying transient errors. What
 /// has queued up while a write was in progress goes into the next write together, up to
-/// `write_rows` rows.
+/// `limit`.
 async fn sink_task<S: Sink>(
     mut sink: S,
     index: usize,
     mut queue: mpsc::UnboundedReceiver<Queued>,
-    write_rows: usize,
+    limit: Fill,
     deadline: Option<Duration>,
     confirm: mpsc::UnboundedSender<(usize, u64)>,
     shared: Shared,
@@ -263,15 +329,15 @@ async fn sink_task<S: Sink>(
                 None => break,
             },
         };
-        let mut rows = first.0.1.rows();
+        let mut fill = Fill::of(&first.0.1);
         let mut group = vec![first];
-        carried = take_queued(&mut queue, &mut group, &mut rows, write_rows);
+        carried = take_queued(&mut queue, &mut group, &mut fill, limit);
         // Linger only while the write is not full: a sink with a full write queued is
         // behind.
-        if let (Some(last), None, true) = (last_write, &carried, rows < write_rows) {
+        if let (Some(last), None, false) = (last_write, &carried, fill.full(limit)) {
             // Sleeping holds no lock: the fan-out keeps queueing up to the queue's capacity.
             tokio::time::sleep_until(last + linger).await;
-            carried = take_queued(&mut queue, &mut group, &mut rows, write_rows);
+            carried = take_queued(&mut queue, &mut group, &mut fill, limit);
         }
         last_write = (!linger.is_zero()).then(tokio::time::Instant::now);
         let seq = group.last().expect("one at least").0.0;
@@ -404,7 +470,9 @@ mod tests {
     ) -> (Sinks, mpsc::UnboundedReceiver<Vec<usize>>) {
         let limits = QueueLimits {
             queue_rows: 100,
+            queue_bytes: 1 << 20,
             write_rows,
+            write_bytes: 1 << 20,
             write_timeout: Duration::from_secs(30),
         };
         let mut sinks = Sinks::new(limits, Health::new(&[SinkKind::Redis]));
@@ -464,6 +532,62 @@ mod tests {
         );
     }
 
+    /// Never finishes a write (a hung server).
+    struct Hung;
+
+    impl Sink for Hung {
+        fn name(&self) -> &'static str {
+            "hung"
+        }
+
+        fn has_write_deadline(&self) -> bool {
+            false
+        }
+
+        async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
+            Ok(None)
+        }
+
+        async fn write(&mut self, _batches: &[&Batch]) -> Result<(), SinkError> {
+            std::future::pending().await
+        }
+
+        async fn backfill_cursor(&mut self, _job: &str) -> Result<Option<i64>, SinkError> {
+            Ok(None)
+        }
+    }
+
+    /// A hung sink's queue fills by bytes long before it fills by rows: with 4 KiB of
+    /// room, batches of one 2 KiB row stop being taken after two, though 100 rows fit.
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_is_bounded_in_bytes_as_well_as_rows() {
+        let limits = QueueLimits {
+            queue_rows: 100,
+            queue_bytes: 4 << 10,
+            write_rows: 100,
+            write_bytes: 4 << 10,
+            write_timeout: Duration::from_secs(30),
+        };
+        let mut sinks = Sinks::new(limits, Health::new(&[SinkKind::Redis]));
+        sinks.add(Hung);
+        let (batches_tx, batches_rx) = mpsc::channel(1);
+        let (ack_tx, _ack_rx) = watch::channel(Lsn(0));
+        let _fanout = tokio::spawn(run(sinks, batches_rx, Lsn(0), ack_tx));
+        let mut taken = 0;
+        for lsn in 1..=10 {
+            let mut batch = one_row(lsn);
+            batch.bytes = 2 << 10;
+            if batches_tx.try_send(batch).is_err() {
+                break;
+            }
+            taken += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Two in the queue (one of them in the hung write), one waiting for room in the
+        // fan-out, one in the channel.
+        assert_eq!(taken, 4);
+    }
+
     /// Hangs on its first write (a stopped server); counts resets; then writes.
     struct HangsOnce {
         writes: u32,
@@ -504,7 +628,9 @@ mod tests {
         let health = Health::new(&[SinkKind::Redis]);
         let limits = QueueLimits {
             queue_rows: 100,
+            queue_bytes: 1 << 20,
             write_rows: 100,
+            write_bytes: 1 << 20,
             write_timeout: Duration::from_secs(3),
         };
         let mut sinks = Sinks::new(limits, Arc::clone(&health));

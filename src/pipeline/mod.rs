@@ -43,8 +43,13 @@ use crate::{Error, source};
 
 /// Batches the source may have closed ahead of the fan-out.
 const BATCH_QUEUE: usize = 2;
-/// Full batches' worth of rows each sink may have queued.
+/// Full batches' worth of rows (and of bytes) each sink may have queued.
 const SINK_QUEUE_BATCHES: usize = 2;
+/// Messages the replication client may buffer ahead of the source loop (its default is
+/// 8,192). It counts messages, not bytes, and a row is one message: with rows of a
+/// megabyte this is what the buffer can hold, 32 MB; with rows of a few hundred bytes
+/// it is well under a batch, and the socket's buffers hold the rest.
+pub(crate) const REPLICATION_BUFFER_MESSAGES: usize = 32;
 /// How long `run` waits at start for a slot that is still held before it gives up.
 const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(30);
 /// How long shutdown waits, after the sinks, for the final status update to reach
@@ -97,7 +102,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     let opened = open_sinks(
         &config.source,
         &layout.fanned,
-        config.batch_max_events,
+        (config.batch_max_events, config.batch_max_bytes),
         &health,
         None,
         Some(source_id),
@@ -180,6 +185,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     );
 
     let repl = source::start_replication(&config.source, durable, config.status_interval).await?;
+    let walsender = source::slot_holder(&config.source).await;
     health.set_replicating(true);
     tracing::info!(slot = %config.source.slot, from = %durable, "replication started");
 
@@ -202,6 +208,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         unapplied: VecDeque::new(),
         silence_limit: config.heartbeat().map(silence_limit),
         last_heard: tokio::time::Instant::now(),
+        walsender,
     };
     let result = source_loop.run(fanout, monitor, shutdown).await;
     drop(background);
@@ -218,7 +225,8 @@ struct Layout {
 
 impl Layout {
     fn of(to: &Destinations) -> Self {
-        let webhook_follows = to.sinks.contains(SinkKind::Webhook) && to.sinks.contains(SinkKind::Postgres);
+        let webhook_follows =
+            to.sinks.contains(SinkKind::Webhook) && to.sinks.contains(SinkKind::Postgres);
         let mut fanned = to.clone();
         if webhook_follows {
             fanned.sinks.kinds.retain(|kind| *kind != SinkKind::Webhook);
@@ -329,7 +337,7 @@ pub(crate) struct Opened {
 pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
     source: &SourceArgs,
     to: &Destinations,
-    batch_max_events: usize,
+    (batch_max_events, batch_max_bytes): (usize, usize),
     health: &Arc<Health>,
     backfill_job: Option<&str>,
     source_id: Option<SourceId>,
@@ -338,7 +346,9 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
     let mut sinks = Sinks::new(
         QueueLimits {
             queue_rows: SINK_QUEUE_BATCHES * batch_max_events,
+            queue_bytes: SINK_QUEUE_BATCHES * batch_max_bytes,
             write_rows: batch_max_events,
+            write_bytes: batch_max_bytes,
             write_timeout: to.sink_write_timeout,
         },
         Arc::clone(health),
@@ -503,6 +513,9 @@ struct SourceLoop {
     /// When the source loop last received something, or finished handling it (time spent
     /// waiting for the sinks is not the server's silence).
     last_heard: tokio::time::Instant,
+    /// The walsender process of the current session, when it could be read: after the
+    /// session is lost, the one process walcast may end to free the slot.
+    walsender: Option<i32>,
 }
 
 /// How long the replication stream may stay silent before walcast takes the connection
@@ -647,7 +660,21 @@ impl SourceLoop {
                     self.health.set_replicating(true);
                     metrics::replication_reconnected();
                     tracing::info!(from = %self.acked, attempt, "replication resumed");
+                    self.walsender = source::slot_holder(&self.source).await;
                     return Ok(true);
+                }
+                Err(err @ source::ReplicationError::SlotInUse { .. })
+                    if self.walsender.is_some() =>
+                {
+                    let pid = self.walsender.take().expect("checked above");
+                    if source::end_stale_walsender(&self.source, pid).await {
+                        tracing::warn!(
+                            pid,
+                            "the lost session's walsender still held the slot; ended it"
+                        );
+                    } else {
+                        tracing::warn!(error = %err, attempt, "reconnect failed, retrying");
+                    }
                 }
                 Err(err) if err.is_transient() => {
                     tracing::warn!(error = %err, attempt, "reconnect failed, retrying");

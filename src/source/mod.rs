@@ -11,6 +11,6 @@ pub use setup::{
     ensure_slot_for_run, preflight, slot_info, teardown, wal_lsn,
 };
 pub use stream::{
-    ReplicationError, SnapshotSlot, classify, create_slot_with_snapshot, identify,
-    is_reconnectable, start_replication,
+    ReplicationError, SnapshotSlot, classify, create_slot_with_snapshot, end_stale_walsender,
+    identify, is_reconnectable, slot_holder, start_replication,
 };

@@ -180,6 +180,7 @@ impl Monitor {
                 .health
                 .sinks()
                 .iter()
+                .filter(|s| !s.follows)
                 .map(|s| format!("{}={}", s.name, current.bytes_since(s.confirmed())))
                 .collect();
             tracing::warn!(

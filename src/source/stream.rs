@@ -94,13 +94,67 @@ pub async fn start_replication(
     let config = replication_config(source)?
         .with_ack_lsn(durable.into())
         .with_status_interval(status_interval)
-        .with_wakeup_interval(Duration::from_secs(1));
+        .with_wakeup_interval(Duration::from_secs(1))
+        .with_buffer_size(crate::pipeline::REPLICATION_BUFFER_MESSAGES);
     let mut client = ReplicationClient::connect(config).await?;
     client
         .wait_started()
         .await
         .map_err(|e| classify(e, &source.slot))?;
     Ok(client)
+}
+
+/// How long the bookkeeping queries around a replication session may take: they run on a
+/// fresh ordinary connection while the network may be what failed.
+const HOLDER_QUERY_WAIT: Duration = Duration::from_secs(5);
+
+/// The process id of the walsender holding the slot (`pg_replication_slots.active_pid`):
+/// right after a session started, that session's own. `None` when it cannot be read in
+/// time; only an optimisation depends on it.
+pub async fn slot_holder(source: &SourceArgs) -> Option<i32> {
+    let query = async {
+        let client = crate::pg::connect("WALCAST_SOURCE_URL", &source.pg_config().ok()?)
+            .await
+            .ok()?;
+        let row = client
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&source.slot],
+            )
+            .await
+            .ok()??;
+        row.get::<_, Option<i32>>(0)
+    };
+    tokio::time::timeout(HOLDER_QUERY_WAIT, query)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Ends the walsender `pid` if it still holds the slot: the server side of a session
+/// walcast has given up on (a black-holed connection) keeps the slot until
+/// `wal_sender_timeout` (60 s by default), refusing the new session meanwhile. Only that
+/// exact process is ended, never another holder. Returns whether it was.
+pub async fn end_stale_walsender(source: &SourceArgs, pid: i32) -> bool {
+    let query = async {
+        let client = crate::pg::connect("WALCAST_SOURCE_URL", &source.pg_config().ok()?)
+            .await
+            .ok()?;
+        let row = client
+            .query_opt(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                 WHERE slot_name = $1 AND active_pid = $2",
+                &[&source.slot, &pid],
+            )
+            .await
+            .ok()??;
+        Some(row.get::<_, bool>(0))
+    };
+    tokio::time::timeout(HOLDER_QUERY_WAIT, query)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// A replication session's settings from the source URL.
