@@ -292,7 +292,8 @@ async fn replayed_and_overlapping_batches_never_count_twice() {
             "003_analytics_schema",
             "004_backfill",
             "005_webhook",
-            "006_checkpoint_source"
+            "006_checkpoint_source",
+            "007_webhook_follows_facts"
         ]
     );
     let content = episode();
