@@ -3,10 +3,14 @@
 //! ```text
 //!  PostgreSQL ──pgoutput──▶ source ──▶ decode ──▶ enrich ──▶ batch ──▶ fan-out ──▶ sinks
 //!  (slot walcast,           (pgwire-    (bytes →   (content   (whole      │    ├─ redis
-//!   publication walcast_pub) replication) changes)  cache)     txns)       │    └─ …
-//!        ▲                                                                 │
-//!        └───────────── flush LSN = what every sink confirmed ◀────────────┘
+//!   publication walcast_pub) replication) changes)  cache)     txns)       │    └─ postgres ──▶ analytics facts
+//!        ▲                                                                 │                          │
+//!        └───────────── flush LSN = what every sink confirmed ◀────────────┘      webhook follows ◀───┘
 //! ```
+//!
+//! With the analytics sink enabled the webhook is not in the fan-out: it reads the facts
+//! in position order (see [`sink::webhook`]); without it, it is a fan-out sink like the
+//! others.
 //!
 //! - [`source`]: preflight checks, publication and slot, connections.
 //! - [`decode`]: pgoutput messages → typed changes (hand-written; see its docs for why).

@@ -613,31 +613,13 @@ async fn the_webhook_sends_the_events_redis_has() {
     assert_eq!(sent[0]["region"], "eu");
 }
 
-/// A webhook answering 503 holds back neither Redis, nor analytics, nor the slot; once it
-/// answers again it gets every event, in commit order, each under one key.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_webhook_holds_back_neither_redis_nor_the_slot() {
-    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let receiver = {
-        let failing = Arc::clone(&failing);
-        Receiver::start(move |_| {
-            if failing.load(std::sync::atomic::Ordering::Relaxed) {
-                Reply::Status(503)
-            } else {
-                Reply::Ok
-            }
-        })
-        .await
-    };
-    let mut s = stack(&receiver).await;
-    s.env.put("WALCAST_WEBHOOK_BATCH_MAX_EVENTS", "500");
-    let _walcast = s.run();
-    // About 500 events a second for 15 s, in transactions of 25 rows, while the probe
-    // measures commit → visible in Redis from outside.
+/// Commit → visible in Redis, measured from outside while ~500 events/s stream in for
+/// `seconds`: one probe event every 200 ms, each waited for in Redis.
+async fn redis_latencies(s: &Stack, seconds: u64) -> Vec<Duration> {
     let writer = {
         let db = s.pg.client("app").await;
         tokio::spawn(async move {
-            for _ in 0..300 {
+            for _ in 0..seconds * 20 {
                 load(&db, 25, 25).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -666,6 +648,48 @@ async fn a_failing_webhook_holds_back_neither_redis_nor_the_slot() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     writer.await.unwrap();
+    latencies.sort();
+    latencies
+}
+
+fn summary(latencies: &[Duration]) -> String {
+    format!(
+        "{} probes: p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() * 99 / 100],
+        latencies[latencies.len() - 1]
+    )
+}
+
+/// A webhook answering 503 holds back neither Redis, nor analytics, nor the slot; once it
+/// answers again it gets every event, in commit order, each under one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_webhook_holds_back_neither_redis_nor_the_slot() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let failing = Arc::clone(&failing);
+        Receiver::start(move |_| {
+            if failing.load(std::sync::atomic::Ordering::Relaxed) {
+                Reply::Status(503)
+            } else {
+                Reply::Ok
+            }
+        })
+        .await
+    };
+    let mut s = stack(&receiver).await;
+    s.env.put("WALCAST_WEBHOOK_BATCH_MAX_EVENTS", "500");
+    let _walcast = s.run();
+    let healthy = redis_latencies(&s, 8).await;
+    eventually("the webhook has everything so far", WAIT, || async {
+        receiver.delivered().len() == s.source_count().await as usize
+    })
+    .await;
+    let before = receiver.delivered().len();
+
+    failing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let outage = redis_latencies(&s, 8).await;
     let expected = source_ids(&s).await;
     let end = support::current_lsn(&s.db).await;
     eventually("Redis and analytics hold every event", WAIT, || async {
@@ -677,23 +701,26 @@ async fn a_failing_webhook_holds_back_neither_redis_nor_the_slot() {
         support::confirmed_flush(&s.db, "walcast").await.unwrap() >= end
     })
     .await;
-    assert!(
-        receiver.delivered().is_empty(),
-        "the webhook accepted nothing yet"
+    let behind = support::current_lsn(&s.db).await
+        - support::confirmed_flush(&s.db, "walcast").await.unwrap();
+    assert_eq!(
+        receiver.delivered().len(),
+        before,
+        "the webhook accepted nothing during the outage"
     );
-    assert!(
-        receiver.requests().len() >= 2,
-        "the webhook was tried and retried"
-    );
-    latencies.sort();
-    let p99 = latencies[latencies.len() * 99 / 100];
+    let failed = receiver
+        .requests()
+        .iter()
+        .filter(|r| r.status == 503)
+        .count();
+    assert!(failed >= 2, "the webhook was tried and retried");
     eprintln!(
-        "webhook answering 503: {} events; commit → Redis over {} probes: p50 {:?}, p99 {:?}, max {:?}",
-        expected.len(),
-        latencies.len(),
-        latencies[latencies.len() / 2],
-        p99,
-        latencies.last().unwrap()
+        "commit → Redis with the webhook accepting: {}; answering 503: {}; {} events of the \
+         outage in Redis and analytics, and the slot past them ({behind} bytes behind the \
+         server's WAL) before the webhook accepted any",
+        summary(&healthy),
+        summary(&outage),
+        expected.len() - before
     );
 
     failing.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -716,4 +743,53 @@ async fn a_failing_webhook_holds_back_neither_redis_nor_the_slot() {
         keys_of.values().all(|keys| keys.len() == 1),
         "an event sent under two keys"
     );
+}
+
+/// A backfill over events the webhook got from the stream sends them no second time (under
+/// a backfill key); the ones the stream never brought to the analytics facts it sends, and
+/// the stream's later replay of those sends nothing either: every event once, under one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_sends_only_what_the_stream_did_not() {
+    let receiver = Receiver::start(|_| Reply::Ok).await;
+    let s = stack(&receiver).await;
+    let mut walcast = s.run();
+    load(&s.db, 20, 5).await;
+    eventually("the streamed events delivered", WAIT, || async {
+        receiver.delivered().len() == 20
+    })
+    .await;
+    walcast.terminate().await;
+    // Five more while walcast is stopped: in the slot, not yet in the sinks.
+    load(&s.db, 5, 5).await;
+    s.env.succeed(&["backfill"]);
+    let expected = source_ids(&s).await;
+    assert_eq!(
+        receiver.delivered(),
+        expected,
+        "the backfill sent the five, not the twenty again"
+    );
+    // The stream now replays the five: the analytics sink has them, the webhook sends
+    // nothing more.
+    let _walcast = s.env.spawn_run();
+    let end = support::current_lsn(&s.db).await;
+    eventually("the slot past the replay", WAIT, || async {
+        support::confirmed_flush(&s.db, "walcast").await.unwrap() >= end
+    })
+    .await;
+    // One more event, after the replay in commit order: once the webhook has it, it would
+    // have had anything the replay made it send.
+    load(&s.db, 1, 1).await;
+    let expected = source_ids(&s).await;
+    eventually("the event after the replay delivered", WAIT, || async {
+        receiver.delivered().last() == expected.last()
+    })
+    .await;
+    assert_eq!(receiver.delivered(), expected, "every event once");
+    let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    for request in receiver.requests() {
+        for id in event_ids(&request.body) {
+            keys_of.entry(id).or_default().insert(request.key.clone());
+        }
+    }
+    assert!(keys_of.values().all(|keys| keys.len() == 1), "{keys_of:?}");
 }

@@ -6,6 +6,9 @@
 //!                      └─▶ [queue] ─▶ sink task (webhook)  ─┘
 //! ```
 //!
+//! (The webhook is here only when the analytics sink is not: otherwise it follows the
+//! analytics facts outside the fan-out; see `sink::webhook`.)
+//!
 //! Sinks write concurrently: a slow sink delays no other sink's writes, only the
 //! acknowledgement. Each sink's queue is bounded in rows and in bytes, not in batches (two
 //! semaphores, of row permits and of KiB permits, released when the sink has written

@@ -436,9 +436,10 @@ async fn start_sink(
         }
         SinkKind::Webhook => {
             let pg_config = to.analytics.pg_config(&source.url)?;
-            let (sink, versions) = WebhookSink::connect(&to.webhook, pg_config)
+            let (mut sink, versions) = WebhookSink::connect(&to.webhook, pg_config)
                 .await
                 .map_err(start)?;
+            sink.skip_streamed = to.sinks.contains(SinkKind::Postgres);
             migrated(sink.name(), versions);
             add(sinks, cursors, sink, job, source_id)
                 .await

@@ -323,6 +323,20 @@ impl Store {
         Ok((checkpoint, outbox))
     }
 
+    /// Which of `ids` the stream brought into `analytics.enriched_events`: the follower
+    /// sends those (or has), under the stream's keys.
+    async fn streamed(&mut self, ids: &[i64]) -> Result<std::collections::HashSet<i64>, SinkError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id FROM analytics.enriched_events WHERE id = ANY($1) AND NOT backfilled",
+                &[&ids],
+            )
+            .await
+            .map_err(pg("reading which backfilled events were streamed"))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     /// Up to `limit` events the stream brought into `analytics.enriched_events` after
     /// `after`, in position order (backfilled rows are left out: see sql/007).
     async fn facts_after(
@@ -528,6 +542,10 @@ pub struct WebhookSink {
     /// The source's WAL history, part of every idempotency key: positions repeat across
     /// histories, keys must not.
     source: Option<SourceId>,
+    /// Whether `walcast run` feeds this webhook from the analytics facts (the analytics
+    /// sink is configured): a backfill then leaves out the events the stream brought there,
+    /// which the follower sends, so no event goes under a stream key and a backfill key.
+    pub skip_streamed: bool,
 }
 
 impl WebhookSink {
@@ -556,6 +574,7 @@ impl WebhookSink {
                 checkpoint: None,
                 outbox: None,
                 source: None,
+                skip_streamed: false,
             },
             migrated,
         ))
@@ -601,7 +620,12 @@ impl WebhookSink {
     /// no outbox and no checkpoint (the stream's are not touched); the cursor is kept in
     /// `analytics.walcast_backfill` under `webhook/<job>`.
     async fn backfill(&mut self, batches: &[&Batch], mark: &BackfillMark) -> Result<(), SinkError> {
-        let events: Vec<&EnrichedEvent> = super::events(batches).collect();
+        let mut events: Vec<&EnrichedEvent> = super::events(batches).collect();
+        if self.skip_streamed {
+            let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+            let streamed = self.store.streamed(&ids).await?;
+            events.retain(|e| !streamed.contains(&e.id));
+        }
         for chunk in events.chunks(self.batch_max_events) {
             let first = chunk[0];
             let last = chunk[chunk.len() - 1];

@@ -112,22 +112,9 @@ const HOLDER_QUERY_WAIT: Duration = Duration::from_secs(5);
 /// right after a session started, that session's own. `None` when it cannot be read in
 /// time; only an optimisation depends on it.
 pub async fn slot_holder(source: &SourceArgs) -> Option<i32> {
-    let query = async {
-        let client = crate::pg::connect("WALCAST_SOURCE_URL", &source.pg_config().ok()?)
-            .await
-            .ok()?;
-        let row = client
-            .query_opt(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                &[&source.slot],
-            )
-            .await
-            .ok()??;
-        row.get::<_, Option<i32>>(0)
-    };
-    tokio::time::timeout(HOLDER_QUERY_WAIT, query)
+    let sql = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1";
+    one_value::<Option<i32>>(source, sql, &[&source.slot])
         .await
-        .ok()
         .flatten()
 }
 
@@ -136,25 +123,32 @@ pub async fn slot_holder(source: &SourceArgs) -> Option<i32> {
 /// `wal_sender_timeout` (60 s by default), refusing the new session meanwhile. Only that
 /// exact process is ended, never another holder. Returns whether it was.
 pub async fn end_stale_walsender(source: &SourceArgs, pid: i32) -> bool {
+    let sql = "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+               WHERE slot_name = $1 AND active_pid = $2";
+    one_value::<bool>(source, sql, &[&source.slot, &pid])
+        .await
+        .unwrap_or(false)
+}
+
+/// The first column of the one row `sql` returns, on a fresh ordinary session, within
+/// [`HOLDER_QUERY_WAIT`]; `None` on no row, an error or no answer in time.
+async fn one_value<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+    source: &SourceArgs,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Option<T> {
     let query = async {
-        let client = crate::pg::connect("WALCAST_SOURCE_URL", &source.pg_config().ok()?)
+        let config = source.pg_config().ok()?;
+        let client = crate::pg::connect("WALCAST_SOURCE_URL", &config)
             .await
             .ok()?;
-        let row = client
-            .query_opt(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-                 WHERE slot_name = $1 AND active_pid = $2",
-                &[&source.slot, &pid],
-            )
-            .await
-            .ok()??;
-        Some(row.get::<_, bool>(0))
+        let row = client.query_opt(sql, params).await.ok()??;
+        row.try_get::<_, T>(0).ok()
     };
     tokio::time::timeout(HOLDER_QUERY_WAIT, query)
         .await
         .ok()
         .flatten()
-        .unwrap_or(false)
 }
 
 /// A replication session's settings from the source URL.
