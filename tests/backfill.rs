@@ -183,7 +183,21 @@ async fn sink_state(s: &Stack) -> String {
         .await
         .unwrap();
     keys.sort();
+    // A minute bucket expires 2 h after its minute, and the rows' event times reach back
+    // 6 h: one of them may expire between two snapshots. Keys that expire before a fixed
+    // moment (the first snapshot's time plus an hour) are left out of every snapshot, so
+    // each key is in all of them or in none.
+    static CUTOFF_MS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let cutoff = *CUTOFF_MS.get_or_init(|| chrono::Utc::now().timestamp_millis() + 3_600_000);
     for key in keys {
+        let expires: i64 = redis::cmd("PEXPIRETIME")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if expires >= 0 && expires < cutoff {
+            continue;
+        }
         let kind: String = redis::cmd("TYPE")
             .arg(&key)
             .query_async(&mut conn)
