@@ -5,7 +5,7 @@
 //! constraint for anything it rejects.
 
 use std::net::SocketAddr;
-use std::str::FromStr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -38,6 +38,11 @@ pub struct SourceUrl {
     /// The role needs the REPLICATION attribute.
     #[arg(long, env = "WALCAST_SOURCE_URL", hide_env_values = true)]
     pub source_url: String,
+
+    /// A file holding the source role's password (a mounted secret); the URL then has
+    /// none, and needs no percent-encoding of it.
+    #[arg(long, env = "WALCAST_SOURCE_PASSWORD_FILE")]
+    pub source_password_file: Option<PathBuf>,
 }
 
 impl SourceUrl {
@@ -45,9 +50,13 @@ impl SourceUrl {
         self.pg_config().map(drop)
     }
 
-    /// The URL parsed the way tokio-postgres parses it.
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        parse_pg_url("WALCAST_SOURCE_URL", &self.source_url)
+    /// The source's connection settings.
+    pub fn pg_config(&self) -> Result<crate::pg::Target, ConfigError> {
+        let file = self
+            .source_password_file
+            .as_deref()
+            .map(|path| ("WALCAST_SOURCE_PASSWORD_FILE", path));
+        parse_pg_url("WALCAST_SOURCE_URL", &self.source_url, file)
     }
 }
 
@@ -89,8 +98,8 @@ impl SourceArgs {
         self.url.validate()
     }
 
-    /// The URL parsed the way tokio-postgres parses it.
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+    /// The source's connection settings.
+    pub fn pg_config(&self) -> Result<crate::pg::Target, ConfigError> {
         self.url.pg_config()
     }
 }
@@ -110,28 +119,50 @@ fn has_unencoded_at(url: &str) -> bool {
     authority.matches('@').count() > 1
 }
 
-/// A PostgreSQL URL or key=value string, parsed the way tokio-postgres parses it.
-fn parse_pg_url(setting: &'static str, url: &str) -> Result<tokio_postgres::Config, ConfigError> {
+/// A PostgreSQL URL or key=value string: its TLS parameters as libpq reads them, the rest
+/// as tokio-postgres does; with the password from `password_file` when one is given.
+fn parse_pg_url(
+    setting: &'static str,
+    url: &str,
+    password_file: Option<(&'static str, &Path)>,
+) -> Result<crate::pg::Target, ConfigError> {
     if has_unencoded_at(url) {
         return Err(invalid(
             setting,
             format!("the URL has more than one @ before its host; {PERCENT_ENCODING_HINT}"),
         ));
     }
-    let config = tokio_postgres::Config::from_str(url).map_err(|e| {
-        let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(" ({c})"));
-        invalid(setting, format!("{e}{cause}; {PERCENT_ENCODING_HINT}"))
+    let mut target = crate::pg::Target::parse(url).map_err(|bad| match bad {
+        crate::pg::BadTarget::Syntax(problem) => {
+            invalid(setting, format!("{problem}; {PERCENT_ENCODING_HINT}"))
+        }
+        crate::pg::BadTarget::Tls(problem) => invalid(setting, problem),
     })?;
-    if config.get_hosts().is_empty() {
+    if target.get_hosts().is_empty() {
         return Err(invalid(setting, "names no host"));
     }
-    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err(invalid(
-            setting,
-            "sslmode=require is not supported yet; use a local or tunnelled connection",
-        ));
+    if let Some((file_setting, path)) = password_file {
+        if target.get_password().is_some() {
+            return Err(invalid(
+                file_setting,
+                format!("{setting} has a password too: keep it in one place (the file)"),
+            ));
+        }
+        target.password(read_secret(file_setting, path)?);
     }
-    Ok(config)
+    Ok(target)
+}
+
+/// A secret from a file (a mounted secret), without the line ending editors add.
+pub fn read_secret(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))?;
+    let secret = text.strip_suffix('\n').unwrap_or(&text);
+    let secret = secret.strip_suffix('\r').unwrap_or(secret);
+    if secret.is_empty() {
+        return Err(invalid(setting, format!("{} is empty", path.display())));
+    }
+    Ok(secret.to_owned())
 }
 
 /// The analytics database of the postgres sink.
@@ -141,13 +172,26 @@ pub struct AnalyticsArgs {
     /// Defaults to the source database.
     #[arg(long, env = "WALCAST_ANALYTICS_URL", hide_env_values = true)]
     pub analytics_url: Option<String>,
+
+    /// A file holding the analytics role's password (with WALCAST_ANALYTICS_URL).
+    #[arg(long, env = "WALCAST_ANALYTICS_PASSWORD_FILE")]
+    pub analytics_password_file: Option<PathBuf>,
 }
 
 impl AnalyticsArgs {
     /// The analytics connection settings: WALCAST_ANALYTICS_URL, or else the source's.
-    pub fn pg_config(&self, source: &SourceUrl) -> Result<tokio_postgres::Config, ConfigError> {
+    pub fn pg_config(&self, source: &SourceUrl) -> Result<crate::pg::Target, ConfigError> {
+        let file = self
+            .analytics_password_file
+            .as_deref()
+            .map(|path| ("WALCAST_ANALYTICS_PASSWORD_FILE", path));
         match &self.analytics_url {
-            Some(url) => parse_pg_url("WALCAST_ANALYTICS_URL", url),
+            Some(url) => parse_pg_url("WALCAST_ANALYTICS_URL", url, file),
+            None if file.is_some() => Err(invalid(
+                "WALCAST_ANALYTICS_PASSWORD_FILE",
+                "is set without WALCAST_ANALYTICS_URL: the analytics sink then uses the source's \
+                 settings (WALCAST_SOURCE_PASSWORD_FILE)",
+            )),
             None => source.pg_config(),
         }
     }
@@ -162,13 +206,82 @@ impl RedisArgs {
                 format!("the URL has more than one @ before its host; {PERCENT_ENCODING_HINT}"),
             ));
         }
-        redis::Client::open(self.redis_url.as_str()).map_err(|e| {
-            invalid(
-                "WALCAST_REDIS_URL",
-                format!("{e}; expected redis://[user:password@]host[:port][/db]; {PERCENT_ENCODING_HINT}"),
+        self.client().map(drop)
+    }
+
+    /// A client for the configured Redis: the URL, the password file, and for `rediss://`
+    /// the CA and client certificate files, read now (nothing is connected yet).
+    pub fn client(&self) -> Result<redis::Client, ConfigError> {
+        use redis::IntoConnectionInfo as _;
+        const URL: &str = "WALCAST_REDIS_URL";
+        let mut info = self
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| {
+                invalid(
+                    URL,
+                    format!(
+                        "{e}; expected redis://[user:password@]host[:port][/db] or rediss://…; \
+                     {PERCENT_ENCODING_HINT}"
+                    ),
+                )
+            })?;
+        if let Some(path) = &self.redis_password_file {
+            const FILE: &str = "WALCAST_REDIS_PASSWORD_FILE";
+            if info.redis_settings().password().is_some() {
+                return Err(invalid(
+                    FILE,
+                    "WALCAST_REDIS_URL has a password too: keep it in one place (the file)",
+                ));
+            }
+            let password = read_secret(FILE, path)?;
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let read = |setting: &'static str, path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))
+        };
+        let root_cert = self
+            .redis_ca_file
+            .as_deref()
+            .map(|path| read("WALCAST_REDIS_CA_FILE", path))
+            .transpose()?;
+        let client_tls = match (&self.redis_cert_file, &self.redis_key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("WALCAST_REDIS_CERT_FILE", cert)?,
+                client_key: read("WALCAST_REDIS_KEY_FILE", key)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "WALCAST_REDIS_CERT_FILE",
+                    "and WALCAST_REDIS_KEY_FILE go together: set both or neither",
+                ));
+            }
+        };
+        if !tls && (root_cert.is_some() || client_tls.is_some()) {
+            return Err(invalid(
+                URL,
+                "is not a rediss:// URL, but WALCAST_REDIS_CA_FILE or WALCAST_REDIS_CERT_FILE is \
+                 set: use rediss:// to connect with TLS",
+            ));
+        }
+        crate::tls::provider();
+        let built = if tls {
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
             )
-        })?;
-        Ok(())
+        } else {
+            redis::Client::open(info)
+        };
+        built.map_err(|e| invalid(URL, e.to_string()))
     }
 }
 
@@ -225,6 +338,24 @@ pub struct RedisArgs {
         hide_env_values = true
     )]
     pub redis_url: String,
+
+    /// A file holding the Redis password (`AUTH`; with a user name in the URL, the ACL
+    /// user's); the URL then has none.
+    #[arg(long, env = "WALCAST_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+
+    /// With a `rediss://` URL: the CA certificate (PEM) that signed the server's
+    /// certificate, instead of the system's roots.
+    #[arg(long, env = "WALCAST_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// With a `rediss://` URL: a client certificate (PEM), with WALCAST_REDIS_KEY_FILE.
+    #[arg(long, env = "WALCAST_REDIS_CERT_FILE")]
+    pub redis_cert_file: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "WALCAST_REDIS_KEY_FILE")]
+    pub redis_key_file: Option<PathBuf>,
 }
 
 /// Which sinks are in use.
@@ -618,7 +749,7 @@ mod tests {
     #[test]
     fn urls_that_do_not_parse_suggest_percent_encoding() {
         let pg = |url: &str| {
-            parse_pg_url("WALCAST_SOURCE_URL", url)
+            parse_pg_url("WALCAST_SOURCE_URL", url, None)
                 .unwrap_err()
                 .to_string()
         };
@@ -631,12 +762,17 @@ mod tests {
         assert!(
             parse_pg_url(
                 "WALCAST_SOURCE_URL",
-                "postgres://walcast:p%40ss@db:5432/app"
+                "postgres://walcast:p%40ss@db:5432/app",
+                None
             )
             .is_ok()
         );
         let redis = |url: &str| RedisArgs {
             redis_url: url.to_owned(),
+            redis_password_file: None,
+            redis_ca_file: None,
+            redis_cert_file: None,
+            redis_key_file: None,
         };
         let message = redis("redis://:p@ss@cache:6379")
             .validate()

@@ -367,7 +367,7 @@ pub async fn run(
         .map_err(pg("creating the demo database"))?;
     let db = crate::pg::connect(
         "the demo database",
-        &servers.pg_url("demo").parse().expect("a well-formed URL"),
+        &crate::pg::Target::parse(&servers.pg_url("demo")).expect("a well-formed URL"),
     )
     .await?;
     crate::source::create_schema(&db)
@@ -508,7 +508,10 @@ impl View {
     ) -> Result<View, DemoError> {
         Ok(View {
             db,
-            redis: redis_sink::connect(&servers.redis_url())
+            redis: redis::Client::open(servers.redis_url())
+                .map_err(crate::sink::SinkError::from)
+                .map(redis_sink::connect)
+                .map_err(|e| DemoError::Server(e.to_string()))?
                 .await
                 .map_err(|e| DemoError::Server(e.to_string()))?,
             metrics: SocketAddr::from(([127, 0, 0, 1], metrics_port)),

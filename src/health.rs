@@ -265,7 +265,7 @@ pub enum Probe {
         conn: Option<redis::aio::MultiplexedConnection>,
     },
     Postgres {
-        config: Box<tokio_postgres::Config>,
+        config: Box<crate::pg::Target>,
         client: Option<tokio_postgres::Client>,
     },
     /// Not probed: the sink counts as reachable, and as failing while its writes fail.
@@ -273,14 +273,11 @@ pub enum Probe {
 }
 
 impl Probe {
-    pub fn redis(url: &str) -> redis::RedisResult<Self> {
-        Ok(Probe::Redis {
-            client: redis::Client::open(url)?,
-            conn: None,
-        })
+    pub fn redis(client: redis::Client) -> Self {
+        Probe::Redis { client, conn: None }
     }
 
-    pub fn postgres(config: tokio_postgres::Config) -> Self {
+    pub fn postgres(config: crate::pg::Target) -> Self {
         Probe::Postgres {
             config: Box::new(config),
             client: None,

@@ -40,6 +40,7 @@ pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod status;
+pub mod tls;
 pub mod verify;
 
 /// Why a walcast command stopped.

@@ -97,6 +97,10 @@ struct SetupArgs {
     /// Also create the source tables (sql/001_source_schema.sql) where they are missing.
     #[arg(long, env = "WALCAST_SETUP_CREATE_SCHEMA")]
     create_schema: bool,
+    /// Print the statements a DBA runs to give walcast's role (the user of
+    /// WALCAST_SOURCE_URL) exactly what it needs, and change nothing.
+    #[arg(long)]
+    print_sql: bool,
 }
 
 #[derive(Debug, Args)]
@@ -230,6 +234,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Setup(args) => {
             args.source.validate()?;
+            if args.print_sql {
+                let target = args.source.pg_config()?;
+                let role = target.get_user().unwrap_or("walcast");
+                let database = target.get_dbname().unwrap_or(role);
+                print!(
+                    "{}",
+                    source::privileges::grants_sql(role, database, &args.source.publication)
+                );
+                return Ok(());
+            }
             let client = connect(&args.source.url).await?;
             if args.create_schema {
                 source::create_schema(&client).await?;
@@ -284,7 +298,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Top(args) => {
             args.redis.validate()?;
-            let mut conn = redis_sink::connect(&args.redis.redis_url).await?;
+            let mut conn = redis_sink::connect(args.redis.client()?).await?;
             let entries =
                 redis_sink::top(&mut conn, args.minutes, args.limit, chrono::Utc::now()).await?;
             if entries.is_empty() {
@@ -355,7 +369,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
         );
     }
     if sinks.contains(SinkKind::Redis) {
-        let mut conn = redis_sink::connect(&redis_args.redis_url).await?;
+        let mut conn = redis_sink::connect(redis_args.client()?).await?;
         report.redis_total = Some(
             redis_sink::total(&mut conn)
                 .await

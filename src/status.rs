@@ -145,7 +145,8 @@ async fn read_checkpoint(
 ) -> Result<Stored, String> {
     match kind {
         SinkKind::Redis => {
-            let mut sink = RedisSink::connect(&redis.redis_url)
+            let client = redis.client().map_err(|e| e.to_string())?;
+            let mut sink = RedisSink::connect(client)
                 .await
                 .map_err(|e| e.to_string())?;
             sink.checkpoint()

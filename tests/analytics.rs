@@ -284,7 +284,7 @@ async fn aggregate_state(db: &tokio_postgres::Client) -> Vec<String> {
 async fn replayed_and_overlapping_batches_never_count_twice() {
     let pg = Postgres::start().await;
     let db = pg.create_source_db("app").await;
-    let config: tokio_postgres::Config = pg.url("app").parse().unwrap();
+    let config = walcast::pg::Target::parse(&pg.url("app")).unwrap();
     let (mut sink, migrated) = PostgresSink::connect(config.clone()).await.unwrap();
     assert_eq!(
         migrated,
@@ -351,7 +351,9 @@ async fn replayed_and_overlapping_batches_never_count_twice() {
 #[tokio::test]
 async fn redis_writes_count_once_across_chunks_replays_and_a_concurrent_backfill() {
     let redis = Redis::start().await;
-    let mut sink = RedisSink::connect(&redis.url()).await.unwrap();
+    let mut sink = RedisSink::connect(redis::Client::open(redis.url()).unwrap())
+        .await
+        .unwrap();
     let content = episode();
     let streamed = |ids: std::ops::RangeInclusive<i64>, lsn: u64| Batch {
         events: ids
@@ -415,7 +417,9 @@ async fn redis_writes_count_once_across_chunks_replays_and_a_concurrent_backfill
             .map(|low| backfilled(low..=low + 99))
             .collect();
         tokio::spawn(async move {
-            let mut sink = RedisSink::connect(&url).await.unwrap();
+            let mut sink = RedisSink::connect(redis::Client::open(url.as_str()).unwrap())
+                .await
+                .unwrap();
             for batch in &batches {
                 sink.write(&[batch]).await.unwrap();
             }

@@ -273,12 +273,7 @@ fn probes(to: &Destinations, source: &SourceArgs) -> Result<Vec<Probe>, Error> {
         .kinds
         .iter()
         .map(|kind| match kind {
-            SinkKind::Redis => Probe::redis(&to.redis.redis_url).map_err(|e| {
-                Error::Config(crate::config::ConfigError::Invalid {
-                    setting: "WALCAST_REDIS_URL",
-                    problem: e.to_string(),
-                })
-            }),
+            SinkKind::Redis => Ok(Probe::redis(to.redis.client()?)),
             SinkKind::Postgres => Ok(Probe::postgres(to.analytics.pg_config(&source.url)?)),
             // A system walcast does not control: judged by its deliveries, not probed.
             SinkKind::Webhook => Ok(Probe::Deliveries),
@@ -419,7 +414,7 @@ async fn start_sink(
     };
     match kind {
         SinkKind::Redis => {
-            let sink = RedisSink::connect(&to.redis.redis_url)
+            let sink = RedisSink::connect(to.redis.client()?)
                 .await
                 .map_err(start)?;
             add(sinks, cursors, sink, job, source_id)

@@ -106,7 +106,7 @@ pub(crate) async fn rebuild(
         match *name {
             sink::redis::NAME => {
                 sink::redis::raise_checkpoint(
-                    &config.destinations.redis.redis_url,
+                    config.destinations.redis.client()?,
                     ahead,
                     source_id,
                 )

@@ -106,7 +106,10 @@ pub fn last_position(batches: &[&Batch]) -> Option<Position> {
 pub enum SinkError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    #[error("cannot connect to WALCAST_REDIS_URL ({endpoint}): {source}")]
+    #[error(
+        "cannot connect to WALCAST_REDIS_URL ({endpoint}): {source}{}",
+        crate::tls::hint(&source.to_string(), crate::tls::Peer::Redis)
+    )]
     RedisConnect {
         endpoint: String,
         #[source]
@@ -207,7 +210,8 @@ impl SinkError {
                 .is_none_or(|code| is_transient_sqlstate(code.code())),
             SinkError::Connect(err) => err.is_transient(),
             SinkError::RedisConnect { source, .. } => {
-                source.is_io_error() || source.is_timeout() || source.is_connection_refusal()
+                (source.is_io_error() || source.is_timeout() || source.is_connection_refusal())
+                    && !crate::tls::is_certificate_failure(&source.to_string())
             }
             SinkError::WebhookBlocked(_) | SinkError::Deadline(_) => true,
             SinkError::BadCheckpoint(_)

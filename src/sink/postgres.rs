@@ -192,7 +192,7 @@ struct Session {
 }
 
 impl Session {
-    async fn open(config: &tokio_postgres::Config) -> Result<Session, SinkError> {
+    async fn open(config: &crate::pg::Target) -> Result<Session, SinkError> {
         let client = connect(config).await?;
         let context = "preparing the analytics session";
         let pg = |source| SinkError::Postgres { context, source };
@@ -216,12 +216,12 @@ impl Session {
 }
 
 /// Connects to the analytics database.
-async fn connect(config: &tokio_postgres::Config) -> Result<Client, SinkError> {
+async fn connect(config: &crate::pg::Target) -> Result<Client, SinkError> {
     Ok(crate::pg::connect("WALCAST_ANALYTICS_URL", config).await?)
 }
 
 pub struct PostgresSink {
-    config: tokio_postgres::Config,
+    config: crate::pg::Target,
     /// `None` after the connection was lost; the next write reconnects.
     session: Option<Session>,
 }
@@ -230,7 +230,7 @@ impl PostgresSink {
     /// Connects, applies the analytics migrations that are missing, and prepares the
     /// session. Returns the migrations it applied.
     pub async fn connect(
-        mut config: tokio_postgres::Config,
+        mut config: crate::pg::Target,
     ) -> Result<(Self, Vec<&'static str>), SinkError> {
         if config.get_application_name().is_none() {
             config.application_name(APPLICATION_NAME);

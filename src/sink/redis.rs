@@ -205,9 +205,9 @@ const WATCH_ATTEMPTS: usize = 3;
 impl RedisSink {
     /// Connects, retrying while Redis is unreachable is the caller's choice: this returns
     /// the first error.
-    pub async fn connect(url: &str) -> Result<Self, SinkError> {
+    pub async fn connect(client: redis::Client) -> Result<Self, SinkError> {
         let mut sink = RedisSink {
-            client: redis::Client::open(url)?,
+            client,
             conn: None,
             script: redis::Script::new(APPLY_BATCH),
             source_suffix: String::new(),
@@ -619,11 +619,11 @@ fn apply_commands<'a>(pipe: &mut redis::Pipeline, fresh: &[&'a Planned<'a>]) {
 /// Raises the stream's checkpoint to `position` (of `source`'s history) once a rebuild from
 /// the table has brought everything up to it (see `pipeline::rebuild`).
 pub async fn raise_checkpoint(
-    url: &str,
+    client: redis::Client,
     position: Position,
     source: SourceId,
 ) -> Result<(), SinkError> {
-    let mut conn = connect(url).await?;
+    let mut conn = connect(client).await?;
     let stored: Option<String> = redis::cmd("GET")
         .arg(CHECKPOINT_KEY)
         .query_async(&mut conn)
@@ -640,8 +640,7 @@ pub async fn raise_checkpoint(
 }
 
 /// A reconnecting, multiplexed connection.
-pub async fn connect(url: &str) -> Result<ConnectionManager, SinkError> {
-    let client = redis::Client::open(url)?;
+pub async fn connect(client: redis::Client) -> Result<ConnectionManager, SinkError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(30)))

@@ -278,7 +278,7 @@ fn body(first: Position, last: Position, events: &[&EnrichedEvent]) -> String {
 
 /// The analytics database: checkpoint, outbox, dead letters.
 struct Store {
-    config: tokio_postgres::Config,
+    config: crate::pg::Target,
     client: Option<Client>,
 }
 
@@ -553,7 +553,7 @@ impl WebhookSink {
     /// migrations that are missing). Returns the migrations it applied.
     pub async fn connect(
         args: &WebhookArgs,
-        mut analytics: tokio_postgres::Config,
+        mut analytics: crate::pg::Target,
     ) -> Result<(Self, Vec<&'static str>), SinkError> {
         if analytics.get_application_name().is_none() {
             analytics.application_name(APPLICATION_NAME);

@@ -2,6 +2,7 @@
 //! ordinary connections, and the replication connection.
 
 mod monitor;
+pub mod privileges;
 mod setup;
 mod stream;
 

@@ -28,7 +28,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const HEARTBEAT_PREFIX: &str = "walcast_heartbeat";
 
 pub struct Monitor {
-    pub config: tokio_postgres::Config,
+    pub config: crate::pg::Target,
     pub slot: String,
     pub publication: String,
     /// The oid `public.engagement_events` had when walcast started.

@@ -31,6 +31,18 @@ pub enum SetupError {
     )]
     MissingTable(&'static str),
     #[error(
+        "role {role} cannot read public.{table}; as its owner run: GRANT SELECT ON public.{table} \
+         TO {role} (walcast setup --print-sql prints every statement walcast's role needs)"
+    )]
+    NoSelect { role: String, table: &'static str },
+    #[error(
+        "publication {publication} does not exist, and role {role} may not create it (that takes \
+         owning the tables); as their owner run: CREATE PUBLICATION {publication} FOR TABLE \
+         public.content, public.engagement_events WITH (publish_via_partition_root = true) \
+         (walcast setup --print-sql prints every statement walcast's role needs)"
+    )]
+    PublicationNeedsOwner { publication: String, role: String },
+    #[error(
         "table public.{0} has no usable replica identity, so PostgreSQL would reject its UPDATEs \
          and DELETEs once published; give it a primary key or run \
          ALTER TABLE public.{0} REPLICA IDENTITY FULL"
@@ -161,7 +173,25 @@ pub async fn preflight(client: &Client) -> Result<(), SetupError> {
         return Err(SetupError::NoReplicationPrivilege(row.get(0)));
     }
 
+    let role: String = row.get(0);
     for table in [CONTENT_TABLE, EVENTS_TABLE] {
+        let readable: Option<bool> = client
+            .query_one(
+                "SELECT has_table_privilege(c.oid, 'SELECT') FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = 'public' AND c.relname = $1 \
+                 UNION ALL SELECT NULL LIMIT 1",
+                &[&table],
+            )
+            .await
+            .context("checking the privileges on the source tables")?
+            .get(0);
+        if readable == Some(false) {
+            return Err(SetupError::NoSelect {
+                role: role.clone(),
+                table,
+            });
+        }
         let row = client
             .query_one(
                 "SELECT c.relreplident::text, \
@@ -253,6 +283,28 @@ async fn publish_tables(
     }
     match exists {
         None => {
+            let owns: bool = client
+                .query_one(
+                    "SELECT bool_and(pg_has_role(c.relowner, 'USAGE')) FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = 'public' AND c.relname IN ($1, $2)",
+                    &[&CONTENT_TABLE, &EVENTS_TABLE],
+                )
+                .await
+                .context("checking who owns the source tables")?
+                .get::<_, Option<bool>>(0)
+                .unwrap_or(false);
+            if !owns {
+                let role: String = client
+                    .query_one("SELECT current_user::text", &[])
+                    .await
+                    .context("reading the role")?
+                    .get(0);
+                return Err(SetupError::PublicationNeedsOwner {
+                    publication: publication.to_owned(),
+                    role,
+                });
+            }
             // Via the partition root: a partitioned table's changes arrive under the
             // table's own name, not its partitions'.
             let sql = format!(

@@ -151,6 +151,26 @@ async fn one_value<T: for<'a> tokio_postgres::types::FromSql<'a>>(
         .flatten()
 }
 
+/// The replication client's TLS settings for the source's: the same `sslmode` and files,
+/// which pgwire-replication applies with libpq's meaning as walcast's other sessions do.
+fn replication_tls(tls: &crate::tls::PgTls) -> TlsConfig {
+    use crate::tls::SslMode;
+    let mut config = match tls.mode {
+        SslMode::Disable => return TlsConfig::disabled(),
+        SslMode::Prefer => TlsConfig {
+            mode: pgwire_replication::config::SslMode::Prefer,
+            ..TlsConfig::default()
+        },
+        SslMode::Require => TlsConfig::require(),
+        SslMode::VerifyCa => TlsConfig::verify_ca(tls.root_cert.clone()),
+        SslMode::VerifyFull => TlsConfig::verify_full(tls.root_cert.clone()),
+    };
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        config = config.with_client_cert(cert, key);
+    }
+    config
+}
+
 /// A replication session's settings from the source URL.
 fn replication_config(source: &SourceArgs) -> Result<ReplicationConfig, ConfigError> {
     let pg = source.pg_config()?;
@@ -166,10 +186,7 @@ fn replication_config(source: &SourceArgs) -> Result<ReplicationConfig, ConfigEr
         .unwrap_or_default();
     let user = pg.get_user().unwrap_or("postgres").to_owned();
     let database = pg.get_dbname().unwrap_or(&user).to_owned();
-    let tls = match pg.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Require => TlsConfig::require(),
-        _ => TlsConfig::disabled(),
-    };
+    let tls = replication_tls(&pg.tls);
     Ok(ReplicationConfig::new(
         host,
         user,

@@ -188,6 +188,8 @@ pub struct Postgres {
     dir: TempDir,
     child: Option<Child>,
     settings: Vec<(String, String)>,
+    /// The test's own sessions go through the Unix socket (TCP takes TLS only).
+    socket: bool,
 }
 
 impl Postgres {
@@ -198,16 +200,16 @@ impl Postgres {
 
     /// Starts with extra `-c name=value` settings (they override the defaults).
     pub async fn start_with(settings: &[(&str, &str)]) -> Postgres {
-        Self::start_from(true, settings).await
+        Self::start_from(true, settings, false).await
     }
 
     /// A cluster made by initdb for this test alone rather than copied from the template:
     /// it has a system identifier of its own, as a dump restored into a new cluster does.
     pub async fn start_new_cluster() -> Postgres {
-        Self::start_from(false, &[]).await
+        Self::start_from(false, &[], false).await
     }
 
-    async fn start_from(copy_template: bool, settings: &[(&str, &str)]) -> Postgres {
+    async fn start_from(copy_template: bool, settings: &[(&str, &str)], socket: bool) -> Postgres {
         let dir = tempfile::Builder::new()
             .prefix("walcast-pg-")
             .tempdir()
@@ -246,9 +248,43 @@ impl Postgres {
             dir,
             child: None,
             settings: all,
+            socket,
         };
         pg.launch().await;
         pg
+    }
+
+    /// A server that takes TCP connections over TLS only (`hostssl` in pg_hba.conf, for
+    /// replication too), with `auth` (`trust`, `scram-sha-256`), presenting `cert` (signed
+    /// by `certs`'s CA unless it is another). The test's own sessions use the socket.
+    pub async fn start_tls(certs: &Certs, cert: &Path, auth: &str) -> Postgres {
+        let hba = certs.dir.path().join("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            format!(
+                "local all all trust\n\
+                 hostssl all all 127.0.0.1/32 {auth}\n\
+                 hostssl replication all 127.0.0.1/32 {auth}\n"
+            ),
+        )
+        .unwrap();
+        let key = &certs.server_key;
+        give_to_pg_user(certs.dir.path());
+        let path = |p: &Path| p.to_str().unwrap().to_owned();
+        let settings = [
+            ("ssl", "on".to_owned()),
+            ("ssl_cert_file", path(cert)),
+            ("ssl_key_file", path(key)),
+            ("hba_file", path(&hba)),
+        ];
+        let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Self::start_from(true, &settings, true).await
+    }
+
+    /// The URL walcast connects with over TLS: `localhost` (the name the certificate has),
+    /// with `params` (`sslmode=…&sslrootcert=…`).
+    pub fn tls_url(&self, db: &str, params: &str) -> String {
+        format!("postgres://postgres@localhost:{}/{db}?{params}", self.port)
     }
 
     async fn launch(&mut self) {
@@ -308,7 +344,16 @@ impl Postgres {
     }
 
     async fn try_client(&self, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) = tokio_postgres::connect(&self.url(db), tokio_postgres::NoTls).await?;
+        let url = if self.socket {
+            format!(
+                "host={} port={} user=postgres dbname={db}",
+                self.dir.path().display(),
+                self.port
+            )
+        } else {
+            self.url(db)
+        };
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         Ok(client)
     }
@@ -370,6 +415,10 @@ pub struct Redis {
     dir: TempDir,
     child: Option<Child>,
     persistent: bool,
+    /// With TLS only (`--port 0 --tls-port`): the CA's PEM, and the password it requires.
+    tls: Option<(Vec<u8>, String)>,
+    /// `--tls-cert-file`, `--tls-key-file`, `--tls-ca-cert-file`.
+    tls_files: Vec<PathBuf>,
 }
 
 impl Redis {
@@ -392,6 +441,31 @@ impl Redis {
             dir,
             child: None,
             persistent,
+            tls: None,
+            tls_files: Vec::new(),
+        };
+        redis.launch().await;
+        redis
+    }
+
+    /// A Redis that takes TLS connections only, presenting `certs`'s server certificate,
+    /// and requires `password`.
+    pub async fn start_tls(certs: &Certs, password: &str) -> Redis {
+        let dir = tempfile::Builder::new()
+            .prefix("walcast-redis-")
+            .tempdir()
+            .unwrap();
+        let mut redis = Redis {
+            port: free_port(),
+            dir,
+            child: None,
+            persistent: false,
+            tls: Some((std::fs::read(&certs.ca).unwrap(), password.to_owned())),
+            tls_files: vec![
+                certs.server_cert.clone(),
+                certs.server_key.clone(),
+                certs.ca.clone(),
+            ],
         };
         redis.launch().await;
         redis
@@ -400,8 +474,23 @@ impl Redis {
     async fn launch(&mut self) {
         let binary = find_binary("redis-server", "redis-server");
         let appendonly = if self.persistent { "yes" } else { "no" };
-        let child = Command::new(binary)
-            .args(["--port", &self.port.to_string()])
+        let mut cmd = Command::new(binary);
+        match (&self.tls, self.tls_files.as_slice()) {
+            (Some((_, password)), [cert, key, ca]) => {
+                cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(ca)
+                    .args(["--tls-auth-clients", "no", "--requirepass", password]);
+            }
+            _ => {
+                cmd.args(["--port", &self.port.to_string()]);
+            }
+        }
+        let child = cmd
             .args(["--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", appendonly, "--appendfsync", "always"])
             .arg("--dir")
@@ -429,14 +518,31 @@ impl Redis {
         }
     }
 
+    /// The URL walcast connects with: `rediss://localhost:<port>` (no password) for a TLS
+    /// Redis.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            Some(_) => format!("rediss://localhost:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     async fn try_conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await
+        let client = match &self.tls {
+            None => redis::Client::open(self.url())?,
+            Some((ca, password)) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let url = format!("rediss://:{password}@localhost:{}", self.port);
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(ca.clone()),
+                    },
+                )?
+            }
+        };
+        client.get_multiplexed_async_connection().await
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
@@ -809,5 +915,69 @@ impl Proxy {
     pub fn black_hole_open_connections(&self) {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Certificates made for one test with rcgen: a CA, a server certificate it signed for
+/// `localhost` and 127.0.0.1, one it signed for another name, an expired one, and a CA
+/// that signed none of them. PEM files in a directory the server's user can read.
+pub struct Certs {
+    pub dir: TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub other_name_cert: PathBuf,
+    pub expired_cert: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+impl Certs {
+    pub fn make() -> Certs {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let dir = tempfile::Builder::new()
+            .prefix("walcast-certs-")
+            .tempdir()
+            .unwrap();
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let ca_of = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        };
+        let ca = ca_of("walcast test CA");
+        let other = ca_of("some other CA");
+        let key = KeyPair::generate().unwrap();
+        let leaf = |names: Vec<String>, expired: bool| {
+            let mut params = CertificateParams::new(names).unwrap();
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+            params.signed_by(&key, &ca).unwrap().pem()
+        };
+        let server_key = write("server.key", key.serialize_pem());
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&server_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        Certs {
+            ca: write("ca.crt", ca.pem()),
+            server_cert: write(
+                "server.crt",
+                leaf(vec!["localhost".into(), "127.0.0.1".into()], false),
+            ),
+            other_name_cert: write("other-name.crt", leaf(vec!["db.example.com".into()], false)),
+            expired_cert: write("expired.crt", leaf(vec!["localhost".into()], true)),
+            other_ca: write("other-ca.crt", other.pem()),
+            server_key,
+            dir,
+        }
     }
 }
