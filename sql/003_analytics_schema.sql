@@ -2,7 +2,8 @@
 -- walcast applies this migration itself at start, once, recorded in
 -- analytics.walcast_migrations. Needs PostgreSQL 15 or later (UNIQUE NULLS NOT DISTINCT).
 
-CREATE SCHEMA IF NOT EXISTS analytics;
+-- (The schema exists by now: walcast creates it first when it is missing, or a DBA gave it
+-- to walcast's role with CREATE SCHEMA analytics AUTHORIZATION <role>.)
 
 -- One row per engagement event: every source column, the content it was enriched with,
 -- the derived numbers, and where in the WAL it came from.

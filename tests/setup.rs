@@ -236,3 +236,81 @@ async fn status_before_the_first_run_and_without_rights_says_what_the_server_sai
     );
     assert!(!stdout.contains("db error"), "{stdout}");
 }
+
+/// walcast as a least-privilege role: `walcast setup --print-sql`'s statements, applied by
+/// the superuser, are all it needs to set up, stream, backfill, report and verify; without
+/// one of them preflight names the missing GRANT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_least_privilege_role_runs_everything_with_the_printed_grants() {
+    const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let admin = pg.create_source_db("app").await;
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
+             VALUES ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now())"
+        ))
+        .await
+        .unwrap();
+    let url = format!("postgres://walcast_app@127.0.0.1:{}/app", pg.port);
+    let env = Env::new(&pg, "app", &redis).set("WALCAST_SOURCE_URL", &url);
+    let sql = env.succeed(&["setup", "--print-sql"]);
+    assert!(sql.contains("CREATE ROLE walcast_app LOGIN REPLICATION"), "{sql}");
+
+    // Without SELECT on the tables: named.
+    admin
+        .batch_execute("CREATE ROLE walcast_app LOGIN REPLICATION")
+        .await
+        .unwrap();
+    let said = refusal(&env, &["setup"]);
+    assert!(
+        said.contains("GRANT SELECT ON public.content TO walcast_app"),
+        "{said}"
+    );
+    // With SELECT but no publication (walcast_app may not create one): named.
+    admin
+        .batch_execute("GRANT SELECT ON public.content, public.engagement_events TO walcast_app")
+        .await
+        .unwrap();
+    let said = refusal(&env, &["setup"]);
+    assert!(
+        said.contains("publication walcast_pub does not exist")
+            && said.contains("CREATE PUBLICATION walcast_pub"),
+        "{said}"
+    );
+
+    // Everything the printed statements say, then walcast's whole life as that role.
+    admin
+        .batch_execute(
+            "REVOKE ALL ON public.content, public.engagement_events FROM walcast_app;
+             DROP ROLE walcast_app",
+        )
+        .await
+        .unwrap();
+    admin.batch_execute(&sql).await.unwrap();
+    env.succeed(&["setup"]);
+    admin.batch_execute(&insert(40)).await.unwrap();
+    env.succeed(&["backfill"]);
+    let walcast = env.spawn_run();
+    admin.batch_execute(&insert(60)).await.unwrap();
+    eventually("every event in both sinks", Duration::from_secs(60), || async {
+        redis.total().await == 100
+            && support::count(&admin, "analytics.enriched_events").await == 100
+    })
+    .await;
+    let status = env.succeed(&["status"]);
+    assert!(status.contains("postgres"), "{status}");
+    env.succeed(&["verify"]);
+    let log = walcast.log();
+    assert!(!log.contains("ERROR"), "{log}");
+    assert!(!log.contains("permission denied"), "{log}");
+}
+
+fn insert(n: u32) -> String {
+    format!(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
+         SELECT '00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'play', now(), 1000,
+                'ios' FROM generate_series(1, {n})"
+    )
+}

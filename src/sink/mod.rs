@@ -177,8 +177,9 @@ fn is_transient_sqlstate(code: &str) -> bool {
 fn postgres_hint(err: &tokio_postgres::Error) -> &'static str {
     match err.code().map(|c| c.code()) {
         Some("42501") => {
-            "; grant the role of WALCAST_ANALYTICS_URL CREATE on the database (for the analytics \
-             schema) and SELECT, INSERT, UPDATE on the tables of schema analytics"
+            "; give the role of WALCAST_ANALYTICS_URL schema analytics to own (CREATE SCHEMA \
+             analytics AUTHORIZATION <role>, or ALTER SCHEMA analytics OWNER TO <role>; walcast \
+             setup --print-sql prints it), or CREATE on the database so walcast creates it"
         }
         Some("42P01" | "42703" | "42P10") => {
             "; the analytics schema is not the one walcast created: restore it, or drop schema \

@@ -284,7 +284,13 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>, tokio_pos
     let tx = client.transaction().await?;
     tx.batch_execute(
         "SELECT pg_advisory_xact_lock(hashtext('walcast analytics migrations'));
-         CREATE SCHEMA IF NOT EXISTS analytics;
+         -- Only when missing: creating a schema takes CREATE on the database, which a role
+         -- that was given schema analytics to own does not need.
+         DO $$ BEGIN
+             IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'analytics') THEN
+                 CREATE SCHEMA analytics;
+             END IF;
+         END $$;
          CREATE TABLE IF NOT EXISTS analytics.walcast_migrations (
              version    TEXT PRIMARY KEY,
              applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
