@@ -103,6 +103,7 @@ pub async fn run(
         Some(info) if info.is_lost() => {
             return Err(source::ReplicationError::SlotInvalidated {
                 slot: config.source.slot.clone(),
+                reason: info.invalidation_reason.clone(),
             }
             .into());
         }

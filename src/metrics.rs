@@ -30,6 +30,7 @@ pub const FLUSHED_LSN: &str = "walcast_flushed_lsn";
 pub const REPLICATION_RECONNECTS_TOTAL: &str = "walcast_replication_reconnects_total";
 pub const SINK_CHECKPOINT_LAG_BYTES: &str = "walcast_sink_checkpoint_lag_bytes";
 pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walcast_slot_safe_wal_size_bytes";
+pub const SLOT_IDLE_TIMEOUT_SECONDS: &str = "walcast_slot_idle_timeout_seconds";
 pub const HEARTBEATS_TOTAL: &str = "walcast_heartbeats_total";
 
 /// Why a row or a batch became a dead letter: every value `walcast_dead_letters_total`
@@ -88,6 +89,11 @@ fn describe() {
         SLOT_SAFE_WAL_SIZE_BYTES,
         Unit::Bytes,
         "WAL that can still be written before the slot is invalidated (only with max_slot_wal_keep_size)."
+    );
+    describe_gauge!(
+        SLOT_IDLE_TIMEOUT_SECONDS,
+        Unit::Seconds,
+        "The server's idle_replication_slot_timeout (PostgreSQL 18; 0: none): how long the slot may go unused, walcast stopped, before PostgreSQL invalidates it."
     );
     describe_gauge!(
         SINK_CHECKPOINT_LAG_BYTES,
@@ -240,11 +246,12 @@ pub fn replication_lag_seconds(lag: Duration) {
 }
 
 /// What `pg_replication_slots` says about the slot.
-pub fn slot(retained_wal_bytes: u64, safe_wal_size: Option<i64>) {
+pub fn slot(retained_wal_bytes: u64, safe_wal_size: Option<i64>, idle_timeout_seconds: i64) {
     gauge!(SLOT_RETAINED_WAL_BYTES).set(retained_wal_bytes as f64);
     if let Some(bytes) = safe_wal_size {
         gauge!(SLOT_SAFE_WAL_SIZE_BYTES).set(bytes as f64);
     }
+    gauge!(SLOT_IDLE_TIMEOUT_SECONDS).set(idle_timeout_seconds as f64);
 }
 
 /// The server's current WAL position minus what `sink` has applied.

@@ -37,6 +37,12 @@ pub struct Slot {
     pub retained_wal_bytes: Option<u64>,
     pub wal_status: Option<String>,
     pub safe_wal_size: Option<i64>,
+    /// Why PostgreSQL invalidated the slot (PostgreSQL 17 and later).
+    pub invalidation_reason: Option<String>,
+    /// Since when no connection has used the slot (PostgreSQL 17 and later).
+    pub inactive_since: Option<String>,
+    /// `idle_replication_slot_timeout` in seconds (PostgreSQL 18; 0: none).
+    pub idle_timeout_seconds: Option<i64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -58,6 +64,7 @@ impl Report {
     pub fn is_healthy(&self) -> bool {
         self.slot.exists
             && self.slot.wal_status.as_deref() != Some("lost")
+            && self.slot.invalidation_reason.is_none()
             && self.sinks.iter().all(|s| s.error.is_none())
     }
 }
@@ -88,6 +95,9 @@ pub async fn collect(
         retained_wal_bytes: info.as_ref().map(source::SlotInfo::retained_wal_bytes),
         wal_status: info.as_ref().and_then(|i| i.wal_status.clone()),
         safe_wal_size: info.as_ref().and_then(|i| i.safe_wal_size),
+        invalidation_reason: info.as_ref().and_then(|i| i.invalidation_reason.clone()),
+        inactive_since: info.as_ref().and_then(|i| i.inactive_since.clone()),
+        idle_timeout_seconds: info.as_ref().and_then(|i| i.idle_timeout_seconds),
     };
     let mut checkpoints = Vec::new();
     for kind in &sinks.kinds {
@@ -216,7 +226,22 @@ impl fmt::Display for Report {
                     .map_or("unlimited (max_slot_wal_keep_size = -1)".to_owned(), |b| b
                         .to_string())
             )?;
-            if s.wal_status.as_deref() == Some("lost") {
+            if let Some(since) = &s.inactive_since {
+                writeln!(f, "  inactive_since       {since}")?;
+            }
+            if let Some(seconds) = s.idle_timeout_seconds.filter(|s| *s > 0) {
+                writeln!(
+                    f,
+                    "  idle timeout         {} (idle_replication_slot_timeout: unused that long, the slot is invalidated)",
+                    humantime::format_duration(std::time::Duration::from_secs(
+                        seconds.unsigned_abs()
+                    ))
+                )?;
+            }
+            if let Some(reason) = &s.invalidation_reason {
+                writeln!(f, "  invalidation_reason  {reason}")?;
+            }
+            if s.wal_status.as_deref() == Some("lost") || s.invalidation_reason.is_some() {
                 writeln!(
                     f,
                     "  the slot was invalidated: walcast teardown, walcast backfill, walcast run"

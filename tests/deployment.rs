@@ -87,6 +87,7 @@ fn prometheus_scrapes_walcast_and_the_rules_use_real_metric_names() {
         walcast::metrics::SINK_BATCHES_TOTAL,
         walcast::metrics::DEAD_LETTERS_TOTAL,
         walcast::metrics::REPLICATION_RECONNECTS_TOTAL,
+        walcast::metrics::SLOT_IDLE_TIMEOUT_SECONDS,
     ] {
         assert!(rules.contains(metric), "an alert on {metric}");
     }

@@ -256,7 +256,10 @@ async fn a_least_privilege_role_runs_everything_with_the_printed_grants() {
     let url = format!("postgres://walcast_app@127.0.0.1:{}/app", pg.port);
     let env = Env::new(&pg, "app", &redis).set("WALCAST_SOURCE_URL", &url);
     let sql = env.succeed(&["setup", "--print-sql"]);
-    assert!(sql.contains("CREATE ROLE walcast_app LOGIN REPLICATION"), "{sql}");
+    assert!(
+        sql.contains("CREATE ROLE walcast_app LOGIN REPLICATION"),
+        "{sql}"
+    );
 
     // Without SELECT on the tables: named.
     admin
@@ -294,10 +297,14 @@ async fn a_least_privilege_role_runs_everything_with_the_printed_grants() {
     env.succeed(&["backfill"]);
     let walcast = env.spawn_run();
     admin.batch_execute(&insert(60)).await.unwrap();
-    eventually("every event in both sinks", Duration::from_secs(60), || async {
-        redis.total().await == 100
-            && support::count(&admin, "analytics.enriched_events").await == 100
-    })
+    eventually(
+        "every event in both sinks",
+        Duration::from_secs(60),
+        || async {
+            redis.total().await == 100
+                && support::count(&admin, "analytics.enriched_events").await == 100
+        },
+    )
     .await;
     let status = env.succeed(&["status"]);
     assert!(status.contains("postgres"), "{status}");

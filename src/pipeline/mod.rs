@@ -131,6 +131,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     if slot.is_lost() {
         return Err(source::ReplicationError::SlotInvalidated {
             slot: config.source.slot.clone(),
+            reason: slot.invalidation_reason.clone(),
         }
         .into());
     }

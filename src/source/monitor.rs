@@ -161,6 +161,7 @@ impl Monitor {
         if info.is_lost() {
             return Err(ReplicationError::SlotInvalidated {
                 slot: self.slot.clone(),
+                reason: info.invalidation_reason.clone(),
             });
         }
         let current = info.current_wal_lsn;
@@ -170,7 +171,11 @@ impl Monitor {
             .max(info.confirmed_flush_lsn.unwrap_or_default());
         metrics::replication_lag_bytes(current.bytes_since(flushed));
         let retained = info.retained_wal_bytes();
-        metrics::slot(retained, info.safe_wal_size);
+        metrics::slot(
+            retained,
+            info.safe_wal_size,
+            info.idle_timeout_seconds.unwrap_or(0),
+        );
         for sink in self.health.sinks() {
             metrics::sink_checkpoint_lag_bytes(sink.name, current.bytes_since(sink.confirmed()));
         }

@@ -69,11 +69,9 @@ pub enum SetupError {
          WALCAST_SOURCE_URL; choose another WALCAST_SLOT"
     )]
     OtherDatabase { slot: String, database: String },
-    #[error(
-        "replication slot {0} was invalidated (wal_status lost): the WAL it needed is gone. \
-         Drop it with walcast teardown, then run walcast backfill to re-copy the table"
-    )]
-    SlotLost(String),
+    /// The slot was invalidated: why, and what to do.
+    #[error(transparent)]
+    SlotLost(Box<super::ReplicationError>),
     #[error(
         "publication {publication} publishes the partitions of public.{table} under their own \
          names (publish_via_partition_root is off), which walcast cannot map to \
@@ -129,6 +127,17 @@ pub struct SlotInfo {
     pub safe_wal_size: Option<i64>,
     /// The server's WAL write position when the row was read.
     pub current_wal_lsn: Lsn,
+    /// Why PostgreSQL invalidated the slot (`wal_removed`, `idle_timeout`, …; PostgreSQL 17
+    /// and later), `None` while it is valid or on older servers.
+    pub invalidation_reason: Option<String>,
+    /// Since when no connection has used the slot (PostgreSQL 17 and later), as the
+    /// server prints it; `None` while it is in use.
+    pub inactive_since: Option<String>,
+    /// The same, in seconds before the row was read.
+    pub inactive_seconds: Option<f64>,
+    /// `idle_replication_slot_timeout` in seconds (PostgreSQL 18; 0 disables it): how long
+    /// the slot may stay unused before PostgreSQL invalidates it.
+    pub idle_timeout_seconds: Option<i64>,
 }
 
 impl SlotInfo {
@@ -146,7 +155,7 @@ impl SlotInfo {
 
     /// Whether PostgreSQL invalidated the slot (it removed WAL the slot still needed).
     pub fn is_lost(&self) -> bool {
-        self.wal_status.as_deref() == Some("lost")
+        self.wal_status.as_deref() == Some("lost") || self.invalidation_reason.is_some()
     }
 }
 
@@ -456,8 +465,13 @@ async fn check_slot(client: &Client, slot: &str, info: &SlotInfo) -> Result<(), 
             database: slot_db.clone(),
         });
     }
-    if info.wal_status.as_deref() == Some("lost") {
-        return Err(SetupError::SlotLost(slot.to_owned()));
+    if info.is_lost() {
+        return Err(SetupError::SlotLost(Box::new(
+            super::ReplicationError::SlotInvalidated {
+                slot: slot.to_owned(),
+                reason: info.invalidation_reason.clone(),
+            },
+        )));
     }
     if let Some(pid) = info.active_pid {
         return Err(SetupError::SlotInUse {
@@ -472,9 +486,15 @@ async fn check_slot(client: &Client, slot: &str, info: &SlotInfo) -> Result<(), 
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, SetupError> {
     let row = client
         .query_opt(
+            // The columns of later versions through to_jsonb, so one query reads them
+            // where they exist and NULL on PostgreSQL 15 and 16.
             "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
-                    restart_lsn::text, wal_status, safe_wal_size, pg_current_wal_lsn()::text \
-             FROM pg_replication_slots WHERE slot_name = $1",
+                    restart_lsn::text, wal_status, safe_wal_size, pg_current_wal_lsn()::text, \
+                    to_jsonb(s) ->> 'invalidation_reason', to_jsonb(s) ->> 'inactive_since', \
+                    extract(epoch FROM now() - (to_jsonb(s) ->> 'inactive_since')::timestamptz)::float8, \
+                    (SELECT setting::int8 FROM pg_settings \
+                     WHERE name = 'idle_replication_slot_timeout') \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -492,6 +512,10 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         wal_status: row.get(5),
         safe_wal_size: row.get(6),
         current_wal_lsn: lsn(&row, 7).unwrap_or_default(),
+        invalidation_reason: row.get(8),
+        inactive_since: row.get(9),
+        inactive_seconds: row.get(10),
+        idle_timeout_seconds: row.get(11),
     }))
 }
 

@@ -26,14 +26,17 @@ pub enum ReplicationError {
     )]
     SlotMissing { slot: String },
     #[error(
-        "replication slot {slot} was invalidated: PostgreSQL removed WAL it still needed \
-         because it held back more than max_slot_wal_keep_size (wal_status = lost), so the \
-         changes in that WAL can no longer be streamed. To recover: walcast teardown, then \
+        "replication slot {slot} was invalidated: {}. To recover: walcast teardown, then \
          walcast backfill (it creates a new slot and copies engagement_events again; every sink \
-         skips what it already has), then walcast run. To keep it from happening again, raise \
-         max_slot_wal_keep_size and alert on walcast_slot_retained_wal_bytes"
+         skips what it already has), then walcast run. {}",
+        invalidation_cause(reason.as_deref()),
+        invalidation_prevention(reason.as_deref())
     )]
-    SlotInvalidated { slot: String },
+    SlotInvalidated {
+        slot: String,
+        /// `pg_replication_slots.invalidation_reason` (PostgreSQL 17 and later).
+        reason: Option<String>,
+    },
     #[error(
         "public.engagement_events was dropped (and maybe created again, its ids starting over) \
          while walcast streamed it: the new table is not in publication {publication}, and \
@@ -50,6 +53,43 @@ pub enum ReplicationError {
     Protocol(#[from] PgWireError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+}
+
+/// Why PostgreSQL invalidated a slot, from `invalidation_reason`.
+fn invalidation_cause(reason: Option<&str>) -> String {
+    match reason {
+        Some("idle_timeout") => "no walcast was connected to it for longer than \
+             idle_replication_slot_timeout (invalidation_reason = idle_timeout), so PostgreSQL \
+             gave up on it and removed the WAL it held"
+            .to_owned(),
+        Some("rows_removed") => "rows it still needed were vacuumed away on the primary \
+             (invalidation_reason = rows_removed)"
+            .to_owned(),
+        Some("wal_level_insufficient") => "wal_level was lowered below logical \
+             (invalidation_reason = wal_level_insufficient)"
+            .to_owned(),
+        Some("wal_removed") | None => "PostgreSQL removed WAL it still needed because it held \
+             back more than max_slot_wal_keep_size (wal_status = lost), so the changes in that \
+             WAL can no longer be streamed"
+            .to_owned(),
+        Some(other) => format!("invalidation_reason = {other}"),
+    }
+}
+
+/// What keeps the same invalidation from happening again.
+fn invalidation_prevention(reason: Option<&str>) -> &'static str {
+    match reason {
+        Some("idle_timeout") => {
+            "To keep it from happening again, keep walcast running (an orchestrator restarting \
+             it), raise idle_replication_slot_timeout, and alert well before it runs out while \
+             walcast is down (the suggested alert WalcastSlotIdleTimeoutNear)"
+        }
+        Some("wal_level_insufficient") => "Keep wal_level = logical.",
+        _ => {
+            "To keep it from happening again, raise max_slot_wal_keep_size and alert on \
+             walcast_slot_retained_wal_bytes"
+        }
+    }
 }
 
 impl ReplicationError {
@@ -301,6 +341,7 @@ pub fn classify(err: PgWireError, slot: &str) -> ReplicationError {
         {
             return ReplicationError::SlotInvalidated {
                 slot: slot.to_owned(),
+                reason: None,
             };
         }
     }
