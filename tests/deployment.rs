@@ -22,6 +22,7 @@ fn compose_runs_the_whole_stack_with_secrets_from_the_environment() {
     let compose = yaml("compose.yaml");
     let services = &compose["services"];
     for name in [
+        "secrets-check",
         "postgres",
         "redis",
         "walcast",
@@ -43,24 +44,111 @@ fn compose_runs_the_whole_stack_with_secrets_from_the_environment() {
         Some("docker/Dockerfile")
     );
     let text = read("compose.yaml");
-    assert!(!text.contains("change-me"), "no password in compose.yaml");
     assert!(
-        text.contains("${POSTGRES_PASSWORD:?"),
-        "the password comes from .env"
+        !text.contains("change-me\n") && !text.contains("=change-me"),
+        "no password in compose.yaml"
     );
+    // Every secret comes from the environment (.env) and reaches the services as a file.
     let example = read(".env.example");
-    for var in [
-        "POSTGRES_PASSWORD",
-        "GRAFANA_ADMIN_PASSWORD",
-        "GENERATOR_RATE",
+    for (secret, var) in [
+        ("postgres_password", "POSTGRES_PASSWORD"),
+        ("walcast_db_password", "WALCAST_DB_PASSWORD"),
+        ("grafana_db_password", "GRAFANA_DB_PASSWORD"),
+        ("redis_password", "REDIS_PASSWORD"),
+        ("grafana_admin_password", "GRAFANA_ADMIN_PASSWORD"),
     ] {
+        assert_eq!(
+            compose["secrets"][secret]["environment"].as_str(),
+            Some(var),
+            "secret {secret}"
+        );
         assert!(
             example.contains(&format!("{var}=")),
             "{var} in .env.example"
         );
     }
-    // The walcast environment names are the contract's.
-    assert!(text.contains("WALCAST_SOURCE_URL:") && text.contains("WALCAST_REDIS_URL:"));
+    assert!(example.contains("GENERATOR_RATE="));
+    // The walcast environment names are the contract's, and walcast is not the superuser.
+    let walcast_env = &services["walcast"]["environment"];
+    assert_eq!(
+        walcast_env["WALCAST_SOURCE_URL"].as_str(),
+        Some("postgres://walcast@postgres:5432/app")
+    );
+    for var in [
+        "WALCAST_SOURCE_PASSWORD_FILE",
+        "WALCAST_REDIS_URL",
+        "WALCAST_REDIS_PASSWORD_FILE",
+    ] {
+        assert!(!walcast_env[var].is_badvalue(), "walcast's {var}");
+    }
+    let roles = read("docker/postgres/010_roles.sh");
+    assert!(roles.contains("CREATE ROLE walcast LOGIN REPLICATION"));
+    assert!(roles.contains("CREATE SCHEMA analytics AUTHORIZATION walcast"));
+}
+
+#[test]
+fn compose_is_hardened_as_an_operator_ships_it() {
+    let compose = yaml("compose.yaml");
+    let services = compose["services"].as_hash().unwrap();
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        assert!(
+            service["ports"].is_badvalue(),
+            "{name} publishes a port by default (compose.ports.yaml does that on request)"
+        );
+        if let Some(image) = service["image"].as_str() {
+            let tag = image.rsplit_once(':').map(|(_, tag)| tag).unwrap_or("");
+            assert!(
+                tag.contains('.') && tag != "latest",
+                "{name}: image {image} is not pinned to a minor version"
+            );
+        }
+        if name != "secrets-check" {
+            assert!(
+                !service["deploy"]["resources"]["limits"]["memory"].is_badvalue(),
+                "{name} has no memory limit"
+            );
+            assert_eq!(
+                service["depends_on"]["secrets-check"]["condition"].as_str(),
+                (name == "postgres" || name == "redis").then_some("service_completed_successfully"),
+                "{name}"
+            );
+        }
+    }
+    let walcast = &compose["services"]["walcast"];
+    let check: Vec<&str> = walcast["healthcheck"]["test"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert!(
+        check.iter().any(|part| part.contains("/readyz")),
+        "{check:?}"
+    );
+    let generator = &compose["services"]["generator"];
+    assert_eq!(generator["profiles"][0].as_str(), Some("load"));
+    assert!(
+        read("compose.yaml").contains("change-me"),
+        "the secrets check refuses change-me"
+    );
+    let ports = yaml("compose.ports.yaml");
+    for (name, service) in ports["services"].as_hash().unwrap() {
+        for port in service["ports"].as_vec().unwrap() {
+            assert!(
+                port.as_str().unwrap().starts_with("127.0.0.1:"),
+                "{name:?}: {port:?} beyond loopback"
+            );
+        }
+    }
+    let dockerfile = read("docker/Dockerfile");
+    for line in dockerfile.lines().filter(|l| l.starts_with("FROM ")) {
+        let image = line.split_whitespace().nth(1).unwrap();
+        assert!(
+            image.contains('.'),
+            "{image} is not pinned to a minor version"
+        );
+    }
 }
 
 #[test]

@@ -321,3 +321,81 @@ fn insert(n: u32) -> String {
                 'ios' FROM generate_series(1, {n})"
     )
 }
+
+/// The roles compose's PostgreSQL creates (docker/postgres/010_roles.sh) are enough for
+/// walcast to stream, and let Grafana read the analytics tables and nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_roles_script_gives_walcast_and_grafana_what_they_need() {
+    let script = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docker/postgres/010_roles.sh"
+    ))
+    .unwrap();
+    let sql = script
+        .split_once("<<'SQL'\n")
+        .and_then(|(_, rest)| rest.split_once("\nSQL"))
+        .map(|(sql, _)| sql)
+        .expect("the script's SQL between <<'SQL' and SQL")
+        .replace(":'walcast_pw'", "'w'")
+        .replace(":'grafana_pw'", "'g'");
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let admin = pg.create_source_db("app").await;
+    admin.batch_execute(&sql).await.unwrap();
+    admin
+        .batch_execute(
+            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
+             VALUES ('00000000-0000-0000-0000-000000000001', 'episode', 'An episode', 'podcast',
+                     300, now())",
+        )
+        .await
+        .unwrap();
+    let env = Env::new(&pg, "app", &redis).set(
+        "WALCAST_SOURCE_URL",
+        &format!("postgres://walcast@127.0.0.1:{}/app", pg.port),
+    );
+    env.succeed(&["setup"]);
+    let _walcast = env.spawn_run();
+    admin.batch_execute(&insert(10)).await.unwrap();
+    eventually(
+        "the events in both sinks",
+        Duration::from_secs(60),
+        || async {
+            redis.total().await == 10
+                && support::count(&admin, "analytics.enriched_events").await == 10
+        },
+    )
+    .await;
+    let (grafana, connection) = tokio_postgres::connect(
+        &format!("postgres://grafana_reader@127.0.0.1:{}/app", pg.port),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let read: i64 = grafana
+        .query_one(
+            "SELECT sum(events)::int8 FROM analytics.content_engagement_metrics",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(read, 10);
+    let write = grafana
+        .batch_execute("DELETE FROM analytics.enriched_events")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        write.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    let source = grafana
+        .batch_execute("SELECT FROM public.engagement_events")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        source.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+}
