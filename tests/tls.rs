@@ -177,3 +177,58 @@ async fn a_redis_certificate_from_another_ca_is_refused() {
     assert!(text.contains("WALCAST_REDIS_URL"), "{text}");
     assert!(text.contains("WALCAST_REDIS_CA_FILE"), "{text}");
 }
+
+/// `cert` authentication: the server lets in only a client presenting a certificate its CA
+/// signed for the user; walcast presents `sslcert`/`sslkey`, for the stream too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_authenticate_walcast_to_postgresql_and_redis() {
+    let certs = Certs::make();
+    let pg = Postgres::start_tls(&certs, &certs.server_cert, "cert").await;
+    let db = pg.create_source_db("app").await;
+    db.batch_execute(&format!(
+        "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
+         VALUES ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now())"
+    ))
+    .await
+    .unwrap();
+    let redis = Redis::start_tls_with(&certs, REDIS_PASSWORD, true).await;
+    let without = verify_full(&certs.ca);
+    let with = format!(
+        "{without}&sslcert={}&sslkey={}",
+        certs.client_cert.display(),
+        certs.client_key.display()
+    );
+    let mut env = Env::new(&pg, "app", &redis);
+    env.put("WALCAST_SOURCE_URL", &pg.tls_url("app", &without));
+    env.put("WALCAST_REDIS_CA_FILE", certs.ca.to_str().unwrap());
+    env.put(
+        "WALCAST_REDIS_PASSWORD_FILE",
+        &write_secret(certs.dir.path(), "redis-password", REDIS_PASSWORD),
+    );
+    let out = env.output(&["setup"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "no client certificate, no entry: {said}"
+    );
+    assert!(said.contains("certificate"), "{said}");
+    let out = env.output(&["top"]);
+    assert!(
+        !out.status.success(),
+        "Redis asks for a client certificate too"
+    );
+
+    env.put("WALCAST_SOURCE_URL", &pg.tls_url("app", &with));
+    env.put(
+        "WALCAST_REDIS_CERT_FILE",
+        certs.client_cert.to_str().unwrap(),
+    );
+    env.put("WALCAST_REDIS_KEY_FILE", certs.client_key.to_str().unwrap());
+    let s = Stack { pg, redis, db, env };
+    let _walcast = s.run();
+    s.db.batch_execute(&insert(10)).await.unwrap();
+    eventually("the events in both sinks", WAIT, || async {
+        s.redis.total().await == 10 && count(&s.db, "analytics.enriched_events").await == 10
+    })
+    .await;
+}

@@ -309,6 +309,8 @@ impl Postgres {
             ("ssl", "on".to_owned()),
             ("ssl_cert_file", path(cert)),
             ("ssl_key_file", path(key)),
+            // For `cert` authentication: client certificates signed by the test's CA.
+            ("ssl_ca_file", path(&certs.ca)),
             ("hba_file", path(&hba)),
         ];
         let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -457,8 +459,9 @@ pub struct Redis {
     dir: TempDir,
     child: Option<Child>,
     persistent: bool,
-    /// With TLS only (`--port 0 --tls-port`): the CA's PEM, and the password it requires.
-    tls: Option<(Vec<u8>, String)>,
+    /// With TLS only (`--port 0 --tls-port`): the CA's PEM, the password it requires, and
+    /// the client certificate and key (PEM) when it requires one.
+    tls: Option<(Vec<u8>, String, Option<(Vec<u8>, Vec<u8>)>)>,
     /// `--tls-cert-file`, `--tls-key-file`, `--tls-ca-cert-file`.
     tls_files: Vec<PathBuf>,
 }
@@ -493,6 +496,11 @@ impl Redis {
     /// A Redis that takes TLS connections only, presenting `certs`'s server certificate,
     /// and requires `password`.
     pub async fn start_tls(certs: &Certs, password: &str) -> Redis {
+        Redis::start_tls_with(certs, password, false).await
+    }
+
+    /// The same, requiring a client certificate signed by `certs`'s CA when `client_auth`.
+    pub async fn start_tls_with(certs: &Certs, password: &str, client_auth: bool) -> Redis {
         let dir = tempfile::Builder::new()
             .prefix("walcast-redis-")
             .tempdir()
@@ -502,7 +510,16 @@ impl Redis {
             dir,
             child: None,
             persistent: false,
-            tls: Some((std::fs::read(&certs.ca).unwrap(), password.to_owned())),
+            tls: Some((
+                std::fs::read(&certs.ca).unwrap(),
+                password.to_owned(),
+                client_auth.then(|| {
+                    (
+                        std::fs::read(&certs.client_cert).unwrap(),
+                        std::fs::read(&certs.client_key).unwrap(),
+                    )
+                }),
+            )),
             tls_files: vec![
                 certs.server_cert.clone(),
                 certs.server_key.clone(),
@@ -518,7 +535,8 @@ impl Redis {
         let appendonly = if self.persistent { "yes" } else { "no" };
         let mut cmd = Command::new(binary);
         match (&self.tls, self.tls_files.as_slice()) {
-            (Some((_, password)), [cert, key, ca]) => {
+            (Some((_, password, client)), [cert, key, ca]) => {
+                let auth_clients = if client.is_some() { "yes" } else { "no" };
                 cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
                     .arg("--tls-cert-file")
                     .arg(cert)
@@ -526,7 +544,12 @@ impl Redis {
                     .arg(key)
                     .arg("--tls-ca-cert-file")
                     .arg(ca)
-                    .args(["--tls-auth-clients", "no", "--requirepass", password]);
+                    .args([
+                        "--tls-auth-clients",
+                        auth_clients,
+                        "--requirepass",
+                        password,
+                    ]);
             }
             _ => {
                 cmd.args(["--port", &self.port.to_string()]);
@@ -572,13 +595,16 @@ impl Redis {
     async fn try_conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let client = match &self.tls {
             None => redis::Client::open(self.url())?,
-            Some((ca, password)) => {
+            Some((ca, password, client)) => {
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 let url = format!("rediss://:{password}@localhost:{}", self.port);
                 redis::Client::build_with_tls(
                     url,
                     redis::TlsCertificates {
-                        client_tls: None,
+                        client_tls: client.as_ref().map(|(cert, key)| redis::ClientTlsConfig {
+                            client_cert: cert.clone(),
+                            client_key: key.clone(),
+                        }),
                         root_cert: Some(ca.clone()),
                     },
                 )?
@@ -966,6 +992,9 @@ impl Proxy {
 pub struct Certs {
     pub dir: TempDir,
     pub ca: PathBuf,
+    /// A client certificate for user `postgres` (its common name), signed by the CA.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub other_name_cert: PathBuf,
@@ -1004,12 +1033,22 @@ impl Certs {
             }
             params.signed_by(&key, &ca).unwrap().pem()
         };
+        let client_key = KeyPair::generate().unwrap();
+        let client_cert = {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "postgres");
+            params.signed_by(&client_key, &ca).unwrap().pem()
+        };
         let server_key = write("server.key", key.serialize_pem());
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&server_key, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         Certs {
+            client_cert: write("client.crt", client_cert),
+            client_key: write("client.key", client_key.serialize_pem()),
             ca: write("ca.crt", ca.pem()),
             server_cert: write(
                 "server.crt",
