@@ -452,6 +452,16 @@ fn signal(child: &Child, sig: i32) {
     signal_pid(child.id(), sig);
 }
 
+/// How the test connects to a TLS-only Redis.
+struct RedisTls {
+    /// The CA's PEM.
+    ca: Vec<u8>,
+    /// The password it requires.
+    password: String,
+    /// The client certificate and key (PEM), when it requires one.
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// A throwaway redis-server: in memory only, or persistent (append-only file, fsync on
 /// every write) to survive a restart.
 pub struct Redis {
@@ -459,9 +469,8 @@ pub struct Redis {
     dir: TempDir,
     child: Option<Child>,
     persistent: bool,
-    /// With TLS only (`--port 0 --tls-port`): the CA's PEM, the password it requires, and
-    /// the client certificate and key (PEM) when it requires one.
-    tls: Option<(Vec<u8>, String, Option<(Vec<u8>, Vec<u8>)>)>,
+    /// With TLS only (`--port 0 --tls-port`).
+    tls: Option<RedisTls>,
     /// `--tls-cert-file`, `--tls-key-file`, `--tls-ca-cert-file`.
     tls_files: Vec<PathBuf>,
 }
@@ -510,16 +519,16 @@ impl Redis {
             dir,
             child: None,
             persistent: false,
-            tls: Some((
-                std::fs::read(&certs.ca).unwrap(),
-                password.to_owned(),
-                client_auth.then(|| {
+            tls: Some(RedisTls {
+                ca: std::fs::read(&certs.ca).unwrap(),
+                password: password.to_owned(),
+                client: client_auth.then(|| {
                     (
                         std::fs::read(&certs.client_cert).unwrap(),
                         std::fs::read(&certs.client_key).unwrap(),
                     )
                 }),
-            )),
+            }),
             tls_files: vec![
                 certs.server_cert.clone(),
                 certs.server_key.clone(),
@@ -535,8 +544,8 @@ impl Redis {
         let appendonly = if self.persistent { "yes" } else { "no" };
         let mut cmd = Command::new(binary);
         match (&self.tls, self.tls_files.as_slice()) {
-            (Some((_, password, client)), [cert, key, ca]) => {
-                let auth_clients = if client.is_some() { "yes" } else { "no" };
+            (Some(tls), [cert, key, ca]) => {
+                let auth_clients = if tls.client.is_some() { "yes" } else { "no" };
                 cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
                     .arg("--tls-cert-file")
                     .arg(cert)
@@ -548,7 +557,7 @@ impl Redis {
                         "--tls-auth-clients",
                         auth_clients,
                         "--requirepass",
-                        password,
+                        &tls.password,
                     ]);
             }
             _ => {
@@ -595,7 +604,11 @@ impl Redis {
     async fn try_conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let client = match &self.tls {
             None => redis::Client::open(self.url())?,
-            Some((ca, password, client)) => {
+            Some(RedisTls {
+                ca,
+                password,
+                client,
+            }) => {
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 let url = format!("rediss://:{password}@localhost:{}", self.port);
                 redis::Client::build_with_tls(
