@@ -477,29 +477,12 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Redis {
-        Redis::launch_new(false).await
+        Redis::launch_new(false, None, Vec::new()).await
     }
 
     /// A Redis that keeps every acknowledged write across a SIGKILL and restart.
     pub async fn start_persistent() -> Redis {
-        Redis::launch_new(true).await
-    }
-
-    async fn launch_new(persistent: bool) -> Redis {
-        let dir = tempfile::Builder::new()
-            .prefix("walcast-redis-")
-            .tempdir()
-            .unwrap();
-        let mut redis = Redis {
-            port: free_port(),
-            dir,
-            child: None,
-            persistent,
-            tls: None,
-            tls_files: Vec::new(),
-        };
-        redis.launch().await;
-        redis
+        Redis::launch_new(true, None, Vec::new()).await
     }
 
     /// A Redis that takes TLS connections only, presenting `certs`'s server certificate,
@@ -510,6 +493,25 @@ impl Redis {
 
     /// The same, requiring a client certificate signed by `certs`'s CA when `client_auth`.
     pub async fn start_tls_with(certs: &Certs, password: &str, client_auth: bool) -> Redis {
+        let tls = RedisTls {
+            ca: std::fs::read(&certs.ca).unwrap(),
+            password: password.to_owned(),
+            client: client_auth.then(|| {
+                (
+                    std::fs::read(&certs.client_cert).unwrap(),
+                    std::fs::read(&certs.client_key).unwrap(),
+                )
+            }),
+        };
+        let files = vec![
+            certs.server_cert.clone(),
+            certs.server_key.clone(),
+            certs.ca.clone(),
+        ];
+        Redis::launch_new(false, Some(tls), files).await
+    }
+
+    async fn launch_new(persistent: bool, tls: Option<RedisTls>, tls_files: Vec<PathBuf>) -> Redis {
         let dir = tempfile::Builder::new()
             .prefix("walcast-redis-")
             .tempdir()
@@ -518,22 +520,9 @@ impl Redis {
             port: free_port(),
             dir,
             child: None,
-            persistent: false,
-            tls: Some(RedisTls {
-                ca: std::fs::read(&certs.ca).unwrap(),
-                password: password.to_owned(),
-                client: client_auth.then(|| {
-                    (
-                        std::fs::read(&certs.client_cert).unwrap(),
-                        std::fs::read(&certs.client_key).unwrap(),
-                    )
-                }),
-            }),
-            tls_files: vec![
-                certs.server_cert.clone(),
-                certs.server_key.clone(),
-                certs.ca.clone(),
-            ],
+            persistent,
+            tls,
+            tls_files,
         };
         redis.launch().await;
         redis
