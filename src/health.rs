@@ -206,17 +206,18 @@ impl SinkHealth {
     }
 }
 
-/// Binds `addr` now (so a taken port fails at start) and serves the endpoints in the
-/// background.
+/// Binds `addr` now (so a taken port fails at start) and serves the endpoints from tasks
+/// in `tasks` (they stop when the set is dropped).
 pub async fn serve(
     addr: SocketAddr,
     metrics: PrometheusHandle,
     health: Arc<Health>,
+    tasks: &mut tokio::task::JoinSet<()>,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let upkeep = metrics.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
         loop {
             tick.tick().await;
@@ -231,7 +232,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state((metrics, health));
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "metrics endpoint stopped");
         }

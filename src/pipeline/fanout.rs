@@ -206,6 +206,7 @@ pub async fn run(
     let mut queues = Some(queues);
     loop {
         tokio::select! {
+            biased;
             // Priority 1: a sink task ended; before the input closed, only by failing.
             Some(joined) = tasks.join_next() => match joined {
                 Ok(Err(err)) => return Err(err),

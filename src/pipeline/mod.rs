@@ -27,6 +27,7 @@ use chrono::{DateTime, Utc};
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{Destinations, RunConfig, SinkKind, SourceArgs};
 use crate::decode::{self, Change};
@@ -80,7 +81,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
             .map(|k| k.name())
             .collect();
         let handle = metrics::install(&names).map_err(|e| Error::Metrics(e.to_string()))?;
-        let bound = health::serve(addr, handle, Arc::clone(&health))
+        let bound = health::serve(addr, handle, Arc::clone(&health), &mut background)
             .await
             .map_err(|e| Error::Metrics(format!("cannot listen on {addr}: {e}")))?;
         tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
@@ -172,7 +173,8 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     tracing::info!(entries = cache.len(), "content cache loaded");
 
     let release_source = Arc::clone(&sinks.release_source);
-    let monitor = tokio::spawn(
+    // Aborted when dropped, so that an early return below stops them too.
+    let monitor = AbortOnDropHandle::new(tokio::spawn(
         source::Monitor {
             config: pg_config,
             slot: config.source.slot.clone(),
@@ -183,7 +185,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
             health: Arc::clone(&health),
         }
         .run(),
-    );
+    ));
 
     let repl = source::start_replication(&config.source, durable, config.status_interval).await?;
     let walsender = source::slot_holder(&config.source).await;
@@ -192,7 +194,8 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
 
     let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
     let (ack_tx, ack_rx) = watch::channel(durable);
-    let fanout = tokio::spawn(fanout::run(sinks, batch_rx, durable, ack_tx));
+    let fanout =
+        AbortOnDropHandle::new(tokio::spawn(fanout::run(sinks, batch_rx, durable, ack_tx)));
     let source_loop = SourceLoop {
         repl,
         source: config.source.clone(),
@@ -531,11 +534,13 @@ const UNAPPLIED_CAP: usize = 65_536;
 impl SourceLoop {
     async fn run(
         mut self,
-        mut fanout: tokio::task::JoinHandle<Result<(), FanoutError>>,
-        mut monitor: tokio::task::JoinHandle<Result<(), source::ReplicationError>>,
+        mut fanout: AbortOnDropHandle<Result<(), FanoutError>>,
+        mut monitor: AbortOnDropHandle<Result<(), source::ReplicationError>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
         let mut shutdown = std::pin::pin!(shutdown);
+        // A finished task must not be polled again.
+        let mut monitor_running = true;
         let outcome: Result<(), Error> = loop {
             tokio::select! {
                 biased;
@@ -545,12 +550,15 @@ impl SourceLoop {
                 joined = &mut fanout => return finish_fanout(joined),
                 // Priority 2b: the slot monitor ended, which only an invalidated or dropped
                 // slot does.
-                joined = &mut monitor => match joined {
-                    Ok(Err(err)) => break Err(err.into()),
-                    Ok(Ok(())) => {}
-                    Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-                    Err(_) => {}
-                },
+                joined = &mut monitor, if monitor_running => {
+                    monitor_running = false;
+                    match joined {
+                        Ok(Err(err)) => break Err(err.into()),
+                        Ok(Ok(())) => {}
+                        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                        Err(_) => {}
+                    }
+                }
                 // Priority 3: report a new flush position.
                 Ok(()) = self.ack_rx.changed() => self.report_ack(),
                 // Priority 3b: a sink's server (maybe this one) is shutting down: let go of
@@ -821,7 +829,7 @@ impl SourceLoop {
     /// update, close.
     async fn shutdown(
         mut self,
-        mut fanout: tokio::task::JoinHandle<Result<(), FanoutError>>,
+        mut fanout: AbortOnDropHandle<Result<(), FanoutError>>,
     ) -> Result<(), Error> {
         let drained = tokio::time::Instant::now() + SHUTDOWN_DRAIN_WAIT;
         // Handing over the open batch waits for room when a sink is stuck: bounded too.

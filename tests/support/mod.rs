@@ -99,7 +99,7 @@ pub const PG18_HOME: &str = "/usr/local/lib/walcast-pg18";
 pub const PG18_BINDIR_ENV: &str = "TEST_PG18_BINDIR";
 
 /// The bin directory of PostgreSQL 18 when this test binary is one of the `*_pg18` ones
-/// (Cargo.toml builds the end-to-end tests a second time under that name); `None` for the
+/// (tests/*_pg18.rs include the end-to-end tests a second time under that name); `None` for the
 /// others, which use the system's PostgreSQL.
 fn pg18_bindir() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
