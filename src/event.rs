@@ -182,14 +182,84 @@ impl serde::Serialize for EnrichedEvent {
     }
 }
 
+/// Why a row or a batch became a dead letter: `analytics.dead_letters.reason`, and the
+/// `reason` label of `walcast_dead_letters_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// A column's value does not parse as its type.
+    InvalidValue,
+    /// The table has no column the event needs (dropped or renamed).
+    MissingColumn,
+    /// `event_ts` is NULL.
+    NullEventTs,
+    /// The analytics database refused the event (a value it cannot store, a constraint).
+    AnalyticsRejected,
+    /// The webhook answered a 4xx other than 408 and 429.
+    WebhookRejected,
+    /// The webhook did not accept the batch within its retry budget.
+    WebhookExhausted,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 6] = [
+        DeadLetterReason::InvalidValue,
+        DeadLetterReason::MissingColumn,
+        DeadLetterReason::NullEventTs,
+        DeadLetterReason::AnalyticsRejected,
+        DeadLetterReason::WebhookRejected,
+        DeadLetterReason::WebhookExhausted,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::InvalidValue => "invalid_value",
+            DeadLetterReason::MissingColumn => "missing_column",
+            DeadLetterReason::NullEventTs => "null_event_ts",
+            DeadLetterReason::AnalyticsRejected => "analytics_rejected",
+            DeadLetterReason::WebhookRejected => "webhook_rejected",
+            DeadLetterReason::WebhookExhausted => "webhook_exhausted",
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who wrote a dead letter: `analytics.dead_letters.origin`. `verify` tells them apart: a
+/// row of origin `source` or `backfill` never became an event; one of origin `postgres` is
+/// an event the analytics tables do not have, and only they.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The stream: a row that could not become an event.
+    Source,
+    /// A backfill: the same, for a row read from the table.
+    Backfill,
+    /// The analytics sink: an event its database refused.
+    Postgres,
+    /// The webhook: a batch it did not accept.
+    Webhook,
+}
+
+impl Origin {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Origin::Source => "source",
+            Origin::Backfill => "backfill",
+            Origin::Postgres => "postgres",
+            Origin::Webhook => "webhook",
+        }
+    }
+}
+
 /// A row that cannot become an event: kept with why, where and what it held.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub position: Position,
     pub table: String,
-    /// Low-cardinality reason, used as a metric label: `invalid_value`, `missing_column`,
-    /// `null_event_ts`.
-    pub reason: &'static str,
+    pub reason: DeadLetterReason,
     /// What exactly was wrong, for the operator.
     pub detail: String,
     /// The row's column values in text form, by name.
@@ -251,6 +321,12 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_of_sinks_are_their_names() {
+        assert_eq!(Origin::Postgres.as_str(), crate::sink::postgres::NAME);
+        assert_eq!(Origin::Webhook.as_str(), crate::sink::webhook::NAME);
+    }
 
     #[test]
     fn key_parts_are_cut_at_a_character_boundary() {

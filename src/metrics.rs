@@ -33,17 +33,6 @@ pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walcast_slot_safe_wal_size_bytes";
 pub const SLOT_IDLE_TIMEOUT_SECONDS: &str = "walcast_slot_idle_timeout_seconds";
 pub const HEARTBEATS_TOTAL: &str = "walcast_heartbeats_total";
 
-/// Why a row or a batch became a dead letter: every value `walcast_dead_letters_total`
-/// can carry in its `reason` label.
-pub const DEAD_LETTER_REASONS: [&str; 6] = [
-    crate::enrich::REASON_INVALID_VALUE,
-    crate::enrich::REASON_MISSING_COLUMN,
-    crate::enrich::REASON_NULL_EVENT_TS,
-    crate::sink::postgres::REASON_REJECTED,
-    crate::sink::webhook::REASON_REJECTED,
-    crate::sink::webhook::REASON_EXHAUSTED,
-];
-
 /// The outcomes of `walcast_sink_batches_total`.
 pub const OUTCOMES: [&str; 4] = ["ok", "retry", "dead_letter", "error"];
 
@@ -142,8 +131,8 @@ fn describe() {
 
 /// Every counter at 0, for every label value known in advance.
 fn zero_counters(sinks: &[&'static str]) {
-    for reason in DEAD_LETTER_REASONS {
-        counter!(DEAD_LETTERS_TOTAL, "reason" => reason).increment(0);
+    for reason in crate::event::DeadLetterReason::ALL {
+        counter!(DEAD_LETTERS_TOTAL, "reason" => reason.as_str()).increment(0);
     }
     for sink in sinks {
         for outcome in OUTCOMES {
@@ -165,8 +154,8 @@ fn zero_counters(sinks: &[&'static str]) {
 }
 
 /// A row or batch went to the dead letters.
-pub fn dead_lettered(reason: &'static str) {
-    counter!(DEAD_LETTERS_TOTAL, "reason" => reason).increment(1);
+pub fn dead_lettered(reason: crate::event::DeadLetterReason) {
+    counter!(DEAD_LETTERS_TOTAL, "reason" => reason.as_str()).increment(1);
 }
 
 /// Changes decoded by the source, per table and operation, counted over one batch.

@@ -16,6 +16,7 @@ use std::fmt;
 
 use tokio_postgres::Client;
 
+use crate::event::Origin;
 use crate::sink::postgres::AGGREGATES;
 
 const PAGE: i64 = 50_000;
@@ -109,12 +110,18 @@ impl fmt::Display for Report {
 
 /// Ids of `engagement_events` rows that became dead letters: by the stream (`origin =
 /// 'source'`, the id in the raw values) or by a backfill (`origin = 'backfill'`, `row_id`).
-const DEAD_LETTERED_IDS: &str = "SELECT (raw->>'id')::bigint AS id FROM analytics.dead_letters
-     WHERE origin = 'source' AND source_table = 'engagement_events'
-       AND raw->>'id' ~ '^-?[0-9]+$'
-     UNION
-     SELECT row_id FROM analytics.dead_letters
-     WHERE origin = 'backfill' AND row_id IS NOT NULL";
+fn dead_lettered_ids() -> String {
+    format!(
+        "SELECT (raw->>'id')::bigint AS id FROM analytics.dead_letters
+         WHERE origin = '{source}' AND source_table = 'engagement_events'
+           AND raw->>'id' ~ '^-?[0-9]+$'
+         UNION
+         SELECT row_id FROM analytics.dead_letters
+         WHERE origin = '{backfill}' AND row_id IS NOT NULL",
+        source = Origin::Source.as_str(),
+        backfill = Origin::Backfill.as_str(),
+    )
+}
 
 /// Counts the source rows and the dead letters of `engagement_events`.
 pub async fn source(
@@ -130,7 +137,7 @@ pub async fn source(
         Some(client) => {
             let dead = ids(
                 client,
-                &format!("SELECT id FROM ({DEAD_LETTERED_IDS}) AS d ORDER BY id"),
+                &format!("SELECT id FROM ({}) AS d ORDER BY id", dead_lettered_ids()),
                 &[],
             )
             .await?;
@@ -163,18 +170,20 @@ pub async fn analytics(
     let dead = ids(
         analytics,
         &format!(
-            "SELECT id FROM ({DEAD_LETTERED_IDS}
+            "SELECT id FROM ({}
                              UNION SELECT row_id FROM analytics.dead_letters
-                             WHERE origin = 'postgres' AND row_id IS NOT NULL) AS d
-             ORDER BY id"
+                             WHERE origin = '{}' AND row_id IS NOT NULL) AS d
+             ORDER BY id",
+            dead_lettered_ids(),
+            Origin::Postgres.as_str()
         ),
         &[],
     )
     .await?;
     report.rejected = analytics
         .query_one(
-            "SELECT count(DISTINCT row_id) FROM analytics.dead_letters WHERE origin = 'postgres'",
-            &[],
+            "SELECT count(DISTINCT row_id) FROM analytics.dead_letters WHERE origin = $1",
+            &[&Origin::Postgres.as_str()],
         )
         .await?
         .get::<_, i64>(0) as u64;

@@ -11,10 +11,7 @@ mod content;
 mod transform;
 
 pub use content::{Content, ContentCache};
-pub use transform::{
-    REASON_INVALID_VALUE, REASON_MISSING_COLUMN, REASON_NULL_EVENT_TS, engagement_pct,
-    engagement_seconds, event as row_event, parse_timestamptz,
-};
+pub use transform::{engagement_pct, engagement_seconds, event as row_event, parse_timestamptz};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -155,7 +152,7 @@ impl Enricher {
             Err(detail) => Outcome::DeadLetter(Box::new(DeadLetter {
                 position,
                 table: rel.name.clone(),
-                reason: transform::REASON_INVALID_VALUE,
+                reason: crate::event::DeadLetterReason::InvalidValue,
                 detail,
                 raw: transform::raw_values(rel, new),
             })),

@@ -14,12 +14,8 @@ use serde_json::value::RawValue;
 
 use super::ContentCache;
 use crate::decode::{Relation, Tuple, Value};
-use crate::event::{DeadLetter, EnrichedEvent, Hundredths};
+use crate::event::{DeadLetter, DeadLetterReason, EnrichedEvent, Hundredths};
 use crate::lsn::Position;
-
-pub const REASON_INVALID_VALUE: &str = "invalid_value";
-pub const REASON_MISSING_COLUMN: &str = "missing_column";
-pub const REASON_NULL_EVENT_TS: &str = "null_event_ts";
 
 /// The contract's columns; any other column of the table is carried as text in `extra`.
 const KNOWN: [&str; 8] = [
@@ -103,7 +99,7 @@ pub fn event(
     commit_ts: DateTime<Utc>,
     cache: &ContentCache,
 ) -> Result<EnrichedEvent, DeadLetter> {
-    let dead = |reason: &'static str, detail: String| DeadLetter {
+    let dead = |reason: DeadLetterReason, detail: String| DeadLetter {
         position,
         table: rel.name.clone(),
         reason,
@@ -121,19 +117,39 @@ pub fn event(
     let optional = |name: &'static str| get(name).unwrap_or(None);
     let invalid = |name: &str, value: &str, what: &str| {
         dead(
-            REASON_INVALID_VALUE,
+            DeadLetterReason::InvalidValue,
             format!("column {name}: {value:?} is not {what}"),
         )
     };
 
     let id = match get("id") {
-        Err(name) => return Err(dead(REASON_MISSING_COLUMN, format!("no column {name}"))),
-        Ok(None) => return Err(dead(REASON_INVALID_VALUE, "id is NULL".to_owned())),
+        Err(name) => {
+            return Err(dead(
+                DeadLetterReason::MissingColumn,
+                format!("no column {name}"),
+            ));
+        }
+        Ok(None) => {
+            return Err(dead(
+                DeadLetterReason::InvalidValue,
+                "id is NULL".to_owned(),
+            ));
+        }
         Ok(Some(s)) => s.parse::<i64>().map_err(|_| invalid("id", s, "a bigint"))?,
     };
     let event_ts = match get("event_ts") {
-        Err(name) => return Err(dead(REASON_MISSING_COLUMN, format!("no column {name}"))),
-        Ok(None) => return Err(dead(REASON_NULL_EVENT_TS, "event_ts is NULL".to_owned())),
+        Err(name) => {
+            return Err(dead(
+                DeadLetterReason::MissingColumn,
+                format!("no column {name}"),
+            ));
+        }
+        Ok(None) => {
+            return Err(dead(
+                DeadLetterReason::NullEventTs,
+                "event_ts is NULL".to_owned(),
+            ));
+        }
         Ok(Some(s)) => parse_timestamptz(s).ok_or_else(|| invalid("event_ts", s, "a timestamp"))?,
     };
     let content_id = optional("content_id");

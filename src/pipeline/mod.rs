@@ -783,7 +783,7 @@ impl SourceLoop {
             Ok(Outcome::DeadLetter(dead)) => {
                 // The detail quotes the offending value: it goes to the dead letters table,
                 // never to the log.
-                tracing::warn!(%lsn, position = %dead.position, table = %dead.table, reason = dead.reason, "row rejected");
+                tracing::warn!(%lsn, position = %dead.position, table = %dead.table, reason = dead.reason.as_str(), "row rejected");
                 self.batcher.push_dead_letter(*dead, data.len());
             }
             Ok(Outcome::Applied) => {}

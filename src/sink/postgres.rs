@@ -27,7 +27,9 @@ use futures_util::SinkExt;
 use tokio_postgres::{Client, Statement};
 
 use super::{Sink, SinkError};
-use crate::event::{BackfillMark, Batch, DeadLetter, EnrichedEvent, rfc3339};
+use crate::event::{
+    BackfillMark, Batch, DeadLetter, DeadLetterReason, EnrichedEvent, Origin, rfc3339,
+};
 use crate::lsn::{Position, SourceId};
 
 /// The sink's name in `analytics.walcast_checkpoint` and in metric labels.
@@ -484,9 +486,6 @@ fn refuses_rows(err: &SinkError) -> bool {
     }
 }
 
-/// The dead-letter reason of a row the analytics database refused.
-pub const REASON_REJECTED: &str = "analytics_rejected";
-
 /// What a write records besides the rows, in the same transaction.
 #[derive(Clone, Copy)]
 enum Progress<'a> {
@@ -528,7 +527,7 @@ impl PostgresSink {
                 Err(err) if refuses_rows(&err) => {
                     tracing::warn!(sink = NAME, position = %event.position, id = event.id, error = %err, "row refused by the analytics database, dead-lettered");
                     self.reject(event, &err, at).await?;
-                    crate::metrics::dead_lettered(REASON_REJECTED);
+                    crate::metrics::dead_lettered(DeadLetterReason::AnalyticsRejected);
                 }
                 Err(err) => return Err(err),
             }
@@ -558,14 +557,14 @@ impl PostgresSink {
         let dead = DeadLetter {
             position: event.position,
             table: crate::enrich::EVENTS_TABLE.to_owned(),
-            reason: REASON_REJECTED,
+            reason: DeadLetterReason::AnalyticsRejected,
             detail: refusal.to_string(),
             raw: vec![
                 ("id".to_owned(), Some(event.id.to_string())),
                 ("event".to_owned(), Some(event.to_json())),
             ],
         };
-        insert_dead_letters(&tx, &session.dead_letters, &[&dead], NAME)
+        insert_dead_letters(&tx, &session.dead_letters, &[&dead], Origin::Postgres)
             .await
             .map_err(pg)?;
         save_progress(&tx, &session.save_checkpoint, progress)
@@ -600,8 +599,8 @@ impl PostgresSink {
         let dead: Vec<&DeadLetter> = batches.iter().flat_map(|b| &b.dead_letters).collect();
         if !dead.is_empty() {
             let origin = match progress {
-                Progress::Stream(_) => "source",
-                Progress::Backfill(_) => "backfill",
+                Progress::Stream(_) => Origin::Source,
+                Progress::Backfill(_) => Origin::Backfill,
             };
             insert_dead_letters(&tx, &session.dead_letters, &dead, origin)
                 .await
@@ -619,7 +618,7 @@ async fn insert_dead_letters(
     tx: &tokio_postgres::Transaction<'_>,
     statement: &Statement,
     dead: &[&DeadLetter],
-    origin: &str,
+    origin: Origin,
 ) -> Result<(), tokio_postgres::Error> {
     let columns = DeadLetterColumns::new(dead);
     tx.execute(
@@ -631,7 +630,7 @@ async fn insert_dead_letters(
             &columns.lsns,
             &columns.seqs,
             &columns.raws,
-            &origin,
+            &origin.as_str(),
             &columns.row_ids,
         ],
     )
@@ -682,7 +681,7 @@ struct DeadLetterColumns {
 impl DeadLetterColumns {
     fn new(dead: &[&DeadLetter]) -> Self {
         DeadLetterColumns {
-            reasons: dead.iter().map(|d| d.reason).collect(),
+            reasons: dead.iter().map(|d| d.reason.as_str()).collect(),
             details: dead.iter().map(|d| d.detail.clone()).collect(),
             tables: dead.iter().map(|d| d.table.clone()).collect(),
             lsns: dead

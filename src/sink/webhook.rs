@@ -35,7 +35,7 @@ use serde_json::value::RawValue;
 
 use crate::config::{OnFailure, WebhookArgs, WebhookEndpoint};
 use crate::enrich::Content;
-use crate::event::{BackfillMark, Batch, EnrichedEvent, Hundredths};
+use crate::event::{BackfillMark, Batch, DeadLetterReason, EnrichedEvent, Hundredths, Origin};
 use crate::health::Health;
 use crate::lsn::{Position, SourceId};
 use crate::metrics;
@@ -47,9 +47,6 @@ pub const NAME: &str = "webhook";
 pub const APPLICATION_NAME: &str = "walcast-webhook-sink";
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 pub const SIGNATURE_HEADER: &str = "Walcast-Signature";
-/// Dead-letter reasons (metric label values).
-pub const REASON_REJECTED: &str = "webhook_rejected";
-pub const REASON_EXHAUSTED: &str = "webhook_exhausted";
 /// How much of a rejecting response's body is kept.
 const SNIPPET_CHARS: usize = 500;
 /// The longest `Retry-After` honoured as given.
@@ -387,7 +384,7 @@ impl Store {
     async fn finish(
         &mut self,
         outbox: &Outbox,
-        dead: Option<(&'static str, String)>,
+        dead: Option<(DeadLetterReason, String)>,
     ) -> Result<(), SinkError> {
         let client = self.client().await?;
         let context = "recording a webhook delivery";
@@ -502,21 +499,22 @@ fn fact(row: &tokio_postgres::Row) -> Result<EnrichedEvent, SinkError> {
 async fn dead_letter(
     tx: &tokio_postgres::Transaction<'_>,
     outbox: &Outbox,
-    reason: &'static str,
+    reason: DeadLetterReason,
     detail: &str,
 ) -> Result<(), SinkError> {
     tx.execute(
         "INSERT INTO analytics.dead_letters
              (origin, reason, detail, source_table, commit_lsn, seq, raw, idempotency_key)
-         VALUES ('webhook', $1, $2, 'engagement_events', $3::text::pg_lsn, $4, $5::text::jsonb, $6)
+         VALUES ($7, $1, $2, 'engagement_events', $3::text::pg_lsn, $4, $5::text::jsonb, $6)
          ON CONFLICT DO NOTHING",
         &[
-            &reason,
+            &reason.as_str(),
             &detail,
             &outbox.first.commit_lsn.to_string(),
             &seq(outbox.first),
             &outbox.body,
             &outbox.key,
+            &Origin::Webhook.as_str(),
         ],
     )
     .await
@@ -595,7 +593,10 @@ impl WebhookSink {
             }
             Delivery::Rejected { status, snippet } => {
                 tracing::warn!(sink = NAME, key = %outbox.key, status, "webhook rejected a batch; dead-lettered");
-                Some((REASON_REJECTED, format!("HTTP {status}: {snippet}")))
+                Some((
+                    DeadLetterReason::WebhookRejected,
+                    format!("HTTP {status}: {snippet}"),
+                ))
             }
             Delivery::Exhausted {
                 attempts,
@@ -603,7 +604,7 @@ impl WebhookSink {
             } => {
                 tracing::warn!(sink = NAME, key = %outbox.key, attempts, "webhook retry budget spent; dead-lettered");
                 Some((
-                    REASON_EXHAUSTED,
+                    DeadLetterReason::WebhookExhausted,
                     format!("gave up after {attempts} attempts: {last_error}"),
                 ))
             }
@@ -844,9 +845,9 @@ pub async fn replay(deliverer: &Deliverer, client: &Client) -> Result<(u64, u64)
     let rows = client
         .query(
             "SELECT id, idempotency_key, raw::text FROM analytics.dead_letters
-             WHERE origin = 'webhook' AND replayed_at IS NULL
+             WHERE origin = $1 AND replayed_at IS NULL
              ORDER BY commit_lsn, seq",
-            &[],
+            &[&Origin::Webhook.as_str()],
         )
         .await
         .map_err(pg("reading webhook dead letters"))?;
