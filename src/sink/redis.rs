@@ -64,7 +64,6 @@ const LIST_LENGTH: usize = 100;
 /// Ids per `walcast:ids:{n}` bitmap: 2^23, 1 MiB each.
 const IDS_PER_SHARD: i64 = 1 << 23;
 /// Values passed to the script per event.
-#[cfg(test)]
 const ARGS_PER_EVENT: usize = 12;
 
 /// KEYS[1] = the checkpoint key (mode `stream`) or the backfill's cursor key (mode
@@ -78,6 +77,9 @@ const ARGS_PER_EVENT: usize = 12;
 /// leaderboard scores and recent lists are summed up over the batch and written once per
 /// key at the end (a `redis.call` costs about as much as the work it does, so this is what
 /// makes a batch cheap), with the same result as writing them event by event.
+///
+/// The `@NAME@` placeholders are the same constants the MULTI/EXEC path uses, filled in by
+/// [`apply_batch_script`], so the two ways of writing cannot drift apart.
 const APPLY_BATCH: &str = r#"
 local stream = ARGV[2] == 'stream'
 local checkpoint = false
@@ -97,7 +99,7 @@ local function count(field)
   counts[field] = counts[field] + 1
 end
 for i = 0, n - 1 do
-  local a = 4 + i * 12
+  local a = 4 + i * @ARGS_PER_EVENT@
   local pos = ARGV[a]
   if not stream or checkpoint == false or pos > checkpoint then
     if redis.call('SETBIT', ARGV[a + 2], ARGV[a + 3], 1) == 0 then
@@ -106,7 +108,7 @@ for i = 0, n - 1 do
       local content_id = ARGV[a + 5]
       local event_type = ARGV[a + 6]
       local recent = ARGV[a + 11] == '1'
-      redis.call('SET', 'event:' .. id, json, 'EX', 86400)
+      redis.call('SET', 'event:' .. id, json, 'EX', @EVENT_TTL_SECONDS@)
       if content_id ~= '' then
         if recent then
           local list = 'content:' .. content_id .. ':events'
@@ -130,7 +132,7 @@ for i = 0, n - 1 do
         end
       end
       if recent then
-        redis.call('XADD', 'events:' .. event_type, 'MAXLEN', '~', 100000, '*', 'event', json)
+        redis.call('XADD', 'events:' .. event_type, 'MAXLEN', '~', @STREAM_MAXLEN@, '*', 'event', json)
       end
       count('total')
       count('type:' .. event_type)
@@ -149,11 +151,11 @@ for _, top in ipairs(score_keys) do
   redis.call('EXPIREAT', top, expiries[top])
 end
 for _, list in ipairs(list_keys) do
-  -- Only the newest 100 survive the trim; push them oldest first.
+  -- Only the newest @LIST_LENGTH@ survive the trim; push them oldest first.
   local ids = lists[list]
-  local from = math.max(1, #ids - 99)
+  local from = math.max(1, #ids - @LIST_LAST@)
   redis.call('LPUSH', list, unpack(ids, from, #ids))
-  redis.call('LTRIM', list, 0, 99)
+  redis.call('LTRIM', list, 0, @LIST_LAST@)
 end
 if stream then
   if ARGV[3] ~= '' and (checkpoint == false or ARGV[3] > checkpoint) then
@@ -174,6 +176,8 @@ pub struct RedisSink {
     /// drop the guard. A write that fails drops the connection; the next one reconnects.
     conn: Option<MultiplexedConnection>,
     script: redis::Script,
+    /// How often a chunk is tried with `WATCH` before the script applies it.
+    watch_attempts: usize,
     /// `|<system id>/<timeline>` of the source, appended to every checkpoint written; empty
     /// until [`Sink::set_source`].
     source_suffix: String,
@@ -209,7 +213,8 @@ impl RedisSink {
         let mut sink = RedisSink {
             client,
             conn: None,
-            script: redis::Script::new(APPLY_BATCH),
+            script: redis::Script::new(&apply_batch_script()),
+            watch_attempts: WATCH_ATTEMPTS,
             source_suffix: String::new(),
             written: None,
         };
@@ -220,6 +225,13 @@ impl RedisSink {
             });
         }
         Ok(sink)
+    }
+
+    /// Applies every write with the script rather than `WATCH` and `MULTI`/`EXEC` (the two
+    /// must leave Redis the same: the differential test compares them).
+    pub fn script_only(mut self) -> Self {
+        self.watch_attempts = 0;
+        self
     }
 
     async fn conn(&mut self) -> Result<&mut MultiplexedConnection, redis::RedisError> {
@@ -314,7 +326,7 @@ impl RedisSink {
         if stream {
             watched.push(CHECKPOINT_KEY.to_owned());
         }
-        for _ in 0..WATCH_ATTEMPTS {
+        for _ in 0..self.watch_attempts {
             let mut read = redis::pipe();
             if !watched.is_empty() {
                 read.cmd("WATCH").arg(&watched).ignore();
@@ -431,6 +443,16 @@ impl RedisSink {
         let _applied: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(())
     }
+}
+
+/// [`APPLY_BATCH`] with its placeholders filled in from the constants.
+fn apply_batch_script() -> String {
+    APPLY_BATCH
+        .replace("@ARGS_PER_EVENT@", &ARGS_PER_EVENT.to_string())
+        .replace("@EVENT_TTL_SECONDS@", &EVENT_TTL_SECONDS.to_string())
+        .replace("@STREAM_MAXLEN@", &STREAM_MAXLEN.to_string())
+        .replace("@LIST_LENGTH@", &LIST_LENGTH.to_string())
+        .replace("@LIST_LAST@", &(LIST_LENGTH - 1).to_string())
 }
 
 /// The bitmap that holds `id`'s bit is `walcast:ids:{shard}`.
@@ -786,7 +808,10 @@ mod tests {
     }
 
     #[test]
-    fn script_reads_as_many_arguments_per_event_as_write_passes() {
-        assert!(APPLY_BATCH.contains(&format!("local a = 4 + i * {ARGS_PER_EVENT}")));
+    fn the_script_takes_every_constant_from_the_code() {
+        let script = apply_batch_script();
+        assert!(!script.contains('@'), "a placeholder left: {script}");
+        assert!(script.contains(&format!("local a = 4 + i * {ARGS_PER_EVENT}")));
+        assert!(script.contains(&format!("'EX', {EVENT_TTL_SECONDS})")));
     }
 }
