@@ -7,8 +7,17 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::value::RawValue;
 
-use crate::enrich::Content;
 use crate::lsn::{Lsn, Position};
+
+/// The columns of a `content` row that events carry (the enrichment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Content {
+    pub id: String,
+    pub slug: Option<String>,
+    pub title: Option<String>,
+    pub content_type: Option<String>,
+    pub length_seconds: Option<i32>,
+}
 
 /// A decimal with two places, held exactly as hundredths (`7.00` is `Hundredths(700)`), so
 /// values equal what PostgreSQL's `round(numeric, 2)` gives.

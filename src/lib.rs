@@ -36,6 +36,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod pg;
 pub mod pipeline;
+pub mod retry;
 pub mod shutdown;
 pub mod sink;
 pub mod source;

@@ -12,8 +12,7 @@ use support::{
     Postgres, Redis, Stack, Walcast, confirmed_flush, count, current_lsn, eventually,
     scrape_metrics,
 };
-use walcast::enrich::Content;
-use walcast::event::{BackfillMark, Batch, EnrichedEvent, Hundredths};
+use walcast::event::{BackfillMark, Batch, Content, EnrichedEvent, Hundredths};
 use walcast::lsn::{Lsn, Position};
 use walcast::sink::Sink;
 use walcast::sink::postgres::PostgresSink;

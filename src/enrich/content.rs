@@ -13,16 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::decode::{Relation, Tuple, Value};
-
-/// The columns of a `content` row that events carry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Content {
-    pub id: String,
-    pub slug: Option<String>,
-    pub title: Option<String>,
-    pub content_type: Option<String>,
-    pub length_seconds: Option<i32>,
-}
+use crate::event::Content;
 
 #[derive(Debug, Default)]
 pub struct ContentCache {

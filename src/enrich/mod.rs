@@ -10,7 +10,7 @@
 mod content;
 mod transform;
 
-pub use content::{Content, ContentCache};
+pub use content::ContentCache;
 pub use transform::{engagement_pct, engagement_seconds, event as row_event, parse_timestamptz};
 
 use std::collections::HashMap;

@@ -38,7 +38,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use rand::Rng;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -375,7 +374,7 @@ async fn sink_task<S: Sink>(
                     if err.is_server_shutdown() {
                         shared.release_source.notify_one();
                     }
-                    let delay = backoff(attempt);
+                    let delay = crate::retry::backoff(attempt);
                     attempt += 1;
                     tracing::warn!(sink = name, error = %err, attempt, retry_in_ms = delay.as_millis() as u64, "sink write failed, retrying");
                     tokio::time::sleep(delay).await;
@@ -398,13 +397,6 @@ async fn sink_task<S: Sink>(
         }
     }
     Ok(())
-}
-
-/// Exponential backoff from 100 ms to 10 s with full jitter on the upper half.
-pub(crate) fn backoff(attempt: u32) -> Duration {
-    let ceiling_ms = 100u64.saturating_mul(1 << attempt.min(7)).min(10_000);
-    let ms = rand::rng().random_range(ceiling_ms / 2..=ceiling_ms);
-    Duration::from_millis(ms)
 }
 
 #[cfg(test)]
@@ -663,13 +655,5 @@ mod tests {
         assert_eq!(resets.load(std::sync::atomic::Ordering::Relaxed), 1);
         drop(batches_tx);
         fanout.await.unwrap().unwrap();
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(0) <= Duration::from_millis(100));
-        assert!(backoff(0) >= Duration::from_millis(50));
-        assert!(backoff(30) <= Duration::from_secs(10));
-        assert!(backoff(30) >= Duration::from_secs(5));
     }
 }

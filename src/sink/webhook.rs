@@ -34,12 +34,13 @@ use super::{Sink, SinkError};
 use serde_json::value::RawValue;
 
 use crate::config::{OnFailure, WebhookArgs, WebhookEndpoint};
-use crate::enrich::Content;
-use crate::event::{BackfillMark, Batch, DeadLetterReason, EnrichedEvent, Hundredths, Origin};
+use crate::event::{
+    BackfillMark, Batch, Content, DeadLetterReason, EnrichedEvent, Hundredths, Origin,
+};
 use crate::health::Health;
 use crate::lsn::{Position, SourceId};
 use crate::metrics;
-use crate::pipeline::fanout::backoff;
+use crate::retry::backoff;
 
 /// The sink's name in `analytics.walcast_checkpoint` and in metric labels.
 pub const NAME: &str = "webhook";
