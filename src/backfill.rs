@@ -85,61 +85,7 @@ pub async fn run(
     let slot = source::slot_info(&client, &config.source.slot).await?;
     let job = config.job();
 
-    // The read transaction, on a session whose text output matches pgoutput's.
-    client
-        .batch_execute(
-            "SET DateStyle = ISO, MDY; SET TimeZone = 'UTC'; SET extra_float_digits = 3;
-             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        )
-        .await
-        .map_err(pg_error("starting the backfill transaction"))?;
-    let snapshot_lsn = match slot {
-        None if config.is_range() => {
-            return Err(BackfillError::RangeWithoutSlot {
-                slot: config.source.slot.clone(),
-            }
-            .into());
-        }
-        Some(info) if info.is_lost() => {
-            return Err(source::ReplicationError::SlotInvalidated {
-                slot: config.source.slot.clone(),
-                reason: info.invalidation_reason.clone(),
-            }
-            .into());
-        }
-        None => {
-            let created = source::create_slot_with_snapshot(&config.source).await?;
-            client
-                .batch_execute(&format!(
-                    "SET TRANSACTION SNAPSHOT '{}'",
-                    created.snapshot_name.replace('\'', "''")
-                ))
-                .await
-                .map_err(pg_error("importing the slot's snapshot"))?;
-            tracing::info!(
-                slot = %config.source.slot,
-                consistent_point = %created.consistent_point,
-                "created the slot with a snapshot; copying what committed before it"
-            );
-            // The transaction holds the snapshot now; the slot is free for `walcast run`.
-            drop(created.session);
-            created.consistent_point
-        }
-        Some(_) => {
-            let lsn: String = client
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await
-                .map_err(pg_error("reading the current WAL position"))?
-                .get(0);
-            lsn.parse().unwrap_or_default()
-        }
-    };
-    let micros: i64 = client
-        .query_one("SELECT (extract(epoch FROM now()) * 1000000)::int8", &[])
-        .await
-        .map_err(pg_error("reading the snapshot time"))?
-        .get(0);
-    let commit_ts = DateTime::from_timestamp_micros(micros).unwrap_or_else(Utc::now);
+    let (snapshot_lsn, commit_ts) = open_snapshot(&client, &config, slot).await?;
     let cache = ContentCache::load(&client)
         .await
         .map_err(pg_error("loading the content cache"))?;
@@ -208,38 +154,15 @@ pub async fn run(
         commit_ts,
         cache: &cache,
     };
-    let mut interrupted = false;
-    let mut dead_letters = 0;
-    loop {
-        let batch = tokio::select! {
-            biased;
-            () = &mut shutdown => {
-                interrupted = true;
-                break;
-            }
-            joined = &mut fanout => return Err(fanout_ended(joined)),
-            page = reader.next_page(&job) => page?,
-        };
-        let Some(batch) = batch else { break };
-        let rows = batch.rows() as u64;
-        dead_letters += batch.dead_letters.len() as u64;
-        tokio::select! {
-            joined = &mut fanout => return Err(fanout_ended(joined)),
-            sent = batch_tx.send(batch) => if sent.is_err() { break },
-        }
-        progress.add(rows);
-    }
-    if !interrupted {
-        // The end: every sink removes its cursor, in order after the last rows.
-        let done = Batch {
-            backfill: Some(BackfillMark {
-                job: Arc::clone(&job),
-                cursor: None,
-            }),
-            ..Batch::default()
-        };
-        let _ = batch_tx.send(done).await;
-    }
+    let (interrupted, dead_letters) = copy(
+        &mut reader,
+        &job,
+        &mut progress,
+        &batch_tx,
+        &mut fanout,
+        shutdown.as_mut(),
+    )
+    .await?;
     drop(batch_tx);
     match fanout.await {
         Ok(result) => result?,
@@ -256,6 +179,121 @@ pub async fn run(
         resumed_after,
         interrupted,
     })
+}
+
+/// Opens the read transaction the backfill copies under, on a session whose text output
+/// matches pgoutput's, with a snapshot that fits the slot: a new slot's own (so the stream
+/// starts exactly where the copy ends), or now's when the slot exists (a range reprocess,
+/// or a backfill beside `walcast run`: rows committed later are the stream's). Returns the
+/// snapshot's WAL position and time, which the copied events carry.
+async fn open_snapshot(
+    client: &tokio_postgres::Client,
+    config: &BackfillConfig,
+    slot: Option<source::SlotInfo>,
+) -> Result<(Lsn, DateTime<Utc>), Error> {
+    let pg_error = |context| move |source| Error::Postgres { context, source };
+    client
+        .batch_execute(
+            "SET DateStyle = ISO, MDY; SET TimeZone = 'UTC'; SET extra_float_digits = 3;
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        )
+        .await
+        .map_err(pg_error("starting the backfill transaction"))?;
+    let snapshot_lsn = match slot {
+        None if config.is_range() => {
+            return Err(BackfillError::RangeWithoutSlot {
+                slot: config.source.slot.clone(),
+            }
+            .into());
+        }
+        Some(info) if info.is_lost() => {
+            return Err(source::ReplicationError::SlotInvalidated {
+                slot: config.source.slot.clone(),
+                reason: info.invalidation_reason.clone(),
+            }
+            .into());
+        }
+        None => {
+            let created = source::create_slot_with_snapshot(&config.source).await?;
+            client
+                .batch_execute(&format!(
+                    "SET TRANSACTION SNAPSHOT '{}'",
+                    created.snapshot_name.replace('\'', "''")
+                ))
+                .await
+                .map_err(pg_error("importing the slot's snapshot"))?;
+            tracing::info!(
+                slot = %config.source.slot,
+                consistent_point = %created.consistent_point,
+                "created the slot with a snapshot; copying what committed before it"
+            );
+            // The transaction holds the snapshot now; the slot is free for `walcast run`.
+            drop(created.session);
+            created.consistent_point
+        }
+        Some(_) => {
+            let lsn: String = client
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .map_err(pg_error("reading the current WAL position"))?
+                .get(0);
+            lsn.parse().unwrap_or_default()
+        }
+    };
+    let micros: i64 = client
+        .query_one("SELECT (extract(epoch FROM now()) * 1000000)::int8", &[])
+        .await
+        .map_err(pg_error("reading the snapshot time"))?
+        .get(0);
+    let commit_ts = DateTime::from_timestamp_micros(micros).unwrap_or_else(Utc::now);
+    Ok((snapshot_lsn, commit_ts))
+}
+
+/// Reads page after page and hands each to the fan-out, until the table is read or
+/// `shutdown` (then the pages already read are still written, so the cursor covers them);
+/// then, when it read to the end, the batch that ends the backfill. Returns whether it was
+/// interrupted and how many dead letters it made.
+async fn copy(
+    reader: &mut Reader<'_>,
+    job: &Arc<str>,
+    progress: &mut Progress,
+    batch_tx: &mpsc::Sender<Batch>,
+    fanout: &mut tokio::task::JoinHandle<Result<(), fanout::FanoutError>>,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<(bool, u64), Error> {
+    let mut interrupted = false;
+    let mut dead_letters = 0;
+    loop {
+        let batch = tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                interrupted = true;
+                break;
+            }
+            joined = &mut *fanout => return Err(fanout_ended(joined)),
+            page = reader.next_page(job) => page?,
+        };
+        let Some(batch) = batch else { break };
+        let rows = batch.rows() as u64;
+        dead_letters += batch.dead_letters.len() as u64;
+        tokio::select! {
+            joined = &mut *fanout => return Err(fanout_ended(joined)),
+            sent = batch_tx.send(batch) => if sent.is_err() { break },
+        }
+        progress.add(rows);
+    }
+    if !interrupted {
+        // The end: every sink removes its cursor, in order after the last rows.
+        let done = Batch {
+            backfill: Some(BackfillMark {
+                job: Arc::clone(job),
+                cursor: None,
+            }),
+            ..Batch::default()
+        };
+        let _ = batch_tx.send(done).await;
+    }
+    Ok((interrupted, dead_letters))
 }
 
 fn fanout_ended(joined: Result<Result<(), fanout::FanoutError>, tokio::task::JoinError>) -> Error {
