@@ -122,32 +122,18 @@ pub fn event(
         )
     };
 
+    let missing = |name: &str| dead(DeadLetterReason::MissingColumn, format!("no column {name}"));
     let id = match get("id") {
-        Err(name) => {
-            return Err(dead(
-                DeadLetterReason::MissingColumn,
-                format!("no column {name}"),
-            ));
-        }
-        Ok(None) => {
-            return Err(dead(
-                DeadLetterReason::InvalidValue,
-                "id is NULL".to_owned(),
-            ));
-        }
+        Err(name) => return Err(missing(name)),
+        Ok(None) => return Err(dead(DeadLetterReason::InvalidValue, "id is NULL".into())),
         Ok(Some(s)) => s.parse::<i64>().map_err(|_| invalid("id", s, "a bigint"))?,
     };
     let event_ts = match get("event_ts") {
-        Err(name) => {
-            return Err(dead(
-                DeadLetterReason::MissingColumn,
-                format!("no column {name}"),
-            ));
-        }
+        Err(name) => return Err(missing(name)),
         Ok(None) => {
             return Err(dead(
                 DeadLetterReason::NullEventTs,
-                "event_ts is NULL".to_owned(),
+                "event_ts is NULL".into(),
             ));
         }
         Ok(Some(s)) => parse_timestamptz(s).ok_or_else(|| invalid("event_ts", s, "a timestamp"))?,
