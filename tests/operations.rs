@@ -491,12 +491,17 @@ async fn a_hung_analytics_backend_is_noticed_within_the_write_deadline() {
         .unwrap()
         .get(0);
     signal_pid(backend as u32, libc::SIGSTOP);
+    let hung = std::time::Instant::now();
     load(&s.db, 10, 10).await;
     let body = wait_for("/readyz to name the hung sink", WAIT, || async {
         let (status, body) = http_get(port, "/readyz").await;
         (status == 503 && body.contains("postgres")).then_some(body)
     })
     .await;
+    eprintln!(
+        "hung analytics backend: /readyz 503 naming it {:?} after SIGSTOP (deadline 2 s)",
+        hung.elapsed()
+    );
     assert!(body.contains("sink postgres writes are failing"), "{body}");
     eventually("redis keeps receiving", WAIT, || async {
         s.redis.total().await == 20
@@ -540,6 +545,7 @@ async fn sigterm_while_redis_hangs_exits_within_the_bound() {
     let stopped = std::time::Instant::now();
     let status = walcast.terminate().await;
     let took = stopped.elapsed();
+    eprintln!("SIGTERM with Redis hung: exited in {took:?}");
     signal_pid(s.redis.pid(), libc::SIGCONT);
     assert!(status.success(), "exit {status}:\n{}", walcast.log());
     assert!(
