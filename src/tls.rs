@@ -13,8 +13,8 @@
 //! Mozilla roots, as the replication connection (pgwire-replication) does. `sslcert` and
 //! `sslkey` give a client certificate.
 //!
-//! The verifiers for `prefer`/`require` (none) and `verify-ca` (the chain, not the name)
-//! are written here: rustls verifies chain and name together by default, and no crate
+//! The verifier for `prefer`/`require` (no check) and `verify-ca` (the chain, not the
+//! name) is written here: rustls verifies chain and name together by default, and no crate
 //! offers libpq's modes for tokio-postgres; tokio-postgres-rustls only carries a rustls
 //! configuration into tokio-postgres.
 
@@ -128,18 +128,19 @@ impl PgTls {
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
         let builder = match self.mode {
-            SslMode::VerifyFull => builder.with_root_certificates(Arc::clone(&roots)),
-            SslMode::VerifyCa => {
+            SslMode::VerifyFull => builder.with_root_certificates(roots),
+            mode => {
                 let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
                     .build()
                     .map_err(|e| e.to_string())?;
+                let verifier = Lenient {
+                    inner,
+                    check_chain: mode == SslMode::VerifyCa,
+                };
                 builder
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(ChainOnly { inner }))
+                    .with_custom_certificate_verifier(Arc::new(verifier))
             }
-            _ => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Unverified { provider })),
         };
         let config = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => builder
@@ -152,69 +153,17 @@ impl PgTls {
     }
 }
 
-/// `prefer` and `require`: encrypted, the server not authenticated (libpq's meaning). The
-/// handshake's signatures are still checked, so the session is with whoever holds the
-/// certificate's key.
+/// What libpq checks short of `verify-full`: for `verify-ca`, that the chain leads to a
+/// trusted root and is valid now, not the name; for `prefer` and `require`, nothing (the
+/// server is not authenticated). Either way the handshake's signatures are checked, so the
+/// session is with whoever holds the certificate's key.
 #[derive(Debug)]
-struct Unverified {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a trusted root and be valid now; the name is not
-/// checked.
-#[derive(Debug)]
-struct ChainOnly {
+struct Lenient {
     inner: Arc<WebPkiServerVerifier>,
+    check_chain: bool,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -223,6 +172,9 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if !self.check_chain {
+            return Ok(ServerCertVerified::assertion());
+        }
         match self
             .inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
