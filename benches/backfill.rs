@@ -12,7 +12,9 @@
 //! Rows/s of each, the ratio to the reference, and walcast's peak RSS (from `wait4`).
 //! Prints a Markdown table.
 
+// The tests' harness; a bench uses only part of it.
 #[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
 mod support;
 
 use std::process::{Command, Stdio};

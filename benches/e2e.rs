@@ -18,7 +18,9 @@
 //! Prints a Markdown table and writes it, with a JSON report, to target/e2e-report.md and
 //! target/e2e-report.json.
 
+// The tests' harness; a bench uses only part of it.
 #[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
 mod support;
 
 use std::collections::HashMap;

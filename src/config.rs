@@ -294,7 +294,9 @@ pub enum SinkKind {
 }
 
 impl SinkKind {
-    pub fn name(self) -> &'static str {
+    /// The sink's name everywhere: `WALCAST_SINKS`, metric labels, logs, and its rows in
+    /// `analytics.walcast_checkpoint`. The sinks' `NAME` constants are these.
+    pub const fn name(self) -> &'static str {
         match self {
             SinkKind::Redis => "redis",
             SinkKind::Postgres => "postgres",
@@ -677,6 +679,13 @@ pub struct RunConfig {
     /// Log a warning when the slot holds back more WAL than this, e.g. `1GiB`, `500MB`.
     #[arg(long, env = "WALCAST_RETAINED_WAL_WARN", default_value = "1GiB")]
     pub retained_wal_warn: bytesize::ByteSize,
+
+    /// How long `walcast run` waits at start for a slot another connection still holds,
+    /// e.g. `30s`; `0` refuses at once. After walcast was killed, the server keeps the slot
+    /// active until its walsender notices the connection is gone, which under load takes
+    /// seconds; a restart right away waits for that instead of failing.
+    #[arg(long, env = "WALCAST_SLOT_RELEASE_WAIT", default_value = "30s", value_parser = parse_interval)]
+    pub slot_release_wait: Duration,
 }
 
 /// A duration such as `10s` or `1m30s`, or a bare `0`.

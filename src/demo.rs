@@ -19,18 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{RunConfig, SourceArgs};
 use crate::generate::{GenerateArgs, Generated};
 use crate::sink::redis as redis_sink;
+use crate::throwaway::{self, ThrowawayError};
 
-/// initdb's options for a throwaway cluster: superuser postgres, no passwords on a
-/// loopback-only server, no fsync of the new files.
-pub const INITDB_ARGS: [&str; 7] = [
-    "-U",
-    "postgres",
-    "--auth=trust",
-    "-E",
-    "UTF8",
-    "--no-sync",
-    "--locale=C",
-];
 /// How often the view is redrawn.
 const REFRESH: Duration = Duration::from_secs(1);
 /// How long the demo waits at the end for the sinks to catch up.
@@ -54,14 +44,8 @@ pub struct DemoArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error(
-        "`{name}` not found on PATH or under /usr/lib/postgresql/*/bin; install it \
-         (Debian/Ubuntu: apt-get install {package})"
-    )]
-    Missing {
-        name: &'static str,
-        package: &'static str,
-    },
+    #[error(transparent)]
+    Servers(#[from] ThrowawayError),
     #[error("{0}")]
     Server(String),
     #[error(transparent)]
@@ -78,61 +62,8 @@ pub enum DemoError {
     },
     #[error(transparent)]
     Connect(#[from] crate::pg::ConnectError),
-    #[error("redis: {0}")]
+    #[error("redis")]
     Redis(#[from] redis::RedisError),
-}
-
-/// Where a server binary is: on PATH, or (PostgreSQL's) under /usr/lib/postgresql.
-pub fn find_binary(name: &'static str, package: &'static str) -> Result<PathBuf, DemoError> {
-    let on_path = std::env::var_os("PATH")
-        .map(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join(name))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    let mut versioned: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin").join(name))
-        .collect();
-    versioned.sort();
-    on_path
-        .into_iter()
-        .chain(versioned.into_iter().rev())
-        .find(|p| p.is_file())
-        .ok_or(DemoError::Missing { name, package })
-}
-
-/// A free TCP port on 127.0.0.1 (the OS picks one; it is free again once this returns).
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// The user PostgreSQL runs as when we are root (initdb refuses root): uid and gid.
-fn unprivileged() -> Option<(u32, u32)> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let id = |flag: &str, user: &str| -> Option<u32> {
-        let out = Command::new("id").arg(flag).arg(user).output().ok()?;
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    };
-    ["postgres", "nobody"]
-        .iter()
-        .find_map(|user| Some((id("-u", user)?, id("-g", user)?)))
-}
-
-fn as_server_user(mut cmd: Command, user: Option<(u32, u32)>) -> Command {
-    use std::os::unix::process::CommandExt;
-    if let Some((uid, gid)) = user {
-        cmd.uid(uid).gid(gid);
-    }
-    cmd
 }
 
 /// Makes the child receive `signal` when the demo dies, however it dies (even SIGKILL),
@@ -213,57 +144,34 @@ pub struct LocalServers {
 
 impl LocalServers {
     pub async fn start(cleanup: &Cleanup) -> Result<LocalServers, DemoError> {
-        let initdb = find_binary("initdb", "postgresql")?;
-        let postgres_bin = find_binary("postgres", "postgresql")?;
-        let redis_bin = find_binary("redis-server", "redis-server")?;
+        let initdb = throwaway::find_binary("initdb", "postgresql")?;
+        let postgres_bin = throwaway::find_binary("postgres", "postgresql")?;
+        let redis_bin = throwaway::find_binary("redis-server", "redis-server")?;
         let dir = tempfile::Builder::new().prefix("walcast-demo-").tempdir()?;
         cleanup.dir(dir.path());
-        let user = unprivileged();
         let data = dir.path().join("pg");
-        if let Some((uid, gid)) = user {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
-        }
-        let out = as_server_user(Command::new(&initdb), user)
-            .arg("-D")
-            .arg(&data)
-            .args(INITDB_ARGS)
-            .output()?;
-        if !out.status.success() {
-            return Err(DemoError::Server(format!(
-                "initdb failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        let pg_port = free_port()?;
+        throwaway::give_to_server_user(dir.path())?;
+        throwaway::initdb(&initdb, &data)?;
+        let pg_port = throwaway::free_port()?;
         let log = std::fs::File::create(dir.path().join("postgres.log"))?;
+        let settings = throwaway::postgres_settings(&[]);
+        let postgres =
+            throwaway::postgres_command(&postgres_bin, &data, pg_port, dir.path(), &settings)?;
         // SIGINT is PostgreSQL's fast shutdown.
-        let postgres = dies_with_parent(
-            as_server_user(Command::new(&postgres_bin), user),
-            libc::SIGINT,
-        )
-        .arg("-D")
-        .arg(&data)
-        .args(["-p", &pg_port.to_string(), "-k"])
-        .arg(dir.path())
-        .args([
-            "-c",
-            "wal_level=logical",
-            "-c",
-            "listen_addresses=127.0.0.1",
-        ])
-        .args(["-c", "max_wal_senders=4", "-c", "max_replication_slots=4"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-        cleanup.group(postgres.id());
-        let redis_port = free_port()?;
-        let redis = dies_with_parent(Command::new(&redis_bin), libc::SIGTERM)
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let postgres = dies_with_parent(postgres, libc::SIGINT)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .spawn()?;
+        cleanup.group(postgres.id());
+        let redis_port = throwaway::free_port()?;
+        let redis = dies_with_parent(
+            throwaway::redis_command(&redis_bin, redis_port),
+            libc::SIGTERM,
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
         cleanup.group(redis.id());
         let servers = LocalServers {
             pg_port,
@@ -380,7 +288,7 @@ pub async fn run(
     .await
     .map_err(pg("relaxing the demo schema"))?;
 
-    let metrics_port = free_port()?;
+    let metrics_port = throwaway::free_port()?;
     let config = DemoRun::try_parse_from([
         "walcast",
         "--source-url",
@@ -532,7 +440,7 @@ impl View {
     async fn snapshot(&mut self) -> Snapshot {
         let generated = count(&self.db, "SELECT count(*) FROM engagement_events").await;
         let in_analytics = count(&self.db, "SELECT count(*) FROM analytics.enriched_events").await;
-        let in_redis = redis_sink::total(&mut self.redis).await.unwrap_or(0);
+        let in_redis = crate::query::total(&mut self.redis).await.unwrap_or(0);
         let exposition = scrape(self.metrics).await.unwrap_or_default();
         let value = |series: &str| -> f64 {
             exposition
@@ -549,7 +457,7 @@ impl View {
         let end_to_end_total = interval_quantiles(&[], &buckets);
         self.previous_buckets = buckets;
         let mut top = Vec::new();
-        if let Ok(entries) = redis_sink::top(&mut self.redis, 10, 10, chrono::Utc::now()).await {
+        if let Ok(entries) = crate::query::top(&mut self.redis, 10, 10, chrono::Utc::now()).await {
             for entry in entries {
                 let title = self.title(&entry.content_id).await;
                 top.push((title, entry.engagement_seconds));

@@ -191,6 +191,10 @@ impl serde::Serialize for EnrichedEvent {
     }
 }
 
+/// The tables walcast reads (schema `public`).
+pub const CONTENT_TABLE: &str = "content";
+pub const EVENTS_TABLE: &str = "engagement_events";
+
 /// Why a row or a batch became a dead letter: `analytics.dead_letters.reason`, and the
 /// `reason` label of `walcast_dead_letters_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,25 +279,67 @@ pub struct DeadLetter {
     pub raw: Vec<(String, Option<String>)>,
 }
 
+impl DeadLetter {
+    /// The row's column values as a JSON object (`null` for SQL NULL).
+    pub fn raw_json(&self) -> String {
+        raw_json(&self.raw)
+    }
+
+    /// The row's `id`, when it has one that parses.
+    pub fn row_id(&self) -> Option<i64> {
+        self.raw
+            .iter()
+            .find(|(name, _)| name == "id")
+            .and_then(|(_, value)| value.as_deref()?.parse().ok())
+    }
+}
+
+/// Column values by name as a JSON object (`null` for SQL NULL).
+pub fn raw_json(values: &[(String, Option<String>)]) -> String {
+    let object: serde_json::Map<String, serde_json::Value> = values
+        .iter()
+        .map(|(name, value)| {
+            let value = value
+                .as_ref()
+                .map_or(serde_json::Value::Null, |v| v.clone().into());
+            (name.clone(), value)
+        })
+        .collect();
+    serde_json::Value::Object(object).to_string()
+}
+
 /// What the pipeline hands every sink at once: events in commit order, and how far the
 /// slot may be acknowledged once every sink has applied them.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub events: Vec<EnrichedEvent>,
     pub dead_letters: Vec<DeadLetter>,
-    /// The WAL position that is safe to acknowledge once this batch and all before it are
-    /// applied everywhere: the end LSN of the last transaction this batch completes, or a
-    /// keepalive's WAL end when no transaction was open. `None` for a batch that ends inside
-    /// a transaction.
-    pub ack_lsn: Option<Lsn>,
+    /// Where the rows come from, and what applying them lets walcast record.
+    pub feed: Feed,
     /// Commit time of the newest transaction in the batch, for lag metrics.
     pub commit_ts: Option<DateTime<Utc>>,
     /// Approximate size in bytes of the rows, for the batch byte limit.
     pub bytes: usize,
-    /// Set on the batches of `walcast backfill`: rows read from the table rather than the
-    /// WAL. Sinks apply them idempotently by event id, leave their stream checkpoint alone,
-    /// and store the backfill's resume cursor instead.
-    pub backfill: Option<BackfillMark>,
+}
+
+/// Where a batch's rows come from: the stream or a backfill, never both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feed {
+    /// Rows from the WAL. `ack_lsn` is the WAL position that is safe to acknowledge once
+    /// this batch and all before it are applied everywhere: the end LSN of the last
+    /// transaction this batch completes, or a keepalive's WAL end when no transaction was
+    /// open; `None` for a batch that ends inside a transaction.
+    Stream { ack_lsn: Option<Lsn> },
+    /// Rows read from the table by `walcast backfill`. Sinks apply them idempotently by
+    /// event id, leave their stream checkpoint alone, and store the backfill's resume
+    /// cursor instead.
+    Backfill(BackfillMark),
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Feed::Stream { ack_lsn: None }
+    }
 }
 
 /// Where a backfill stands after a batch.
@@ -310,8 +356,7 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
             && self.dead_letters.is_empty()
-            && self.ack_lsn.is_none()
-            && self.backfill.is_none()
+            && self.feed == Feed::Stream { ack_lsn: None }
     }
 
     /// Events plus dead letters.
@@ -325,17 +370,27 @@ impl Batch {
         let d = self.dead_letters.last().map(|d| d.position);
         e.max(d)
     }
+
+    /// What may be acknowledged once this batch is applied (streamed batches only).
+    pub fn ack_lsn(&self) -> Option<Lsn> {
+        match self.feed {
+            Feed::Stream { ack_lsn } => ack_lsn,
+            Feed::Backfill(_) => None,
+        }
+    }
+
+    /// The backfill's state after this batch; `None` for streamed batches.
+    pub fn backfill(&self) -> Option<&BackfillMark> {
+        match &self.feed {
+            Feed::Backfill(mark) => Some(mark),
+            Feed::Stream { .. } => None,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn origins_of_sinks_are_their_names() {
-        assert_eq!(Origin::Postgres.as_str(), crate::sink::postgres::NAME);
-        assert_eq!(Origin::Webhook.as_str(), crate::sink::webhook::NAME);
-    }
 
     #[test]
     fn key_parts_are_cut_at_a_character_boundary() {

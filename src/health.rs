@@ -22,7 +22,6 @@ use axum::routing::get;
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::config::SinkKind;
 use crate::lsn::Lsn;
 
 /// How often the probes check each sink.
@@ -61,15 +60,15 @@ pub struct SinkHealth {
 }
 
 impl Health {
-    /// One entry per sink, in the order the fan-out numbers them.
-    pub fn new(sinks: &[SinkKind]) -> Arc<Self> {
+    /// One entry per sink (by name), in the order the fan-out numbers them.
+    pub fn new(sinks: &[&'static str]) -> Arc<Self> {
         Self::with_followers(sinks, &[])
     }
 
     /// The fan-out's sinks, then `followers` (see [`SinkHealth::follows`]), numbered on.
-    pub fn with_followers(sinks: &[SinkKind], followers: &[SinkKind]) -> Arc<Self> {
-        let entry = |kind: &SinkKind, follows: bool| SinkHealth {
-            name: kind.name(),
+    pub fn with_followers(sinks: &[&'static str], followers: &[&'static str]) -> Arc<Self> {
+        let entry = |name: &&'static str, follows: bool| SinkHealth {
+            name,
             follows,
             // Unknown until the first probe; readiness waits for it.
             reachable: AtomicBool::new(false),
@@ -83,8 +82,8 @@ impl Health {
             source_problem: std::sync::Mutex::new(None),
             sinks: sinks
                 .iter()
-                .map(|kind| entry(kind, false))
-                .chain(followers.iter().map(|kind| entry(kind, true)))
+                .map(|name| entry(name, false))
+                .chain(followers.iter().map(|name| entry(name, true)))
                 .collect(),
         })
     }
@@ -308,7 +307,7 @@ impl Probe {
                         client
                             .get_multiplexed_async_connection()
                             .await
-                            .map_err(|e| e.to_string())?,
+                            .map_err(|e| crate::error::Chain(&e).to_string())?,
                     );
                 }
                 let conn = conn.as_mut().expect("connected above");
@@ -316,7 +315,7 @@ impl Probe {
                     .query_async::<String>(conn)
                     .await
                     .map(drop)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| crate::error::Chain(&e).to_string())
             }
             Probe::Postgres { config, client } => {
                 if client
@@ -326,7 +325,7 @@ impl Probe {
                     *client = Some(
                         crate::pg::connect("WALCAST_ANALYTICS_URL", config)
                             .await
-                            .map_err(|e| e.to_string())?,
+                            .map_err(|e| crate::error::Chain(&e).to_string())?,
                     );
                 }
                 let client = client.as_ref().expect("connected above");
@@ -334,7 +333,7 @@ impl Probe {
                     .simple_query("SELECT 1")
                     .await
                     .map(drop)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| crate::error::Chain(&e).to_string())
             }
             Probe::Deliveries => Ok(()),
         }

@@ -16,19 +16,24 @@
 //! - [`decode`]: pgoutput messages → typed changes (hand-written; see its docs for why).
 //! - [`enrich`]: the content cache and the engagement-event transform.
 //! - [`pipeline`]: the source loop, batching, fan-out and the one owner of LSN progress.
-//! - [`sink`]: the `Sink` trait and one module per destination.
+//! - [`state`]: walcast's own state in the analytics database (checkpoints, cursors, the
+//!   webhook outbox, dead letters), and its in-memory twin.
+//! - [`sink`]: the `Sink` trait, how a sink is built from its settings, one module per
+//!   destination.
 //! - [`event`], [`lsn`]: plain data — events, batches, WAL positions.
-//! - [`config`], [`metrics`], [`health`], [`shutdown`]: settings, metric names, the
-//!   `/metrics` `/healthz` `/readyz` endpoint, stopping cleanly.
+//! - [`config`], [`error`], [`metrics`], [`health`], [`shutdown`]: settings, how errors read,
+//!   metric names, the `/metrics` `/healthz` `/readyz` endpoint, stopping cleanly.
 //! - [`backfill`]: existing rows through the same enrichment and sinks.
-//! - [`generate`], [`demo`]: realistic load; a throwaway stack with a live view.
+//! - [`query`]: the read side of Redis (top content, totals).
+//! - [`generate`], [`throwaway`], [`demo`]: realistic load; throwaway servers; a throwaway
+//!   stack with a live view.
 //! - [`verify`], [`status`]: reconcile every sink with the source; where slot and sinks stand.
 
-pub mod backfill;
 pub mod config;
 pub mod decode;
 pub mod demo;
 pub mod enrich;
+pub mod error;
 pub mod event;
 pub mod generate;
 pub mod health;
@@ -36,18 +41,22 @@ pub mod lsn;
 pub mod metrics;
 pub mod pg;
 pub mod pipeline;
+pub use pipeline::backfill;
+pub mod query;
 pub mod retry;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod status;
+pub mod throwaway;
 pub mod tls;
 pub mod verify;
 
 /// Why a walcast command stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("configuration: {0}")]
+    #[error("configuration")]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Setup(#[from] source::SetupError),
@@ -63,7 +72,7 @@ pub enum Error {
     },
     #[error(transparent)]
     Connect(#[from] pg::ConnectError),
-    #[error("cannot start sink {sink}: {source}")]
+    #[error("cannot start sink {sink}")]
     SinkStart {
         sink: &'static str,
         #[source]
@@ -83,7 +92,6 @@ pub enum Error {
         lsn: lsn::Lsn,
         kind: String,
         len: usize,
-        #[source]
         error: decode::DecodeError,
     },
     #[error(

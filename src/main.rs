@@ -147,9 +147,11 @@ async fn main() -> std::process::ExitCode {
     }
     init_tracing(&cli.log);
     match dispatch(cli.command).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::Done) => std::process::ExitCode::SUCCESS,
+        // The command printed what it found; the exit status says it is not all well.
+        Ok(Outcome::Findings) => std::process::ExitCode::from(1),
         Err(err) => {
-            let message = chain(&err);
+            let message = walcast::error::Chain(err.as_ref()).to_string();
             tracing::error!("{message}");
             eprintln!("error: {message}");
             std::process::ExitCode::FAILURE
@@ -157,29 +159,15 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// The error and its causes joined by ": ", leaving out a cause whose text the message
-/// already holds (several errors quote their source in their own message). A PostgreSQL
-/// error is printed with the server's own words ([`walcast::pg::detail`]), which cover its
-/// causes.
-fn chain(err: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in err.chain() {
-        let postgres = cause.downcast_ref::<tokio_postgres::Error>();
-        let text = postgres.map_or_else(|| cause.to_string(), walcast::pg::detail);
-        if !message.contains(&text) {
-            if !message.is_empty() {
-                message.push_str(": ");
-            }
-            message.push_str(&text);
-        }
-        if postgres.is_some() {
-            break;
-        }
-    }
-    message
+/// How a command that did not fail ended.
+enum Outcome {
+    Done,
+    /// It ran to its end and found something wrong, which it printed (`verify` found a
+    /// difference, `status` a missing slot, a replay dead letters still not accepted).
+    Findings,
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+async fn dispatch(command: Command) -> anyhow::Result<Outcome> {
     match command {
         Command::Run(config) => {
             let token = CancellationToken::new();
@@ -242,7 +230,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     "{}",
                     source::privileges::grants_sql(role, database, &args.source.publication)
                 );
-                return Ok(());
+                return Ok(Outcome::Done);
             }
             let client = connect(&args.source.url).await?;
             if args.create_schema {
@@ -280,27 +268,29 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             args.webhook.validate()?;
             let deliverer = walcast::sink::webhook::Deliverer::new(&args.webhook)?;
             let client = analytics_client(&args.analytics, &args.source).await?;
-            let (replayed, failed) = walcast::sink::webhook::replay(&deliverer, &client).await?;
+            let mut state = walcast::state::PgState::new(&client);
+            let (replayed, failed) = walcast::sink::webhook::replay(&deliverer, &mut state).await?;
             println!("replayed {replayed} webhook dead letters; {failed} still not accepted");
             if failed > 0 {
-                std::process::exit(1);
+                return Ok(Outcome::Findings);
             }
         }
         Command::Status(args) => {
             if !status(args).await? {
-                std::process::exit(1);
+                return Ok(Outcome::Findings);
             }
         }
         Command::Verify(args) => {
             if !verify(args).await? {
-                std::process::exit(1);
+                return Ok(Outcome::Findings);
             }
         }
         Command::Top(args) => {
             args.redis.validate()?;
             let mut conn = redis_sink::connect(args.redis.client()?).await?;
             let entries =
-                redis_sink::top(&mut conn, args.minutes, args.limit, chrono::Utc::now()).await?;
+                walcast::query::top(&mut conn, args.minutes, args.limit, chrono::Utc::now())
+                    .await?;
             if entries.is_empty() {
                 eprintln!("no engagement in the last {} minutes", args.minutes);
             }
@@ -309,7 +299,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(Outcome::Done)
 }
 
 async fn connect(source_args: &SourceUrl) -> anyhow::Result<tokio_postgres::Client> {
@@ -371,7 +361,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
     if sinks.contains(SinkKind::Redis) {
         let mut conn = redis_sink::connect(redis_args.client()?).await?;
         report.redis_total = Some(
-            redis_sink::total(&mut conn)
+            walcast::query::total(&mut conn)
                 .await
                 .context("reading stats:events")?,
         );

@@ -34,7 +34,36 @@ pub const SLOT_IDLE_TIMEOUT_SECONDS: &str = "walcast_slot_idle_timeout_seconds";
 pub const HEARTBEATS_TOTAL: &str = "walcast_heartbeats_total";
 
 /// The outcomes of `walcast_sink_batches_total`.
-pub const OUTCOMES: [&str; 4] = ["ok", "retry", "dead_letter", "error"];
+pub const OUTCOMES: [&str; 4] = [
+    Failure::OK,
+    Failure::Retry.as_str(),
+    Failure::DeadLetter.as_str(),
+    Failure::Error.as_str(),
+];
+
+/// How a sink write that did not succeed ended: the `outcome` label of
+/// `walcast_sink_batches_total` (`ok` for the ones that did).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Transient: the write is retried.
+    Retry,
+    /// The batch went to the dead letters.
+    DeadLetter,
+    /// Permanent: walcast stops.
+    Error,
+}
+
+impl Failure {
+    const OK: &'static str = "ok";
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Failure::Retry => "retry",
+            Failure::DeadLetter => "dead_letter",
+            Failure::Error => "error",
+        }
+    }
+}
 
 /// Installs the Prometheus recorder; the handle renders `/metrics` (see `health::serve`).
 /// Every metric gets its HELP text, and every counter an alert or the dashboard reads is
@@ -140,8 +169,8 @@ fn zero_counters(sinks: &[&'static str]) {
         }
     }
     for table in [
-        crate::enrich::EVENTS_TABLE,
-        crate::enrich::CONTENT_TABLE,
+        crate::event::EVENTS_TABLE,
+        crate::event::CONTENT_TABLE,
         "other",
     ] {
         for op in ["insert", "update", "delete", "truncate"] {
@@ -198,7 +227,8 @@ pub fn sink_written(sink: &'static str, batches: &[&Batch], took: Duration, now:
     if with_rows == 0 {
         return;
     }
-    counter!(SINK_BATCHES_TOTAL, "sink" => sink, "outcome" => "ok").increment(with_rows as u64);
+    counter!(SINK_BATCHES_TOTAL, "sink" => sink, "outcome" => Failure::OK)
+        .increment(with_rows as u64);
     histogram!(SINK_WRITE_SECONDS, "sink" => sink).record(took.as_secs_f64());
     let end_to_end = histogram!(END_TO_END_SECONDS, "sink" => sink);
     for event in batches.iter().flat_map(|b| &b.events) {
@@ -207,8 +237,8 @@ pub fn sink_written(sink: &'static str, batches: &[&Batch], took: Duration, now:
     }
 }
 
-pub fn sink_failed(sink: &'static str, outcome: &'static str) {
-    counter!(SINK_BATCHES_TOTAL, "sink" => sink, "outcome" => outcome).increment(1);
+pub fn sink_failed(sink: &'static str, outcome: Failure) {
+    counter!(SINK_BATCHES_TOTAL, "sink" => sink, "outcome" => outcome.as_str()).increment(1);
 }
 
 /// A new replication session replaced one that was lost.

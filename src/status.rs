@@ -9,9 +9,9 @@ use serde::Serialize;
 use crate::config::{AnalyticsArgs, RedisArgs, SinkArgs, SinkKind, SourceArgs};
 use crate::lsn::{Lsn, Position};
 use crate::sink::Sink;
-use crate::sink::postgres as postgres_sink;
 use crate::sink::redis::RedisSink;
 use crate::source;
+use crate::state::{PgState, StateStore};
 
 /// How long each sink may take to answer.
 const SINK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,6 +36,8 @@ pub struct Slot {
     /// `current_wal_lsn - restart_lsn`: WAL the server keeps for this slot.
     pub retained_wal_bytes: Option<u64>,
     pub wal_status: Option<String>,
+    /// Whether PostgreSQL invalidated the slot (`wal_status` lost, or a reason given).
+    pub invalidated: bool,
     pub safe_wal_size: Option<i64>,
     /// Why PostgreSQL invalidated the slot (PostgreSQL 17 and later).
     pub invalidation_reason: Option<String>,
@@ -62,10 +64,7 @@ pub struct SinkCheckpoint {
 impl Report {
     /// The slot exists, is not invalidated, and every sink's checkpoint could be read.
     pub fn is_healthy(&self) -> bool {
-        self.slot.exists
-            && self.slot.wal_status.as_deref() != Some("lost")
-            && self.slot.invalidation_reason.is_none()
-            && self.sinks.iter().all(|s| s.error.is_none())
+        self.slot.exists && !self.slot.invalidated && self.sinks.iter().all(|s| s.error.is_none())
     }
 }
 
@@ -94,6 +93,7 @@ pub async fn collect(
         lag_bytes: info.as_ref().map(source::SlotInfo::lag_bytes),
         retained_wal_bytes: info.as_ref().map(source::SlotInfo::retained_wal_bytes),
         wal_status: info.as_ref().and_then(|i| i.wal_status.clone()),
+        invalidated: info.as_ref().is_some_and(source::SlotInfo::is_lost),
         safe_wal_size: info.as_ref().and_then(|i| i.safe_wal_size),
         invalidation_reason: info.as_ref().and_then(|i| i.invalidation_reason.clone()),
         inactive_since: info.as_ref().and_then(|i| i.inactive_since.clone()),
@@ -155,27 +155,29 @@ async fn read_checkpoint(
 ) -> Result<Stored, String> {
     match kind {
         SinkKind::Redis => {
-            let client = redis.client().map_err(|e| e.to_string())?;
+            let client = redis
+                .client()
+                .map_err(|e| crate::error::Chain(&e).to_string())?;
             let mut sink = RedisSink::connect(client)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| crate::error::Chain(&e).to_string())?;
             sink.checkpoint()
                 .await
                 .map(Stored::At)
-                .map_err(|e| e.to_string())
+                .map_err(|e| crate::error::Chain(&e).to_string())
         }
         // Both keep their checkpoint in the analytics database, under their own name.
         SinkKind::Postgres | SinkKind::Webhook => {
             let config = analytics
                 .pg_config(&source_args.url)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| crate::error::Chain(&e).to_string())?;
             let client = crate::pg::connect("WALCAST_ANALYTICS_URL", &config)
                 .await
-                .map_err(|e| e.to_string())?;
-            match postgres_sink::read_checkpoint(&client, kind.name()).await {
+                .map_err(|e| crate::error::Chain(&e).to_string())?;
+            match PgState::new(&client).checkpoint(kind.name()).await {
                 Ok(position) => Ok(Stored::At(position)),
-                Err(e) if crate::pg::is_undefined_object(&e) => Ok(Stored::NoSchema),
-                Err(e) => Err(crate::pg::detail(&e)),
+                Err(e) if e.is_undefined_object() => Ok(Stored::NoSchema),
+                Err(e) => Err(crate::pg::detail(&e.source)),
             }
         }
     }
@@ -241,7 +243,7 @@ impl fmt::Display for Report {
             if let Some(reason) = &s.invalidation_reason {
                 writeln!(f, "  invalidation_reason  {reason}")?;
             }
-            if s.wal_status.as_deref() == Some("lost") || s.invalidation_reason.is_some() {
+            if s.invalidated {
                 writeln!(
                     f,
                     "  the slot was invalidated: walcast teardown, walcast backfill, walcast run"

@@ -1,13 +1,11 @@
 //! `walcast backfill` end to end: the initial snapshot under concurrent writes followed by
 //! streaming, reprocessing a range twice while streaming, and resuming after a SIGKILL.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use support::{Redis, Stack, count, eventually, wait_for};
+use crate::support::{Dump, Redis, Stack, count, eventually, redis_dump, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
@@ -176,76 +174,15 @@ async fn sink_state(s: &Stack) -> String {
         count(&s.db, "analytics.enriched_events").await,
         count(&s.db, "analytics.dead_letters").await
     ));
-    let mut conn = s.redis.conn().await;
-    let mut keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    keys.sort();
     // A minute bucket expires 2 h after its minute, and the rows' event times reach back
     // 6 h: one of them may expire between two snapshots. Keys that expire before a fixed
     // moment (the first snapshot's time plus an hour) are left out of every snapshot, so
     // each key is in all of them or in none.
     static CUTOFF_MS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    let cutoff = *CUTOFF_MS.get_or_init(|| chrono::Utc::now().timestamp_millis() + 3_600_000);
-    for key in keys {
-        let expires: i64 = redis::cmd("PEXPIRETIME")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if expires >= 0 && expires < cutoff {
-            continue;
-        }
-        let kind: String = redis::cmd("TYPE")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let value = match kind.as_str() {
-            "hash" => {
-                let mut v: Vec<(String, String)> = redis::cmd("HGETALL")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                v.sort();
-                format!("{v:?}")
-            }
-            "zset" => {
-                let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(-1)
-                    .arg("WITHSCORES")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                format!("{v:?}")
-            }
-            "list" => {
-                let v: Vec<String> = redis::cmd("LRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                format!("{v:?}")
-            }
-            "stream" => {
-                let n: i64 = redis::cmd("XLEN")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                format!("{n} entries")
-            }
-            // event:{id} JSON, bitmaps and the checkpoint: counted by the keys listed.
-            _ => continue,
-        };
-        state.push_str(&format!("{key}: {value}\n"));
+    let cutoff_ms = *CUTOFF_MS.get_or_init(|| chrono::Utc::now().timestamp_millis() + 3_600_000);
+    for line in redis_dump(&s.redis, Dump::Readable { cutoff_ms }).await {
+        state.push_str(&line);
+        state.push('\n');
     }
     state
 }
@@ -488,7 +425,7 @@ async fn a_source_restored_into_a_new_cluster_is_refused_and_the_start_over_is_e
     assert!(walcast.terminate().await.success(), "{}", walcast.log());
 
     // "pg_dump | psql" into a new cluster: the same rows, ids and sequence.
-    let restored = support::Postgres::start_new_cluster().await;
+    let restored = crate::support::Postgres::start_new_cluster().await;
     let db2 = restored.create_source_db("app").await;
     db2.batch_execute(&format!(
         "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts) VALUES

@@ -1,9 +1,7 @@
 //! `walcast generate` against a real PostgreSQL: the requested number of rows, with the
 //! requested shares, in the shapes the schema allows.
 
-mod support;
-
-use support::{Env, Postgres, Redis};
+use crate::support::{Env, Postgres, Redis};
 
 /// 4,000 rows, a fifth of them awkward, over 50 content rows.
 const TWO_SECONDS_AT_2000: [&str; 8] = [
@@ -54,8 +52,8 @@ async fn the_requested_rows_with_the_requested_shares() {
     // is one without content.
     let out = generate(&env, &TWO_SECONDS_AT_2000);
     assert!(out.contains("generated 4000 events"), "{out}");
-    assert_eq!(support::count(&db, "content").await, 50);
-    assert_eq!(support::count(&db, "engagement_events").await, 4000);
+    assert_eq!(crate::support::count(&db, "content").await, 50);
+    assert_eq!(crate::support::count(&db, "engagement_events").await, 4000);
     let missing = share(&db, "content_id IS NULL").await;
     assert!(
         (0.16..0.24).contains(&missing),
@@ -97,7 +95,7 @@ async fn the_requested_rows_with_the_requested_shares() {
     .await
     .unwrap();
     generate(&env, &TWO_SECONDS_AT_2000);
-    assert_eq!(support::count(&db, "engagement_events").await, 4000);
+    assert_eq!(crate::support::count(&db, "engagement_events").await, 4000);
     let null_ts = share(&db, "event_ts IS NULL").await;
     assert!(
         (0.07..0.13).contains(&null_ts),

@@ -2,46 +2,32 @@
 //! end-to-end histogram, /healthz and /readyz, `walcast status`, the heartbeat, and the
 //! exit on an invalidated slot.
 
-mod support;
-
 use std::time::Duration;
 
-use serde_json::Value;
-use support::{
-    Redis, Stack, confirmed_flush, current_lsn, eventually, http_get, metric, scrape_metrics,
-    signal_pid, try_http_get, wait_for,
+use crate::support::{
+    EPISODE, Redis, Stack, confirmed_flush, current_lsn, episode_sql, eventually, http_get,
+    load_plays, metric, scrape_metrics, signal_pid, try_http_get, wait_for,
 };
+use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
-const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
 
 async fn stack() -> Stack {
     stack_with(Redis::start().await).await
 }
 
 async fn stack_with(redis: Redis) -> Stack {
-    Stack::start(
-        redis,
-        &format!(
-            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
-             VALUES ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now())"
-        ),
-    )
-    .await
+    Stack::start(redis, &episode_sql()).await
 }
 
-/// `n` events in transactions of `per_tx`.
-async fn load(db: &tokio_postgres::Client, n: i64, per_tx: i64) {
-    for start in (0..n).step_by(per_tx as usize) {
-        let rows = per_tx.min(n - start);
-        db.batch_execute(&format!(
-            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
-             SELECT '{EPISODE}', gen_random_uuid(), 'play', now(), 1000 * g, 'ios'
-             FROM generate_series(1, {rows}) g"
-        ))
-        .await
-        .unwrap();
-    }
+/// Loads `n` events (`per_tx` a transaction) and waits until Redis has them all and
+/// `/readyz` says ready.
+async fn load_until_ready(s: &Stack, port: u16, n: i64, per_tx: i64) {
+    load_plays(&s.db, n, per_tx).await;
+    eventually(&format!("{n} events in Redis, ready"), WAIT, || async {
+        s.redis.total().await == n && ready(port).await
+    })
+    .await;
 }
 
 /// `/readyz` answers 200 (`false` also while nothing listens yet).
@@ -54,15 +40,11 @@ async fn lag_gauges_rise_while_a_sink_stalls_and_return_to_zero_after() {
     let s = stack().await;
     let walcast = s.run();
     let port = s.env.metrics_port;
-    load(&s.db, 10, 10).await;
-    eventually("first events delivered, ready", WAIT, || async {
-        s.redis.total().await == 10 && ready(port).await
-    })
-    .await;
+    load_until_ready(&s, port, 10, 10).await;
 
     // Redis stops answering (frozen, connections open): its writes hang.
     signal_pid(s.redis.pid(), libc::SIGSTOP);
-    load(&s.db, 1_000, 100).await;
+    load_plays(&s.db, 1_000, 100).await;
     let stalled =
         wait_for("lag gauges to show the stalled sink", WAIT, || async {
             let m = scrape_metrics(port).await;
@@ -143,7 +125,7 @@ async fn readyz_turns_not_ready_while_redis_is_down_and_ready_after() {
 
     s.redis.restart().await;
     eventually("ready again", WAIT, || ready(port)).await;
-    load(&s.db, 1, 1).await;
+    load_plays(&s.db, 1, 1).await;
     eventually("events flow again", WAIT, || async {
         s.redis.total().await == 1
     })
@@ -219,7 +201,7 @@ async fn idle_publication_keeps_retained_wal_small_under_unrelated_writes() {
 async fn status_prints_the_slot_and_each_checkpoint_as_a_table_and_as_json() {
     let s = stack().await;
     let _walcast = s.run();
-    load(&s.db, 5, 5).await;
+    load_plays(&s.db, 5, 5).await;
     eventually("delivered", WAIT, || async { s.redis.total().await == 5 }).await;
     eventually("analytics checkpoint", WAIT, || async {
         let out = s.env.output(&["status", "--json"]);
@@ -272,11 +254,7 @@ async fn an_invalidated_slot_stops_walcast_with_the_way_out() {
     let s = stack().await;
     let mut walcast = s.run();
     let port = s.env.metrics_port;
-    load(&s.db, 1, 1).await;
-    eventually("ready", WAIT, || async {
-        s.redis.total().await == 1 && ready(port).await
-    })
-    .await;
+    load_until_ready(&s, port, 1, 1).await;
     for sql in [
         "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
         "SELECT pg_reload_conf()",
@@ -287,7 +265,7 @@ async fn an_invalidated_slot_stops_walcast_with_the_way_out() {
 
     // A stalled sink holds the slot while far more WAL than allowed is written.
     signal_pid(s.redis.pid(), libc::SIGSTOP);
-    load(&s.db, 1, 1).await;
+    load_plays(&s.db, 1, 1).await;
     for _ in 0..3 {
         s.db.batch_execute(
             "INSERT INTO unrelated SELECT repeat('x', 500) FROM generate_series(1, 30000);
@@ -388,11 +366,7 @@ async fn a_sink_down_at_start_is_retried_until_it_answers() {
     );
 
     s.redis.restart().await;
-    load(&s.db, 5, 5).await;
-    eventually("events delivered once redis is up", WAIT, || async {
-        s.redis.total().await == 5 && ready(port).await
-    })
-    .await;
+    load_until_ready(&s, port, 5, 5).await;
 }
 
 /// A publication altered to leave `engagement_events` out streams nothing of it: walcast
@@ -403,15 +377,11 @@ async fn a_publication_that_loses_the_table_is_noticed_and_a_recreated_table_sto
     let s = stack().await;
     let mut walcast = s.run();
     let port = s.env.metrics_port;
-    load(&s.db, 3, 3).await;
-    eventually("3 events, ready", WAIT, || async {
-        s.redis.total().await == 3 && ready(port).await
-    })
-    .await;
+    load_until_ready(&s, port, 3, 3).await;
     s.db.batch_execute("ALTER PUBLICATION walcast_pub DROP TABLE engagement_events")
         .await
         .unwrap();
-    load(&s.db, 3, 3).await;
+    load_plays(&s.db, 3, 3).await;
     let body = wait_for(
         "/readyz to say the publication lost the table",
         WAIT,
@@ -437,9 +407,10 @@ async fn a_publication_that_loses_the_table_is_noticed_and_a_recreated_table_sto
         .unwrap();
     eventually("ready again", WAIT, || ready(port)).await;
     s.env.succeed(&["backfill", "--from-id", "4"]);
-    load(&s.db, 2, 2).await;
+    load_plays(&s.db, 2, 2).await;
     eventually("every event in every sink", WAIT, || async {
-        s.redis.total().await == 8 && support::count(&s.db, "analytics.enriched_events").await == 8
+        s.redis.total().await == 8
+            && crate::support::count(&s.db, "analytics.enriched_events").await == 8
     })
     .await;
     let out = s.env.output(&["verify"]);
@@ -475,10 +446,10 @@ async fn a_hung_analytics_backend_is_noticed_within_the_write_deadline() {
     s.env.put("WALCAST_SINK_WRITE_TIMEOUT", "2s");
     let walcast = s.run();
     let port = s.env.metrics_port;
-    load(&s.db, 10, 10).await;
+    load_plays(&s.db, 10, 10).await;
     eventually("10 events in both sinks, ready", WAIT, || async {
         s.redis.total().await == 10
-            && support::count(&s.db, "analytics.enriched_events").await == 10
+            && crate::support::count(&s.db, "analytics.enriched_events").await == 10
             && ready(port).await
     })
     .await;
@@ -492,7 +463,7 @@ async fn a_hung_analytics_backend_is_noticed_within_the_write_deadline() {
         .get(0);
     signal_pid(backend as u32, libc::SIGSTOP);
     let hung = std::time::Instant::now();
-    load(&s.db, 10, 10).await;
+    load_plays(&s.db, 10, 10).await;
     let body = wait_for("/readyz to name the hung sink", WAIT, || async {
         let (status, body) = http_get(port, "/readyz").await;
         (status == 503 && body.contains("postgres")).then_some(body)
@@ -514,7 +485,7 @@ async fn a_hung_analytics_backend_is_noticed_within_the_write_deadline() {
     );
     signal_pid(backend as u32, libc::SIGCONT);
     eventually("everything in analytics, ready", WAIT, || async {
-        support::count(&s.db, "analytics.enriched_events").await == 20 && ready(port).await
+        crate::support::count(&s.db, "analytics.enriched_events").await == 20 && ready(port).await
     })
     .await;
     let out = s.env.output(&["verify"]);
@@ -531,15 +502,15 @@ async fn a_hung_analytics_backend_is_noticed_within_the_write_deadline() {
 async fn sigterm_while_redis_hangs_exits_within_the_bound() {
     let s = stack().await;
     let mut walcast = s.run();
-    load(&s.db, 10, 10).await;
+    load_plays(&s.db, 10, 10).await;
     eventually("10 events delivered", WAIT, || async {
         s.redis.total().await == 10
     })
     .await;
     signal_pid(s.redis.pid(), libc::SIGSTOP);
-    load(&s.db, 10, 10).await;
+    load_plays(&s.db, 10, 10).await;
     eventually("analytics has the new events", WAIT, || async {
-        support::count(&s.db, "analytics.enriched_events").await == 20
+        crate::support::count(&s.db, "analytics.enriched_events").await == 20
     })
     .await;
     let stopped = std::time::Instant::now();
@@ -590,17 +561,12 @@ async fn sigterm_while_redis_hangs_exits_within_the_bound() {
 async fn a_black_holed_replication_connection_is_noticed_and_replaced() {
     // The server's default wal_sender_timeout (60 s): the old session's walsender holds
     // the slot that long unless walcast ends it.
-    let pg = support::Postgres::start().await;
+    let pg = crate::support::Postgres::start().await;
     let db = pg.create_source_db("app").await;
-    db.batch_execute(&format!(
-        "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
-         VALUES ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now())"
-    ))
-    .await
-    .unwrap();
+    db.batch_execute(&episode_sql()).await.unwrap();
     let redis = Redis::start().await;
-    let proxy = support::Proxy::start(pg.port).await;
-    let mut env = support::Env::new(&pg, "app", &redis);
+    let proxy = crate::support::Proxy::start(pg.port).await;
+    let mut env = crate::support::Env::new(&pg, "app", &redis);
     env.put(
         "WALCAST_SOURCE_URL",
         &format!("postgres://postgres@127.0.0.1:{}/app", proxy.port),
@@ -609,17 +575,17 @@ async fn a_black_holed_replication_connection_is_noticed_and_replaced() {
     env.put("WALCAST_HEARTBEAT_INTERVAL", "1s");
     let s = Stack { pg, redis, db, env };
     let walcast = s.run();
-    load(&s.db, 5, 5).await;
+    load_plays(&s.db, 5, 5).await;
     eventually("5 events delivered", WAIT, || async {
         s.redis.total().await == 5
     })
     .await;
     proxy.black_hole_open_connections();
     let cut = std::time::Instant::now();
-    load(&s.db, 5, 5).await;
+    load_plays(&s.db, 5, 5).await;
     eventually("the rest delivered over a new connection", WAIT, || async {
         s.redis.total().await == 10
-            && support::count(&s.db, "analytics.enriched_events").await == 10
+            && crate::support::count(&s.db, "analytics.enriched_events").await == 10
     })
     .await;
     let log = walcast.log();
@@ -657,7 +623,7 @@ async fn megabyte_rows_behind_a_hung_sink_take_bounded_memory() {
     const ROWS: i64 = 500;
     let s = stack().await;
     let walcast = s.run();
-    load(&s.db, 1, 1).await;
+    load_plays(&s.db, 1, 1).await;
     eventually("the first event delivered", WAIT, || async {
         s.redis.total().await == 1
     })
@@ -686,7 +652,7 @@ async fn megabyte_rows_behind_a_hung_sink_take_bounded_memory() {
     // (count seen last, how many polls in a row saw it)
     let seen = std::cell::Cell::new((-1, 0));
     let held = wait_for("the analytics sink to stop advancing", WAIT, || async {
-        let now = support::count(&s.db, "analytics.enriched_events").await;
+        let now = crate::support::count(&s.db, "analytics.enriched_events").await;
         let (last, times) = seen.get();
         let times = if now == last { times + 1 } else { 0 };
         seen.set((now, times));
@@ -702,7 +668,7 @@ async fn megabyte_rows_behind_a_hung_sink_take_bounded_memory() {
         Duration::from_secs(120),
         || async {
             s.redis.total().await == ROWS + 1
-                && support::count(&s.db, "analytics.enriched_events").await == ROWS + 1
+                && crate::support::count(&s.db, "analytics.enriched_events").await == ROWS + 1
         },
     )
     .await;

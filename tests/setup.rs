@@ -1,11 +1,9 @@
 //! `walcast setup` / `teardown` against real servers: each misconfiguration fails with a
 //! message that names the fix.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{Env, Postgres, Redis, eventually};
+use crate::support::{Env, Postgres, Redis, eventually};
 
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -119,7 +117,8 @@ async fn slot_in_use_and_slots_exhausted_are_refused_with_the_fix() {
         },
     )
     .await;
-    let second = Env::new(&pg, "app", &redis);
+    // Refused after the wait for the slot's release, made short here.
+    let second = Env::new(&pg, "app", &redis).set("WALCAST_SLOT_RELEASE_WAIT", "1s");
     let err = refusal(&second, &["run"]);
     assert!(
         err.contains("in use by another process") && err.contains("WALCAST_SLOT"),
@@ -157,7 +156,7 @@ async fn bad_configuration_names_the_setting() {
 /// port where nothing listens, so an error about it would mean walcast tried it first.
 #[tokio::test]
 async fn configuration_is_checked_before_connecting_and_urls_hint_at_percent_encoding() {
-    let closed = support::free_port();
+    let closed = crate::support::free_port();
     let env = Env {
         vars: vec![
             (
@@ -302,7 +301,7 @@ async fn a_least_privilege_role_runs_everything_with_the_printed_grants() {
         Duration::from_secs(60),
         || async {
             redis.total().await == 100
-                && support::count(&admin, "analytics.enriched_events").await == 100
+                && crate::support::count(&admin, "analytics.enriched_events").await == 100
         },
     )
     .await;
@@ -362,7 +361,7 @@ async fn the_compose_roles_script_gives_walcast_and_grafana_what_they_need() {
         Duration::from_secs(60),
         || async {
             redis.total().await == 10
-                && support::count(&admin, "analytics.enriched_events").await == 10
+                && crate::support::count(&admin, "analytics.enriched_events").await == 10
         },
     )
     .await;

@@ -2,11 +2,9 @@
 //! tests/support): a slot left unused past it is invalidated, and `status` and `run` say
 //! so with its own cause and what to do.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{Env, Postgres, Redis, eventually};
+use crate::support::{Env, Postgres, Redis, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_left_idle_past_the_timeout_is_reported_with_its_own_cause() {

@@ -1,13 +1,11 @@
 //! End-to-end streaming into Redis against real PostgreSQL and Redis servers.
 
-mod support;
-
 use std::time::Duration;
 
-use serde_json::Value;
-use support::{
+use crate::support::{
     Redis, Stack, Walcast, confirmed_flush, current_lsn, eventually, poll_until, scrape_metrics,
 };
+use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
@@ -25,7 +23,14 @@ async fn stack() -> Stack {
     Stack::start(Redis::start().await, &content).await
 }
 
-impl Stack {
+/// What these tests do with a stack (a trait, so that this module can be compiled twice:
+/// once on each PostgreSQL).
+trait Events {
+    async fn insert(&self, content: Option<&str>, duration_ms: Option<i32>) -> i64;
+    async fn wait_event(&self, id: i64, walcast: &Walcast) -> Value;
+}
+
+impl Events for Stack {
     /// Inserts one event and returns its id.
     async fn insert(&self, content: Option<&str>, duration_ms: Option<i32>) -> i64 {
         self.db

@@ -4,12 +4,10 @@
 //! wrong CA, a certificate for another name and an expired one refused at start, saying
 //! which server, what did not verify and which setting to change.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
-use support::{Certs, Env, Postgres, Redis, Stack, count, eventually};
+use crate::support::{Certs, Env, Postgres, Redis, Stack, count, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
 const EPISODE: &str = "00000000-0000-0000-0000-000000000001";

@@ -2,21 +2,21 @@
 //! idempotency keys across a kill -9, retries, Retry-After, dead letters and their replay,
 //! isolation from Redis, signatures.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::{
+    EPISODE, Redis, Stack, count, episode_sql, eventually, load_plays, metric, scrape_metrics,
+    wait_for,
+};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use support::{Redis, Stack, count, eventually, metric, scrape_metrics, wait_for};
 use walcast::sink::webhook::verify;
 
 const WAIT: Duration = Duration::from_secs(60);
-const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
 const SECRET: &str = "s3cret";
 
 /// What the receiver answers to its n-th request (from 0).
@@ -59,6 +59,11 @@ impl Receiver {
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Receiver { url, log }
+    }
+
+    /// Answers the first request with `first`, every later one with 200.
+    async fn first_then_ok(first: Reply) -> Receiver {
+        Receiver::start(move |n| if n == 0 { first } else { Reply::Ok }).await
     }
 
     fn requests(&self) -> Vec<Received> {
@@ -141,33 +146,12 @@ async fn receive(
 }
 
 async fn stack(receiver: &Receiver) -> Stack {
-    let mut s = Stack::start(
-        Redis::start().await,
-        &format!(
-            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
-             VALUES ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now())"
-        ),
-    )
-    .await;
+    let mut s = Stack::start(Redis::start().await, &episode_sql()).await;
     s.env.put("WALCAST_SINKS", "redis,postgres,webhook");
     s.env.put("WALCAST_WEBHOOK_URL", &receiver.url);
     s.env.put("WALCAST_WEBHOOK_SECRET", SECRET);
     s.env.put("WALCAST_WEBHOOK_BATCH_MAX_EVENTS", "50");
     s
-}
-
-/// `n` events, one transaction each of `per_tx`.
-async fn load(db: &tokio_postgres::Client, n: i64, per_tx: i64) {
-    for start in (0..n).step_by(per_tx as usize) {
-        db.batch_execute(&format!(
-            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
-             SELECT '{EPISODE}', gen_random_uuid(), 'play', now(), 1000, 'ios'
-             FROM generate_series(1, {})",
-            per_tx.min(n - start)
-        ))
-        .await
-        .unwrap();
-    }
 }
 
 async fn source_ids(s: &Stack) -> Vec<i64> {
@@ -186,7 +170,7 @@ async fn every_event_arrives_in_order_and_a_kill_9_resends_under_the_same_key() 
     let mut walcast = s.run();
     let writer = {
         let db = s.pg.client("app").await;
-        tokio::spawn(async move { load(&db, 3_000, 30).await })
+        tokio::spawn(async move { load_plays(&db, 3_000, 30).await })
     };
     eventually("part of the load delivered", WAIT, || async {
         receiver.delivered().len() >= 600
@@ -232,7 +216,7 @@ async fn server_errors_are_retried_until_accepted() {
     let receiver = Receiver::start(|n| if n < 4 { Reply::Status(503) } else { Reply::Ok }).await;
     let s = stack(&receiver).await;
     let _walcast = s.run();
-    load(&s.db, 100, 100).await;
+    load_plays(&s.db, 100, 100).await;
     let expected = source_ids(&s).await;
     eventually("delivered after the errors", WAIT, || async {
         receiver.delivered() == expected
@@ -259,17 +243,10 @@ async fn server_errors_are_retried_until_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_requests_waits_as_long_as_retry_after_says() {
-    let receiver = Receiver::start(|n| {
-        if n == 0 {
-            Reply::RetryAfter(2)
-        } else {
-            Reply::Ok
-        }
-    })
-    .await;
+    let receiver = Receiver::first_then_ok(Reply::RetryAfter(2)).await;
     let s = stack(&receiver).await;
     let _walcast = s.run();
-    load(&s.db, 1, 1).await;
+    load_plays(&s.db, 1, 1).await;
     eventually("delivered", WAIT, || async {
         receiver.delivered().len() == 1
     })
@@ -285,17 +262,10 @@ async fn too_many_requests_waits_as_long_as_retry_after_says() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_batch_is_dead_lettered_later_ones_flow_and_replay_resends_it() {
-    let receiver = Receiver::start(|n| {
-        if n == 0 {
-            Reply::Status(400)
-        } else {
-            Reply::Ok
-        }
-    })
-    .await;
+    let receiver = Receiver::first_then_ok(Reply::Status(400)).await;
     let s = stack(&receiver).await;
     let _walcast = s.run();
-    load(&s.db, 3, 3).await;
+    load_plays(&s.db, 3, 3).await;
     eventually("the dead letter", WAIT, || async {
         count(&s.db, "analytics.dead_letters").await == 1
     })
@@ -325,7 +295,7 @@ async fn a_rejected_batch_is_dead_lettered_later_ones_flow_and_replay_resends_it
         "the whole batch is kept"
     );
 
-    load(&s.db, 2, 2).await;
+    load_plays(&s.db, 2, 2).await;
     eventually("later batches flow", WAIT, || async {
         receiver.delivered().len() == 5 - rejected_ids.len()
     })
@@ -369,7 +339,7 @@ async fn a_slow_webhook_does_not_delay_redis() {
     let s = stack(&receiver).await;
     let _walcast = s.run();
     for round in 1..=3 {
-        load(&s.db, 1, 1).await;
+        load_plays(&s.db, 1, 1).await;
         let committed = Instant::now();
         eventually("the event in Redis", Duration::from_secs(2), || async {
             s.redis.total().await == round
@@ -425,7 +395,7 @@ async fn on_failure_block(with_analytics: bool) {
         s.env.put("WALCAST_SINKS", "redis,webhook");
     }
     let _walcast = s.run();
-    load(&s.db, 1, 1).await;
+    load_plays(&s.db, 1, 1).await;
     eventually(
         "in Redis, and refused by the webhook three times",
         WAIT,
@@ -439,11 +409,14 @@ async fn on_failure_block(with_analytics: bool) {
         // Nothing held: the slot passes the event, analytics has it, /readyz is ready and
         // says what the webhook is doing.
         eventually("the slot moves past the event", WAIT, || async {
-            support::confirmed_flush(&s.db, "walcast").await.unwrap() > commit.0
+            crate::support::confirmed_flush(&s.db, "walcast")
+                .await
+                .unwrap()
+                > commit.0
         })
         .await;
         assert_eq!(count(&s.db, "analytics.enriched_events").await, 1);
-        let (status, body) = support::http_get(s.env.metrics_port, "/readyz").await;
+        let (status, body) = crate::support::http_get(s.env.metrics_port, "/readyz").await;
         assert_eq!(status, 200, "{body}");
         assert!(
             body.contains("note: sink webhook deliveries are failing"),
@@ -451,9 +424,11 @@ async fn on_failure_block(with_analytics: bool) {
         );
     } else {
         // Held: the slot short of the event's commit, /readyz says why.
-        let flushed = support::confirmed_flush(&s.db, "walcast").await.unwrap();
+        let flushed = crate::support::confirmed_flush(&s.db, "walcast")
+            .await
+            .unwrap();
         assert!(flushed < commit.0, "slot at {flushed:X} passed {commit}");
-        let (status, body) = support::http_get(s.env.metrics_port, "/readyz").await;
+        let (status, body) = crate::support::http_get(s.env.metrics_port, "/readyz").await;
         assert_eq!(status, 503);
         assert!(body.contains("sink webhook writes are failing"), "{body}");
     }
@@ -469,7 +444,10 @@ async fn on_failure_block(with_analytics: bool) {
         "every attempt under one key"
     );
     eventually("the slot moves past the event", WAIT, || async {
-        support::confirmed_flush(&s.db, "walcast").await.unwrap() > commit.0
+        crate::support::confirmed_flush(&s.db, "walcast")
+            .await
+            .unwrap()
+            > commit.0
     })
     .await;
     assert_eq!(count(&s.db, "analytics.dead_letters").await, 0);
@@ -481,7 +459,7 @@ async fn a_spent_retry_budget_dead_letters_the_batch() {
     let mut s = stack(&receiver).await;
     s.env.put("WALCAST_WEBHOOK_RETRY_BUDGET", "1s");
     let _walcast = s.run();
-    load(&s.db, 1, 1).await;
+    load_plays(&s.db, 1, 1).await;
     eventually("the dead letter", WAIT, || async {
         count(&s.db, "analytics.dead_letters").await == 1
     })
@@ -515,7 +493,7 @@ async fn replication_reconnects_send_no_event_under_two_keys() {
     let walcast = s.run();
     let writer = {
         let db = s.pg.client("app").await;
-        tokio::spawn(async move { load(&db, 30 * 120, 120).await })
+        tokio::spawn(async move { load_plays(&db, 30 * 120, 120).await })
     };
     let mut ended = 0;
     for _ in 0..7 {
@@ -620,7 +598,7 @@ async fn redis_latencies(s: &Stack, seconds: u64) -> Vec<Duration> {
         let db = s.pg.client("app").await;
         tokio::spawn(async move {
             for _ in 0..seconds * 20 {
-                load(&db, 25, 25).await;
+                load_plays(&db, 25, 25).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -691,18 +669,23 @@ async fn a_failing_webhook_holds_back_neither_redis_nor_the_slot() {
     failing.store(true, std::sync::atomic::Ordering::Relaxed);
     let outage = redis_latencies(&s, 8).await;
     let expected = source_ids(&s).await;
-    let end = support::current_lsn(&s.db).await;
+    let end = crate::support::current_lsn(&s.db).await;
     eventually("Redis and analytics hold every event", WAIT, || async {
         s.redis.total().await == expected.len() as i64
             && count(&s.db, "analytics.enriched_events").await == expected.len() as i64
     })
     .await;
     eventually("the slot past the load", WAIT, || async {
-        support::confirmed_flush(&s.db, "walcast").await.unwrap() >= end
+        crate::support::confirmed_flush(&s.db, "walcast")
+            .await
+            .unwrap()
+            >= end
     })
     .await;
-    let behind = support::current_lsn(&s.db).await
-        - support::confirmed_flush(&s.db, "walcast").await.unwrap();
+    let behind = crate::support::current_lsn(&s.db).await
+        - crate::support::confirmed_flush(&s.db, "walcast")
+            .await
+            .unwrap();
     assert_eq!(
         receiver.delivered().len(),
         before,
@@ -764,14 +747,14 @@ async fn a_backfill_sends_only_what_the_stream_did_not() {
     let receiver = Receiver::start(|_| Reply::Ok).await;
     let s = stack(&receiver).await;
     let mut walcast = s.run();
-    load(&s.db, 20, 5).await;
+    load_plays(&s.db, 20, 5).await;
     eventually("the streamed events delivered", WAIT, || async {
         receiver.delivered().len() == 20
     })
     .await;
     walcast.terminate().await;
     // Five more while walcast is stopped: in the slot, not yet in the sinks.
-    load(&s.db, 5, 5).await;
+    load_plays(&s.db, 5, 5).await;
     s.env.succeed(&["backfill"]);
     let expected = source_ids(&s).await;
     assert_eq!(
@@ -782,14 +765,17 @@ async fn a_backfill_sends_only_what_the_stream_did_not() {
     // The stream now replays the five: the analytics sink has them, the webhook sends
     // nothing more.
     let _walcast = s.env.spawn_run();
-    let end = support::current_lsn(&s.db).await;
+    let end = crate::support::current_lsn(&s.db).await;
     eventually("the slot past the replay", WAIT, || async {
-        support::confirmed_flush(&s.db, "walcast").await.unwrap() >= end
+        crate::support::confirmed_flush(&s.db, "walcast")
+            .await
+            .unwrap()
+            >= end
     })
     .await;
     // One more event, after the replay in commit order: once the webhook has it, it would
     // have had anything the replay made it send.
-    load(&s.db, 1, 1).await;
+    load_plays(&s.db, 1, 1).await;
     let expected = source_ids(&s).await;
     eventually("the event after the replay delivered", WAIT, || async {
         receiver.delivered().last() == expected.last()

@@ -22,9 +22,7 @@ use crate::decode::{Change, DecodeError, Relation, RelationCache};
 use crate::event::{DeadLetter, EnrichedEvent};
 use crate::lsn::Position;
 
-/// The tables walcast reads (schema `public`).
-pub const CONTENT_TABLE: &str = "content";
-pub const EVENTS_TABLE: &str = "engagement_events";
+pub use crate::event::{CONTENT_TABLE, EVENTS_TABLE};
 
 /// What one change turned into.
 #[derive(Debug)]

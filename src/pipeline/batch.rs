@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::event::{Batch, DeadLetter, EnrichedEvent};
+use crate::event::{Batch, DeadLetter, EnrichedEvent, Feed};
 use crate::lsn::Lsn;
 
 pub struct Batcher {
@@ -52,7 +52,7 @@ impl Batcher {
     pub fn mark(&mut self, lsn: Lsn) {
         if lsn > self.marked {
             self.marked = lsn;
-            self.open.ack_lsn = Some(lsn);
+            self.open.feed = Feed::Stream { ack_lsn: Some(lsn) };
         }
     }
 

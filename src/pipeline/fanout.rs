@@ -77,6 +77,23 @@ pub struct QueueLimits {
     pub write_timeout: Duration,
 }
 
+/// Full batches' worth of rows (and of bytes) each sink may have queued.
+const SINK_QUEUE_BATCHES: usize = 2;
+
+impl QueueLimits {
+    /// For batches of up to `max_events` rows and `max_bytes`: each sink may have
+    /// [`SINK_QUEUE_BATCHES`] of them queued, and takes one batch's worth per write.
+    pub fn of_batches(max_events: usize, max_bytes: usize, write_timeout: Duration) -> Self {
+        QueueLimits {
+            queue_rows: SINK_QUEUE_BATCHES * max_events,
+            queue_bytes: SINK_QUEUE_BATCHES * max_bytes,
+            write_rows: max_events,
+            write_bytes: max_bytes,
+            write_timeout,
+        }
+    }
+}
+
 /// One sink's queue: the channel and its capacity in rows and in KiB.
 struct Queue {
     tx: mpsc::UnboundedSender<Queued>,
@@ -107,7 +124,7 @@ fn permits(n: usize) -> usize {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("sink {sink} failed: {source}")]
+#[error("sink {sink} failed")]
 pub struct FanoutError {
     pub sink: &'static str,
     #[source]
@@ -223,7 +240,7 @@ pub async fn run(
             // arm wins; the sends below run to completion inside the arm.
             batch = batches.recv(), if queues.is_some() => match batch {
                 Some(batch) => {
-                    let seq = tracker.dispatch(batch.ack_lsn);
+                    let seq = tracker.dispatch(batch.ack_lsn());
                     // An acknowledgement marker takes one permit of each; a batch larger
                     // than the whole queue takes all of it.
                     let rows = batch.rows().clamp(1, limits.queue_rows) as u32;
@@ -363,24 +380,24 @@ async fn sink_task<S: Sink>(
                 Ok(()) => {
                     metrics::sink_written(name, &batches, started.elapsed(), Utc::now());
                     health.set_failing(false);
-                    if let Some(lsn) = batches.iter().filter_map(|b| b.ack_lsn).max() {
+                    if let Some(lsn) = batches.iter().filter_map(|b| b.ack_lsn()).max() {
                         health.set_confirmed(lsn);
                     }
                     break;
                 }
                 Err(err) if err.is_transient() => {
-                    metrics::sink_failed(name, "retry");
+                    metrics::sink_failed(name, metrics::Failure::Retry);
                     health.set_failing(true);
                     if err.is_server_shutdown() {
                         shared.release_source.notify_one();
                     }
                     let delay = crate::retry::backoff(attempt);
                     attempt += 1;
-                    tracing::warn!(sink = name, error = %err, attempt, retry_in_ms = delay.as_millis() as u64, "sink write failed, retrying");
+                    tracing::warn!(sink = name, error = %crate::error::Chain(&err), attempt, retry_in_ms = delay.as_millis() as u64, "sink write failed, retrying");
                     tokio::time::sleep(delay).await;
                 }
                 Err(err) => {
-                    metrics::sink_failed(name, "error");
+                    metrics::sink_failed(name, metrics::Failure::Error);
                     return Err(FanoutError {
                         sink: name,
                         source: err,
@@ -402,8 +419,7 @@ async fn sink_task<S: Sink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SinkKind;
-    use crate::event::EnrichedEvent;
+    use crate::event::{EnrichedEvent, Feed};
     use crate::lsn::Position;
 
     /// Records the rows of each write; lingers like a real sink may.
@@ -454,7 +470,9 @@ mod tests {
             engagement_seconds: None,
             engagement_pct: None,
         });
-        batch.ack_lsn = Some(Lsn(lsn));
+        batch.feed = Feed::Stream {
+            ack_lsn: Some(Lsn(lsn)),
+        };
         batch
     }
 
@@ -471,7 +489,7 @@ mod tests {
             write_bytes: 1 << 20,
             write_timeout: Duration::from_secs(30),
         };
-        let mut sinks = Sinks::new(limits, Health::new(&[SinkKind::Redis]));
+        let mut sinks = Sinks::new(limits, Health::new(&["redis"]));
         let (writes_tx, writes) = mpsc::unbounded_channel();
         sinks.add(Recorder {
             linger,
@@ -564,7 +582,7 @@ mod tests {
             write_bytes: 4 << 10,
             write_timeout: Duration::from_secs(30),
         };
-        let mut sinks = Sinks::new(limits, Health::new(&[SinkKind::Redis]));
+        let mut sinks = Sinks::new(limits, Health::new(&["redis"]));
         sinks.add(Hung);
         let (batches_tx, batches_rx) = mpsc::channel(1);
         let (ack_tx, _ack_rx) = watch::channel(Lsn(0));
@@ -621,7 +639,7 @@ mod tests {
     /// reported failing, and the retry confirms the batch.
     #[tokio::test(start_paused = true)]
     async fn a_write_past_its_deadline_is_retried_on_fresh_connections() {
-        let health = Health::new(&[SinkKind::Redis]);
+        let health = Health::new(&["redis"]);
         let limits = QueueLimits {
             queue_rows: 100,
             queue_bytes: 1 << 20,

@@ -18,6 +18,7 @@
 //! and the fan-out's handles, which aborts them, and the set.
 
 mod ack;
+pub mod backfill;
 mod batch;
 pub(crate) mod fanout;
 mod rebuild;
@@ -39,33 +40,34 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{Destinations, RunConfig, SinkKind, SourceArgs};
 use crate::enrich::{ContentCache, Enricher};
-use crate::health::{self, Health, Probe};
+use crate::health::{self, Health};
 use crate::lsn::{Position, SourceId};
 use crate::metrics::{self, ChangeCounts};
-use crate::sink::Sink;
-use crate::sink::postgres::PostgresSink;
-use crate::sink::redis::RedisSink;
+use crate::sink::fault::{Faults, Faulty};
 use crate::sink::webhook::WebhookSink;
+use crate::sink::{AnySink, BuildError, Sink, SinkError};
 use crate::{Error, source};
 
 /// Batches the source may have closed ahead of the fan-out.
 const BATCH_QUEUE: usize = 2;
-/// Full batches' worth of rows (and of bytes) each sink may have queued.
-const SINK_QUEUE_BATCHES: usize = 2;
-/// Messages the replication client may buffer ahead of the source loop (its default is
-/// 8,192). It counts messages, not bytes, and a row is one message: with rows of a
-/// megabyte this is what the buffer can hold, 32 MB; with rows of a few hundred bytes
-/// it is well under a batch, and the socket's buffers hold the rest.
-pub(crate) const REPLICATION_BUFFER_MESSAGES: usize = 32;
-/// How long `run` waits at start for a slot that is still held before it gives up.
-const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(30);
 
 /// Streams until `shutdown` completes or an error stops it.
 pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    run_with_faults(config, shutdown, Faults::default()).await
+}
+
+/// [`run`], with faults injected into the sinks' writes as `faults` says (see
+/// [`crate::sink::fault`]): for tests of the failure paths.
+pub async fn run_with_faults(
+    config: RunConfig,
+    shutdown: impl Future<Output = ()>,
+    faults: Faults,
+) -> Result<(), Error> {
     config.validate()?;
     let mut shutdown = std::pin::pin!(shutdown);
     let layout = Layout::of(&config.destinations);
-    let health = Health::with_followers(&layout.fanned.sinks.kinds, &layout.followers());
+    let built = build_sinks(&layout.fanned, &config.source)?;
+    let health = Health::with_followers(&names(&built), &layout.followers());
     // Tasks that live as long as this function: dropping the set stops them.
     let mut background = JoinSet::new();
     if let Some(addr) = config.metrics_addr()? {
@@ -83,10 +85,8 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     }
     // Probes first, so /readyz tells which sink is unreachable while walcast waits for it.
-    for (index, probe) in probes(&layout.fanned, &config.source)?
-        .into_iter()
-        .enumerate()
-    {
+    for (index, sink) in built.iter().enumerate() {
+        let probe = sink.healthcheck();
         background.spawn(health::probe_forever(probe, Arc::clone(&health), index));
     }
     let pg_config = config.source.pg_config()?;
@@ -97,12 +97,16 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
     let source_id = source::identify(&config.source).await?;
     tracing::info!(source = %source_id, "source identified");
     let opened = open_sinks(
-        &config.source,
-        &layout.fanned,
-        (config.batch_max_events, config.batch_max_bytes),
+        built,
+        QueueLimits::of_batches(
+            config.batch_max_events,
+            config.batch_max_bytes,
+            layout.fanned.sink_write_timeout,
+        ),
         &health,
         None,
         Some(source_id),
+        Some(&faults),
         Some(&mut shutdown),
     )
     .await?;
@@ -117,7 +121,7 @@ pub async fn run(config: RunConfig, shutdown: impl Future<Output = ()>) -> Resul
         .iter()
         .filter_map(|(sink, checkpoint)| Some((*sink, (*checkpoint)?)))
         .collect();
-    for done in ensure_slot(&client, &config.source, &held).await? {
+    for done in ensure_slot(&client, &config.source, &held, config.slot_release_wait).await? {
         tracing::info!("{done}");
     }
     let slot = source::slot_info(&client, &config.source.slot)
@@ -237,9 +241,9 @@ impl Layout {
         }
     }
 
-    fn followers(&self) -> Vec<SinkKind> {
+    fn followers(&self) -> Vec<&'static str> {
         if self.webhook_follows {
-            vec![SinkKind::Webhook]
+            vec![SinkKind::Webhook.name()]
         } else {
             Vec::new()
         }
@@ -257,28 +261,36 @@ async fn open_follower(config: &RunConfig, source_id: SourceId) -> Result<Webhoo
         .destinations
         .analytics
         .pg_config(&config.source.url)?;
-    let (mut sink, _) = WebhookSink::connect(&config.destinations.webhook, pg_config)
-        .await
-        .map_err(start)?;
-    claim_history(&mut sink, source_id).await.map_err(start)?;
+    let mut sink = WebhookSink::new(&config.destinations.webhook, pg_config).map_err(start)?;
+    sink.open().await.map_err(start)?;
+    sink.claim_history(source_id).await.map_err(start)?;
     sink.checkpoint().await.map_err(start)?;
     let from = sink.start_following().await.map_err(start)?;
     tracing::info!(sink = sink.name(), checkpoint = ?from.map(|p| p.to_string()), "webhook follows the analytics facts");
     Ok(sink)
 }
 
-/// One probe per sink, in the fan-out's order.
-fn probes(to: &Destinations, source: &SourceArgs) -> Result<Vec<Probe>, Error> {
+/// The fan-out's sinks, built from their settings (no I/O yet), in the fan-out's order:
+/// their health entries, probes and queues are all numbered from this one list.
+pub(crate) fn build_sinks(to: &Destinations, source: &SourceArgs) -> Result<Vec<AnySink>, Error> {
     to.sinks
         .kinds
         .iter()
-        .map(|kind| match kind {
-            SinkKind::Redis => Ok(Probe::redis(to.redis.client()?)),
-            SinkKind::Postgres => Ok(Probe::postgres(to.analytics.pg_config(&source.url)?)),
-            // A system walcast does not control: judged by its deliveries, not probed.
-            SinkKind::Webhook => Ok(Probe::Deliveries),
+        .map(|kind| {
+            crate::sink::build(*kind, to, &source.url).map_err(|error| match error {
+                BuildError::Config(e) => Error::Config(e),
+                BuildError::Sink(source) => Error::SinkStart {
+                    sink: kind.name(),
+                    source,
+                },
+            })
         })
         .collect()
+}
+
+/// The sinks' names, in their order.
+pub(crate) fn names(sinks: &[AnySink]) -> Vec<&'static str> {
+    sinks.iter().map(Sink::name).collect()
 }
 
 /// `source::ensure_slot_for_run`, waiting a while for a slot that is still held. After
@@ -289,8 +301,9 @@ async fn ensure_slot(
     client: &tokio_postgres::Client,
     source_args: &SourceArgs,
     held: &[(&'static str, Position)],
+    wait: Duration,
 ) -> Result<Vec<String>, Error> {
-    let deadline = Instant::now() + SLOT_RELEASE_WAIT;
+    let deadline = Instant::now() + wait;
     let mut attempt = 0;
     loop {
         match source::ensure_slot_for_run(client, &source_args.slot, held).await {
@@ -299,7 +312,7 @@ async fn ensure_slot(
                     tracing::warn!(
                         slot = %source_args.slot,
                         pid,
-                        wait_s = SLOT_RELEASE_WAIT.as_secs(),
+                        wait_s = wait.as_secs(),
                         "slot is held by another connection (the walsender of a walcast that \
                          stopped may not have noticed yet); waiting for it to be released"
                     );
@@ -330,60 +343,58 @@ pub(crate) struct Opened {
 /// `retry`, until it answers or `stop` completes (then `Ok(None)`); without, the first
 /// error ends it.
 pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
-    source: &SourceArgs,
-    to: &Destinations,
-    (batch_max_events, batch_max_bytes): (usize, usize),
+    built: Vec<AnySink>,
+    limits: QueueLimits,
     health: &Arc<Health>,
     backfill_job: Option<&str>,
     source_id: Option<SourceId>,
+    faults: Option<&Faults>,
     mut stop: Option<&mut S>,
 ) -> Result<Option<Opened>, Error> {
-    let mut sinks = Sinks::new(
-        QueueLimits {
-            queue_rows: SINK_QUEUE_BATCHES * batch_max_events,
-            queue_bytes: SINK_QUEUE_BATCHES * batch_max_bytes,
-            write_rows: batch_max_events,
-            write_bytes: batch_max_bytes,
-            write_timeout: to.sink_write_timeout,
-        },
-        Arc::clone(health),
-    );
+    let mut sinks = Sinks::new(limits, Arc::clone(health));
     let mut cursors = Vec::new();
     let mut checkpoints = Vec::new();
-    for kind in &to.sinks.kinds {
+    for mut sink in built {
+        let name = sink.name();
         let mut attempt: u32 = 0;
-        loop {
-            let started = start_sink(
-                *kind,
-                source,
-                to,
-                &mut sinks,
-                &mut cursors,
-                backfill_job,
-                source_id,
-            );
+        let checkpoint = loop {
             let started = async {
-                checkpoints.push((kind.name(), started.await?));
-                Ok(())
+                sink.open().await?;
+                if let Some(current) = source_id {
+                    sink.claim_history(current).await?;
+                }
+                let checkpoint = sink.checkpoint().await?;
+                let cursor = match backfill_job {
+                    Some(job) => Some(sink.backfill_cursor(job).await?),
+                    None => None,
+                };
+                Ok::<_, SinkError>((checkpoint, cursor))
             };
             let error = match started.await {
-                Ok(()) => break,
-                Err(Error::SinkStart { sink, source }) if source.is_transient() => {
-                    Error::SinkStart { sink, source }
+                Ok((checkpoint, cursor)) => {
+                    cursors.extend(cursor);
+                    break checkpoint;
                 }
-                Err(err) => return Err(err),
+                Err(source) if source.is_transient() => Error::SinkStart { sink: name, source },
+                Err(source) => return Err(Error::SinkStart { sink: name, source }),
             };
             let Some(stop) = stop.as_deref_mut() else {
                 return Err(error);
             };
             let delay = crate::retry::backoff(attempt);
             attempt = attempt.saturating_add(1);
-            metrics::sink_failed(kind.name(), "retry");
-            tracing::warn!(sink = kind.name(), %error, attempt, retry_in_ms = delay.as_millis() as u64, "sink not reachable at start, retrying");
+            metrics::sink_failed(name, metrics::Failure::Retry);
+            tracing::warn!(sink = name, error = %crate::error::Chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "sink not reachable at start, retrying");
             tokio::select! {
                 () = &mut *stop => return Ok(None),
                 () = tokio::time::sleep(delay) => {}
             }
+        };
+        tracing::info!(sink = name, checkpoint = ?checkpoint.map(|p| p.to_string()), "sink ready");
+        checkpoints.push((name, checkpoint));
+        match faults.and_then(|faults| faults.plan(name)) {
+            Some(plan) => sinks.add(Faulty::new(sink, plan)),
+            None => sinks.add(sink),
         }
     }
     Ok(Some(Opened {
@@ -391,91 +402,4 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
         cursors,
         checkpoints,
     }))
-}
-
-/// Connects one sink, proves it ready and starts feeding it; returns its checkpoint.
-async fn start_sink(
-    kind: SinkKind,
-    source: &SourceArgs,
-    to: &Destinations,
-    sinks: &mut Sinks,
-    cursors: &mut Vec<Option<i64>>,
-    job: Option<&str>,
-    source_id: Option<SourceId>,
-) -> Result<Option<Position>, Error> {
-    let start = |source| Error::SinkStart {
-        sink: kind.name(),
-        source,
-    };
-    let migrated = |sink: &'static str, versions: Vec<&'static str>| {
-        for version in versions {
-            tracing::info!(sink, version, "analytics migration applied");
-        }
-    };
-    match kind {
-        SinkKind::Redis => {
-            let sink = RedisSink::connect(to.redis.client()?)
-                .await
-                .map_err(start)?;
-            add(sinks, cursors, sink, job, source_id)
-                .await
-                .map_err(start)
-        }
-        SinkKind::Postgres => {
-            let pg_config = to.analytics.pg_config(&source.url)?;
-            let (sink, versions) = PostgresSink::connect(pg_config).await.map_err(start)?;
-            migrated(sink.name(), versions);
-            add(sinks, cursors, sink, job, source_id)
-                .await
-                .map_err(start)
-        }
-        SinkKind::Webhook => {
-            let pg_config = to.analytics.pg_config(&source.url)?;
-            let (mut sink, versions) = WebhookSink::connect(&to.webhook, pg_config)
-                .await
-                .map_err(start)?;
-            sink.skip_streamed = to.sinks.contains(SinkKind::Postgres);
-            migrated(sink.name(), versions);
-            add(sinks, cursors, sink, job, source_id)
-                .await
-                .map_err(start)
-        }
-    }
-}
-
-/// Reads the sink's checkpoint (which also proves it reachable) and starts feeding it;
-/// with `backfill_job`, first reads its cursor. With `source`, first checks that the
-/// checkpoint belongs to the source's WAL history, and has the sink store it from now on.
-/// Returns the checkpoint.
-async fn add<S: Sink>(
-    sinks: &mut Sinks,
-    cursors: &mut Vec<Option<i64>>,
-    mut sink: S,
-    backfill_job: Option<&str>,
-    source: Option<SourceId>,
-) -> Result<Option<Position>, crate::sink::SinkError> {
-    if let Some(current) = source {
-        claim_history(&mut sink, current).await?;
-    }
-    let checkpoint = sink.checkpoint().await?;
-    tracing::info!(sink = sink.name(), checkpoint = ?checkpoint.map(|p| p.to_string()), "sink ready");
-    if let Some(job) = backfill_job {
-        cursors.push(sink.backfill_cursor(job).await?);
-    }
-    sinks.add(sink);
-    Ok(checkpoint)
-}
-
-/// Checks that the sink's checkpoint belongs to the source's WAL history `current`, and
-/// has the sink store it from now on.
-async fn claim_history<S: Sink>(
-    sink: &mut S,
-    current: SourceId,
-) -> Result<(), crate::sink::SinkError> {
-    if let Some(stored) = sink.source().await?
-        && stored != current
-    {
-        return Err(crate::sink::SinkError::OtherHistory { stored, current });
-    }
-    sink.set_source(current).await
 }

@@ -32,6 +32,7 @@ use std::future::Future;
 use crate::config::{BackfillConfig, Destinations, RunConfig, SinkKind};
 use crate::lsn::{Lsn, Position, SourceId};
 use crate::sink::{self, SinkError};
+use crate::state::{PgState, StateStore};
 use crate::{Error, backfill};
 
 /// The sinks that are behind, and the highest checkpoint any sink holds (what a rebuild
@@ -119,15 +120,10 @@ pub(crate) async fn rebuild(
                     .analytics
                     .pg_config(&config.source.url)?;
                 let client = crate::pg::connect("WALCAST_ANALYTICS_URL", &analytics).await?;
-                sink::postgres::raise_checkpoint(&client, sink::postgres::NAME, ahead)
+                PgState::new(&client)
+                    .raise_checkpoint(sink::postgres::NAME, ahead)
                     .await
-                    .map_err(|source| Error::SinkStart {
-                        sink: name,
-                        source: SinkError::Postgres {
-                            context: "raising the rebuilt checkpoint",
-                            source,
-                        },
-                    })?;
+                    .map_err(|e| start(name)(e.into()))?;
             }
             _ => {}
         }

@@ -136,7 +136,7 @@ impl SourceLoop {
                             }
                         }
                         Ok(None) => "the server ended the replication stream".to_owned(),
-                        Err(err) if source::is_reconnectable(&err) => err.to_string(),
+                        Err(err) if source::is_reconnectable(&err) => crate::error::Chain(&err).to_string(),
                         Err(err) => break Err(source::classify(err, &self.source.slot).into()),
                     };
                     match self.reconnect(&lost, &mut shutdown).await {
@@ -229,11 +229,11 @@ impl SourceLoop {
                             "the lost session's walsender still held the slot; ended it"
                         );
                     } else {
-                        tracing::warn!(error = %err, attempt, "reconnect failed, retrying");
+                        tracing::warn!(error = %crate::error::Chain(&err), attempt, "reconnect failed, retrying");
                     }
                 }
                 Err(err) if err.is_transient() => {
-                    tracing::warn!(error = %err, attempt, "reconnect failed, retrying");
+                    tracing::warn!(error = %crate::error::Chain(&err), attempt, "reconnect failed, retrying");
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -431,7 +431,9 @@ impl SourceLoop {
         }
         let mut repl = repl;
         match tokio::time::timeout_at(deadline, repl.shutdown()).await {
-            Ok(Err(error)) => tracing::debug!(%error, "replication stream closed with an error"),
+            Ok(Err(error)) => {
+                tracing::debug!(error = %crate::error::Chain(&error), "replication stream closed with an error")
+            }
             Err(_) => repl.abort(),
             Ok(Ok(())) => {}
         }
@@ -444,7 +446,7 @@ impl SourceLoop {
                  replays from the slot, and the sinks skip what they applied)"
             ),
             Ok(Err(error)) => {
-                tracing::warn!(flushed = %last, %error, "stopped; could not check the slot's final position")
+                tracing::warn!(flushed = %last, error = %crate::error::Chain(&error), "stopped; could not check the slot's final position")
             }
             Err(_) => {
                 tracing::warn!(flushed = %last, "stopped; the slot's final position could not be checked in time")

@@ -13,14 +13,20 @@
 //!    their own) rely on this rule alone: they bypass the checkpoint, and each sink stores
 //!    the backfill's resume cursor with them instead.
 
+mod any;
+pub mod fault;
 pub mod postgres;
 pub mod redis;
 pub mod webhook;
 
+pub use any::{AnySink, BuildError, build};
+
 use std::future::Future;
 
-use crate::event::{BackfillMark, Batch, EnrichedEvent};
+use crate::event::{Batch, EnrichedEvent};
+use crate::health::Probe;
 use crate::lsn::{Position, SourceId};
+use crate::state::StateError;
 
 /// A destination for enriched events. Batches arrive in commit order. After a restart a
 /// sink may be offered events it already applied: it must skip them (checkpoint) and
@@ -28,6 +34,20 @@ use crate::lsn::{Position, SourceId};
 pub trait Sink: Send + 'static {
     /// Low-cardinality name for logs and metric labels: "redis", "postgres", "webhook".
     fn name(&self) -> &'static str;
+
+    /// Connects and prepares what the sink writes to (the analytics schema's migrations),
+    /// so that a sink that cannot start stops walcast before replication begins. Safe to
+    /// call again after an error. A sink also reconnects by itself after a failed write.
+    fn open(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// How `/readyz` checks the sink's server: every second, on a connection of its own,
+    /// so an outage shows even when no event is flowing. By default the sink is judged by
+    /// its writes alone (a system walcast does not control, such as the webhook).
+    fn healthcheck(&self) -> Probe {
+        Probe::Deliveries
+    }
 
     /// The shortest time between the starts of two writes while the sink keeps up. Rows
     /// that arrive meanwhile go into the next write together: under a steady stream of
@@ -50,19 +70,14 @@ pub trait Sink: Send + 'static {
     /// checkpoint makes the retry exact).
     fn reset(&mut self) {}
 
-    /// The source identity stored with the checkpoint: `None` when nothing is stored yet
-    /// (or was stored before walcast recorded identities).
-    fn source(&mut self) -> impl Future<Output = Result<Option<SourceId>, SinkError>> + Send {
-        async { Ok(None) }
-    }
-
-    /// From now on, store `source` with every checkpoint (and record it now where the
-    /// sink can do so without a checkpoint).
-    fn set_source(
+    /// Checks that the sink's checkpoint belongs to the source's WAL history `current`
+    /// ([`SinkError::OtherHistory`] when it does not), and stores `current` with every
+    /// checkpoint from now on (recording it now where the sink can do so without one).
+    fn claim_history(
         &mut self,
-        source: SourceId,
+        current: SourceId,
     ) -> impl Future<Output = Result<(), SinkError>> + Send {
-        let _ = source;
+        let _ = current;
         async { Ok(()) }
     }
 
@@ -83,9 +98,56 @@ pub trait Sink: Send + 'static {
     ) -> impl Future<Output = Result<Option<i64>, SinkError>> + Send;
 }
 
-/// The backfill state after the last of consecutive batches; `None` for streamed batches.
-pub fn backfill_mark<'a>(batches: &[&'a Batch]) -> Option<&'a BackfillMark> {
-    batches.last().and_then(|batch| batch.backfill.as_ref())
+/// What a write records besides its rows, atomically with them, derived once from the
+/// batches for every sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress<'a> {
+    /// Acknowledgement markers only: nothing to write.
+    Nothing,
+    /// The stream's checkpoint moves to this position.
+    Stream(Position),
+    /// Backfill `job`'s cursor moves to `cursor`: the highest id applied; `None` when the
+    /// backfill finished and the cursor goes.
+    Backfill { job: &'a str, cursor: Option<i64> },
+}
+
+impl<'a> Progress<'a> {
+    /// The progress of consecutive batches: that of the last one. Streamed batches move the
+    /// checkpoint to their last row (none: nothing to record); backfill batches the cursor.
+    pub fn of(batches: &[&'a Batch]) -> Self {
+        match batches.last().and_then(|batch| batch.backfill()) {
+            Some(mark) => Progress::Backfill {
+                job: &mark.job,
+                cursor: mark.cursor,
+            },
+            None => last_position(batches).map_or(Progress::Nothing, Progress::Stream),
+        }
+    }
+
+    /// The same kind of progress, as far as `event`: for a write made in parts, each of
+    /// which records how far it got (a backfill reads in id order).
+    pub fn at(self, event: &EnrichedEvent) -> Self {
+        match self {
+            Progress::Nothing => Progress::Nothing,
+            Progress::Stream(_) => Progress::Stream(event.position),
+            Progress::Backfill { job, .. } => Progress::Backfill {
+                job,
+                cursor: Some(event.id),
+            },
+        }
+    }
+
+    pub fn is_backfill(self) -> bool {
+        matches!(self, Progress::Backfill { .. })
+    }
+}
+
+/// A claim of the state store ([`crate::state::claim_history`]) as a sink's answer.
+pub fn claimed(history: crate::state::History, current: SourceId) -> Result<(), SinkError> {
+    match history {
+        crate::state::History::Claimed => Ok(()),
+        crate::state::History::Other(stored) => Err(SinkError::OtherHistory { stored, current }),
+    }
 }
 
 /// The events of consecutive batches, in order.
@@ -104,16 +166,16 @@ pub fn last_position(batches: &[&Batch]) -> Option<Position> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("redis: {0}")]
+    #[error("redis")]
     Redis(#[from] ::redis::RedisError),
+    /// Leaves no source: the hint belongs after the cause.
     #[error(
-        "cannot connect to WALCAST_REDIS_URL ({endpoint}): {source}{}",
-        crate::tls::hint(&source.to_string(), crate::tls::Peer::Redis)
+        "cannot connect to WALCAST_REDIS_URL ({endpoint}): {error}{}",
+        crate::tls::hint(&error.to_string(), crate::tls::Peer::Redis)
     )]
     RedisConnect {
         endpoint: String,
-        #[source]
-        source: ::redis::RedisError,
+        error: ::redis::RedisError,
     },
     #[error("{context}: {}{}", crate::pg::detail(source), postgres_hint(source))]
     Postgres {
@@ -151,6 +213,9 @@ pub enum SinkError {
     Unsupported(String),
     #[error(transparent)]
     Connect(#[from] crate::pg::ConnectError),
+    /// Prints the state error itself, with the hint after it.
+    #[error("{state}{}", postgres_hint(&state.source))]
+    State { state: crate::state::StateError },
     /// A write took longer than `WALCAST_SINK_WRITE_TIMEOUT` (a hung server, a dead
     /// connection): retried on a fresh connection.
     #[error(
@@ -159,10 +224,19 @@ pub enum SinkError {
         humantime::format_duration(*.0)
     )]
     Deadline(std::time::Duration),
+    /// A write failed on purpose (see [`fault`]), as a lost connection would.
+    #[error("write failed by an injected fault")]
+    Injected,
     /// The webhook did not accept a batch within its retry budget, with
     /// `WALCAST_WEBHOOK_ON_FAILURE=block`: retried until it does.
     #[error("webhook: {0}")]
     WebhookBlocked(String),
+}
+
+impl From<crate::state::StateError> for SinkError {
+    fn from(state: crate::state::StateError) -> Self {
+        SinkError::State { state }
+    }
 }
 
 /// SQLSTATE classes and codes after which the same statement may succeed: connection
@@ -206,15 +280,18 @@ impl SinkError {
                     || !matches!(err.retry_method(), ::redis::RetryMethod::NoRetry)
             }
             // No SQLSTATE: the connection broke (I/O, closed, timed out).
-            SinkError::Postgres { source, .. } => source
+            SinkError::Postgres { source, .. }
+            | SinkError::State {
+                state: StateError { source, .. },
+            } => source
                 .code()
                 .is_none_or(|code| is_transient_sqlstate(code.code())),
             SinkError::Connect(err) => err.is_transient(),
-            SinkError::RedisConnect { source, .. } => {
-                (source.is_io_error() || source.is_timeout() || source.is_connection_refusal())
-                    && !crate::tls::is_certificate_failure(&source.to_string())
+            SinkError::RedisConnect { error, .. } => {
+                (error.is_io_error() || error.is_timeout() || error.is_connection_refusal())
+                    && !crate::tls::is_certificate_failure(&error.to_string())
             }
-            SinkError::WebhookBlocked(_) | SinkError::Deadline(_) => true,
+            SinkError::WebhookBlocked(_) | SinkError::Deadline(_) | SinkError::Injected => true,
             SinkError::BadCheckpoint(_)
             | SinkError::Unsupported(_)
             | SinkError::OtherHistory { .. }
@@ -228,12 +305,26 @@ impl SinkError {
     /// pipeline must let go of the replication connection so the server can stop.
     pub fn is_server_shutdown(&self) -> bool {
         let source = match self {
-            SinkError::Postgres { source, .. } => source,
+            SinkError::Postgres { source, .. }
+            | SinkError::State {
+                state: StateError { source, .. },
+            } => source,
             SinkError::Connect(err) => &err.source,
             _ => return false,
         };
         source
             .code()
             .is_some_and(|code| matches!(code.code(), "57P01" | "57P02" | "57P03"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::event::Origin;
+
+    #[test]
+    fn origins_of_sinks_are_their_names() {
+        assert_eq!(Origin::Postgres.as_str(), super::postgres::NAME);
+        assert_eq!(Origin::Webhook.as_str(), super::webhook::NAME);
     }
 }

@@ -26,38 +26,19 @@ use bytes::Bytes;
 use futures_util::SinkExt;
 use tokio_postgres::{Client, Statement};
 
-use super::{Sink, SinkError};
-use crate::event::{
-    BackfillMark, Batch, DeadLetter, DeadLetterReason, EnrichedEvent, Origin, rfc3339,
-};
+use super::{Progress, Sink, SinkError, claimed};
+use crate::event::{Batch, DeadLetter, DeadLetterReason, EnrichedEvent, Origin, raw_json, rfc3339};
+use crate::health::Probe;
 use crate::lsn::{Position, SourceId};
+use crate::state::{self, PgState, Prepared, StateError, StateStore, migrate};
 
 /// The sink's name in `analytics.walcast_checkpoint` and in metric labels.
-pub const NAME: &str = "postgres";
+pub const NAME: &str = crate::config::SinkKind::Postgres.name();
 
 /// How the sink's sessions appear in `pg_stat_activity`, unless the URL names one.
 pub const APPLICATION_NAME: &str = "walcast-postgres-sink";
-
-/// Analytics migrations, applied in order, each once (recorded in
-/// `analytics.walcast_migrations`). Hand-rolled rather than a migration crate: the runner
-/// is one transaction under an advisory lock, and a crate would impose its own file naming
-/// and history table on sql/, which also holds the source schema.
-const MIGRATIONS: &[(&str, &str)] = &[
-    (
-        "003_analytics_schema",
-        include_str!("../../sql/003_analytics_schema.sql"),
-    ),
-    ("004_backfill", include_str!("../../sql/004_backfill.sql")),
-    ("005_webhook", include_str!("../../sql/005_webhook.sql")),
-    (
-        "006_checkpoint_source",
-        include_str!("../../sql/006_checkpoint_source.sql"),
-    ),
-    (
-        "007_webhook_follows_facts",
-        include_str!("../../sql/007_webhook_follows_facts.sql"),
-    ),
-];
+/// How its health probe's session appears there.
+pub const PROBE_APPLICATION_NAME: &str = "walcast-postgres-probe";
 
 /// Columns of the staging table, in COPY order; `enriched_events` has these plus
 /// `ingested_at`.
@@ -159,38 +140,11 @@ aggregate_{i} AS (
     sql
 }
 
-/// Unique by (origin, commit_lsn, seq) for rows from the stream, by row id for rows of a
-/// backfill: either way a replay inserts nothing twice.
-const INSERT_DEAD_LETTERS: &str = "INSERT INTO analytics.dead_letters
-    (origin, reason, detail, source_table, commit_lsn, seq, raw, row_id)
-SELECT $7, reason, detail, source_table, lsn::pg_lsn, seq, raw::jsonb, row_id
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $8::int8[])
-    AS d(reason, detail, source_table, lsn, seq, raw, row_id)
-ON CONFLICT DO NOTHING";
-
-/// The checkpoint filter of a backfill: no sink has this name, so nothing is filtered.
-const NO_CHECKPOINT: &str = "";
-
-const SAVE_BACKFILL_CURSOR: &str = "INSERT INTO analytics.walcast_backfill AS b
-    (job, last_id, updated_at)
-VALUES ($1, $2, now())
-ON CONFLICT (job) DO UPDATE SET last_id = excluded.last_id, updated_at = excluded.updated_at";
-
-const END_BACKFILL: &str = "DELETE FROM analytics.walcast_backfill WHERE job = $1";
-
-const SAVE_CHECKPOINT: &str = "INSERT INTO analytics.walcast_checkpoint AS c
-    (sink, commit_lsn, seq, updated_at)
-VALUES ($1, $2::text::pg_lsn, $3, now())
-ON CONFLICT (sink) DO UPDATE SET
-    commit_lsn = excluded.commit_lsn, seq = excluded.seq, updated_at = excluded.updated_at
-WHERE c.commit_lsn IS NULL OR (c.commit_lsn, c.seq) < (excluded.commit_lsn, excluded.seq)";
-
 /// A connection with the staging table and the prepared statements of one session.
 struct Session {
     client: Client,
     apply: Statement,
-    dead_letters: Statement,
-    save_checkpoint: Statement,
+    state: Prepared,
 }
 
 impl Session {
@@ -206,13 +160,11 @@ impl Session {
             .await
             .map_err(pg)?;
         let apply = client.prepare(&apply_statement()).await.map_err(pg)?;
-        let dead_letters = client.prepare(INSERT_DEAD_LETTERS).await.map_err(pg)?;
-        let save_checkpoint = client.prepare(SAVE_CHECKPOINT).await.map_err(pg)?;
+        let state = Prepared::new(&client).await?;
         Ok(Session {
             client,
             apply,
-            dead_letters,
-            save_checkpoint,
+            state,
         })
     }
 }
@@ -229,15 +181,30 @@ pub struct PostgresSink {
 }
 
 impl PostgresSink {
-    /// Connects, applies the analytics migrations that are missing, and prepares the
-    /// session. Returns the migrations it applied.
-    pub async fn connect(
-        mut config: crate::pg::Target,
-    ) -> Result<(Self, Vec<&'static str>), SinkError> {
+    /// The sink, not yet connected (see [`Sink::open`]).
+    pub fn new(mut config: crate::pg::Target) -> Self {
         if config.get_application_name().is_none() {
             config.application_name(APPLICATION_NAME);
         }
-        let mut client = connect(&config).await?;
+        PostgresSink {
+            config,
+            session: None,
+        }
+    }
+
+    /// Connects, applies the analytics migrations that are missing, and prepares the
+    /// session. Returns the migrations it applied.
+    pub async fn connect(
+        config: crate::pg::Target,
+    ) -> Result<(Self, Vec<&'static str>), SinkError> {
+        let mut sink = Self::new(config);
+        let applied = sink.prepare().await?;
+        Ok((sink, applied))
+    }
+
+    async fn prepare(&mut self) -> Result<Vec<&'static str>, SinkError> {
+        let config = &self.config;
+        let mut client = connect(config).await?;
         let version: String = client
             .query_one("SHOW server_version_num", &[])
             .await
@@ -252,20 +219,9 @@ impl PostgresSink {
                  analytics schema needs 15 or later: point WALCAST_ANALYTICS_URL at one"
             )));
         }
-        let applied = migrate(&mut client)
-            .await
-            .map_err(|source| SinkError::Postgres {
-                context: "creating the analytics schema",
-                source,
-            })?;
-        let session = Session::open(&config).await?;
-        Ok((
-            PostgresSink {
-                config,
-                session: Some(session),
-            },
-            applied,
-        ))
+        let applied = migrate(&mut client).await?;
+        self.session = Some(Session::open(config).await?);
+        Ok(applied)
     }
 
     async fn session(&mut self) -> Result<&mut Session, SinkError> {
@@ -280,141 +236,34 @@ impl PostgresSink {
     }
 }
 
-/// Applies the migrations not yet recorded, in one transaction, under an advisory lock so
-/// two processes starting together do not race.
-pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    tx.batch_execute(
-        "SELECT pg_advisory_xact_lock(hashtext('walcast analytics migrations'));
-         -- Only when missing: creating a schema takes CREATE on the database, which a role
-         -- that was given schema analytics to own does not need.
-         DO $$ BEGIN
-             IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'analytics') THEN
-                 CREATE SCHEMA analytics;
-             END IF;
-         END $$;
-         CREATE TABLE IF NOT EXISTS analytics.walcast_migrations (
-             version    TEXT PRIMARY KEY,
-             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-         );",
-    )
-    .await?;
-    let mut applied = Vec::new();
-    for (version, sql) in MIGRATIONS {
-        let done = tx
-            .query_opt(
-                "SELECT 1 FROM analytics.walcast_migrations WHERE version = $1",
-                &[version],
-            )
-            .await?
-            .is_some();
-        if !done {
-            tx.batch_execute(sql).await?;
-            tx.execute(
-                "INSERT INTO analytics.walcast_migrations (version) VALUES ($1)",
-                &[version],
-            )
-            .await?;
-            applied.push(*version);
-        }
-    }
-    tx.commit().await?;
-    Ok(applied)
-}
-
-/// The checkpoint `sink` stored in `analytics.walcast_checkpoint`.
-pub async fn read_checkpoint(
-    client: &Client,
-    sink: &str,
-) -> Result<Option<Position>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT commit_lsn::text, seq FROM analytics.walcast_checkpoint WHERE sink = $1",
-            &[&sink],
-        )
-        .await?;
-    Ok(row.and_then(|row| {
-        let lsn: Option<String> = row.get(0);
-        let seq: Option<i32> = row.get(1);
-        Some(Position::new(lsn?.parse().ok()?, u32::try_from(seq?).ok()?))
-    }))
-}
-
-/// Raises `sink`'s checkpoint to `position` (never lowers it): the analytics sink's once a
-/// rebuild from the table has brought everything up to it (see `pipeline::rebuild`), the
-/// webhook's where it starts following the facts.
-pub async fn raise_checkpoint(
-    client: &Client,
-    sink: &str,
-    position: Position,
-) -> Result<(), tokio_postgres::Error> {
-    let seq = i32::try_from(position.seq).unwrap_or(i32::MAX);
-    client
-        .execute(
-            SAVE_CHECKPOINT,
-            &[&sink, &position.commit_lsn.to_string(), &seq],
-        )
-        .await?;
-    Ok(())
-}
-
-/// The source identity `sink` stored with its checkpoint.
-pub async fn read_source(
-    client: &Client,
-    sink: &str,
-) -> Result<Option<SourceId>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT source FROM analytics.walcast_checkpoint WHERE sink = $1",
-            &[&sink],
-        )
-        .await?;
-    Ok(row
-        .and_then(|row| row.get::<_, Option<String>>(0))
-        .and_then(|s| SourceId::from_stored(&s)))
-}
-
-/// Records `source` as the history of `sink`'s checkpoint (before its first write, the
-/// row has no position yet).
-pub async fn claim_source(
-    client: &Client,
-    sink: &str,
-    source: SourceId,
-) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "INSERT INTO analytics.walcast_checkpoint (sink, source, updated_at)
-             VALUES ($1, $2, now())
-             ON CONFLICT (sink) DO UPDATE SET source = excluded.source",
-            &[&sink, &source.stored()],
-        )
-        .await?;
-    Ok(())
-}
-
 impl Sink for PostgresSink {
+    async fn open(&mut self) -> Result<(), SinkError> {
+        for version in self.prepare().await? {
+            tracing::info!(sink = NAME, version, "analytics migration applied");
+        }
+        Ok(())
+    }
+
+    /// On a session of its own name, so the sink's writing session stays the one named
+    /// [`APPLICATION_NAME`] in `pg_stat_activity`.
+    fn healthcheck(&self) -> Probe {
+        let mut config = self.config.clone();
+        if config.get_application_name() == Some(APPLICATION_NAME) {
+            config.application_name(PROBE_APPLICATION_NAME);
+        }
+        Probe::postgres(config)
+    }
+
     fn reset(&mut self) {
         self.session = None;
     }
 
-    async fn source(&mut self) -> Result<Option<SourceId>, SinkError> {
+    async fn claim_history(&mut self, current: SourceId) -> Result<(), SinkError> {
         let session = self.session().await?;
-        read_source(&session.client, NAME)
-            .await
-            .map_err(|source| SinkError::Postgres {
-                context: "reading the analytics checkpoint's source",
-                source,
-            })
-    }
-
-    async fn set_source(&mut self, source: SourceId) -> Result<(), SinkError> {
-        let session = self.session().await?;
-        claim_source(&session.client, NAME, source)
-            .await
-            .map_err(|e| SinkError::Postgres {
-                context: "recording the analytics checkpoint's source",
-                source: e,
-            })
+        claimed(
+            state::claim_history(&mut PgState::new(&session.client), NAME, current).await?,
+            current,
+        )
     }
 
     fn name(&self) -> &'static str {
@@ -429,39 +278,22 @@ impl Sink for PostgresSink {
 
     async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
         let session = self.session().await?;
-        read_checkpoint(&session.client, NAME)
-            .await
-            .map_err(|source| SinkError::Postgres {
-                context: "reading the analytics checkpoint",
-                source,
-            })
+        Ok(PgState::new(&session.client).checkpoint(NAME).await?)
     }
 
     async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
         let session = self.session().await?;
-        let row = session
-            .client
-            .query_opt(
-                "SELECT last_id FROM analytics.walcast_backfill WHERE job = $1",
-                &[&job],
-            )
-            .await
-            .map_err(|source| SinkError::Postgres {
-                context: "reading the backfill cursor",
-                source,
-            })?;
-        Ok(row.map(|row| row.get(0)))
+        Ok(PgState::new(&session.client).backfill_cursor(job).await?)
     }
 
     async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
-        let progress = match (super::backfill_mark(batches), super::last_position(batches)) {
-            (Some(mark), _) => Progress::Backfill(mark),
-            (None, Some(last)) => Progress::Stream(last),
-            (None, None) => return Ok(()), // acknowledgement markers: nothing to write
-        };
+        let progress = Progress::of(batches);
+        if progress == Progress::Nothing {
+            return Ok(());
+        }
         let result = match self.apply(batches, progress).await {
             Err(err) if refuses_rows(&err) => {
-                tracing::warn!(sink = NAME, error = %err, "the analytics database refused a row; writing the events one by one to find it");
+                tracing::warn!(sink = NAME, error = %crate::error::Chain(&err), "the analytics database refused a row; writing the events one by one to find it");
                 self.apply_each(batches, progress).await
             }
             other => other,
@@ -486,15 +318,6 @@ fn refuses_rows(err: &SinkError) -> bool {
     }
 }
 
-/// What a write records besides the rows, in the same transaction.
-#[derive(Clone, Copy)]
-enum Progress<'a> {
-    /// The stream's checkpoint moves to this position.
-    Stream(Position),
-    /// A backfill's cursor moves (or, when it finished, goes).
-    Backfill(&'a BackfillMark),
-}
-
 impl PostgresSink {
     /// Writes the events one transaction each, after a write of them all was refused for
     /// a row: an event the database refuses becomes a dead letter (origin `postgres`) in a
@@ -507,17 +330,7 @@ impl PostgresSink {
         progress: Progress<'_>,
     ) -> Result<(), SinkError> {
         for event in super::events(batches) {
-            let mark;
-            let at = match progress {
-                Progress::Stream(_) => Progress::Stream(event.position),
-                Progress::Backfill(backfill) => {
-                    mark = BackfillMark {
-                        job: std::sync::Arc::clone(&backfill.job),
-                        cursor: Some(event.id),
-                    };
-                    Progress::Backfill(&mark)
-                }
-            };
+            let at = progress.at(event);
             let single = Batch {
                 events: vec![event.clone()],
                 ..Batch::default()
@@ -525,7 +338,7 @@ impl PostgresSink {
             match self.apply(&[&single], at).await {
                 Ok(()) => {}
                 Err(err) if refuses_rows(&err) => {
-                    tracing::warn!(sink = NAME, position = %event.position, id = event.id, error = %err, "row refused by the analytics database, dead-lettered");
+                    tracing::warn!(sink = NAME, position = %event.position, id = event.id, error = %crate::error::Chain(&err), "row refused by the analytics database, dead-lettered");
                     self.reject(event, &err, at).await?;
                     crate::metrics::dead_lettered(DeadLetterReason::AnalyticsRejected);
                 }
@@ -556,20 +369,19 @@ impl PostgresSink {
         let tx = session.client.transaction().await.map_err(pg)?;
         let dead = DeadLetter {
             position: event.position,
-            table: crate::enrich::EVENTS_TABLE.to_owned(),
+            table: crate::event::EVENTS_TABLE.to_owned(),
             reason: DeadLetterReason::AnalyticsRejected,
-            detail: refusal.to_string(),
+            detail: crate::error::Chain(refusal).to_string(),
             raw: vec![
                 ("id".to_owned(), Some(event.id.to_string())),
                 ("event".to_owned(), Some(event.to_json())),
             ],
         };
-        insert_dead_letters(&tx, &session.dead_letters, &[&dead], Origin::Postgres)
-            .await
-            .map_err(pg)?;
-        save_progress(&tx, &session.save_checkpoint, progress)
-            .await
-            .map_err(pg)?;
+        let mut state = PgState::prepared(&tx, &session.state);
+        state
+            .insert_dead_letters(Origin::Postgres, &[&dead])
+            .await?;
+        record(&mut state, progress).await?;
         tx.commit().await.map_err(pg)
     }
 
@@ -588,136 +400,34 @@ impl PostgresSink {
                 .await
                 .map_err(pg)?;
             copy.as_mut().finish().await.map_err(pg)?;
+            // A backfill is filtered by no checkpoint: no sink has the name "".
             let (checkpoint_of, backfilled) = match progress {
-                Progress::Stream(_) => (NAME, false),
-                Progress::Backfill(_) => (NO_CHECKPOINT, true),
+                Progress::Backfill { .. } => ("", true),
+                _ => (NAME, false),
             };
             tx.query_one(&session.apply, &[&checkpoint_of, &backfilled])
                 .await
                 .map_err(pg)?;
         }
         let dead: Vec<&DeadLetter> = batches.iter().flat_map(|b| &b.dead_letters).collect();
-        if !dead.is_empty() {
-            let origin = match progress {
-                Progress::Stream(_) => Origin::Source,
-                Progress::Backfill(_) => Origin::Backfill,
-            };
-            insert_dead_letters(&tx, &session.dead_letters, &dead, origin)
-                .await
-                .map_err(pg)?;
-        }
-        save_progress(&tx, &session.save_checkpoint, progress)
-            .await
-            .map_err(pg)?;
+        let origin = match progress {
+            Progress::Backfill { .. } => Origin::Backfill,
+            _ => Origin::Source,
+        };
+        let mut state = PgState::prepared(&tx, &session.state);
+        state.insert_dead_letters(origin, &dead).await?;
+        record(&mut state, progress).await?;
         tx.commit().await.map_err(pg)
     }
 }
 
-/// `dead` into `analytics.dead_letters` under `origin`, inside the write's transaction.
-async fn insert_dead_letters(
-    tx: &tokio_postgres::Transaction<'_>,
-    statement: &Statement,
-    dead: &[&DeadLetter],
-    origin: Origin,
-) -> Result<(), tokio_postgres::Error> {
-    let columns = DeadLetterColumns::new(dead);
-    tx.execute(
-        statement,
-        &[
-            &columns.reasons,
-            &columns.details,
-            &columns.tables,
-            &columns.lsns,
-            &columns.seqs,
-            &columns.raws,
-            &origin.as_str(),
-            &columns.row_ids,
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
 /// The checkpoint or the backfill's cursor, inside the write's transaction.
-async fn save_progress(
-    tx: &tokio_postgres::Transaction<'_>,
-    save_checkpoint: &Statement,
-    progress: Progress<'_>,
-) -> Result<(), tokio_postgres::Error> {
+async fn record(state: &mut impl StateStore, progress: Progress<'_>) -> Result<(), StateError> {
     match progress {
-        Progress::Stream(last) => {
-            let seq = i32::try_from(last.seq).unwrap_or(i32::MAX);
-            tx.execute(
-                save_checkpoint,
-                &[&NAME, &last.commit_lsn.to_string(), &seq],
-            )
-            .await?;
-        }
-        Progress::Backfill(BackfillMark {
-            job,
-            cursor: Some(id),
-        }) => {
-            tx.execute(SAVE_BACKFILL_CURSOR, &[&&**job, id]).await?;
-        }
-        Progress::Backfill(BackfillMark { job, cursor: None }) => {
-            tx.execute(END_BACKFILL, &[&&**job]).await?;
-        }
+        Progress::Nothing => Ok(()),
+        Progress::Stream(last) => state.raise_checkpoint(NAME, last).await,
+        Progress::Backfill { job, cursor } => state.save_backfill_cursor(job, cursor).await,
     }
-    Ok(())
-}
-
-/// The batch's dead letters as parallel arrays, for one `unnest` insert.
-struct DeadLetterColumns {
-    reasons: Vec<&'static str>,
-    details: Vec<String>,
-    tables: Vec<String>,
-    lsns: Vec<String>,
-    seqs: Vec<i32>,
-    raws: Vec<String>,
-    /// The row's `id`, when it has one that parses.
-    row_ids: Vec<Option<i64>>,
-}
-
-impl DeadLetterColumns {
-    fn new(dead: &[&DeadLetter]) -> Self {
-        DeadLetterColumns {
-            reasons: dead.iter().map(|d| d.reason.as_str()).collect(),
-            details: dead.iter().map(|d| d.detail.clone()).collect(),
-            tables: dead.iter().map(|d| d.table.clone()).collect(),
-            lsns: dead
-                .iter()
-                .map(|d| d.position.commit_lsn.to_string())
-                .collect(),
-            seqs: dead
-                .iter()
-                .map(|d| i32::try_from(d.position.seq).unwrap_or(i32::MAX))
-                .collect(),
-            raws: dead.iter().map(|d| raw_json(&d.raw)).collect(),
-            row_ids: dead
-                .iter()
-                .map(|d| {
-                    d.raw
-                        .iter()
-                        .find(|(name, _)| name == "id")
-                        .and_then(|(_, value)| value.as_deref()?.parse().ok())
-                })
-                .collect(),
-        }
-    }
-}
-
-/// Column values by name as a JSON object (`null` for SQL NULL).
-pub fn raw_json(values: &[(String, Option<String>)]) -> String {
-    let object: serde_json::Map<String, serde_json::Value> = values
-        .iter()
-        .map(|(name, value)| {
-            let value = value
-                .as_ref()
-                .map_or(serde_json::Value::Null, |v| v.clone().into());
-            (name.clone(), value)
-        })
-        .collect();
-    serde_json::Value::Object(object).to_string()
 }
 
 /// The events as rows of PostgreSQL's COPY text format, in [`COLUMNS`] order.

@@ -43,14 +43,15 @@ use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
 use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 
-use super::{Sink, SinkError};
+use super::{Progress, Sink, SinkError};
 use crate::event::{Batch, EnrichedEvent, Hundredths, key_part};
+use crate::health::Probe;
 use crate::lsn::{Position, SourceId};
 
 pub const CHECKPOINT_KEY: &str = "walcast:checkpoint:redis";
 
 /// The sink's name in logs and metric labels.
-pub const NAME: &str = "redis";
+pub const NAME: &str = crate::config::SinkKind::Redis.name();
 /// How long `event:{id}` keys live.
 pub const EVENT_TTL_SECONDS: u64 = 24 * 3600;
 /// How long a minute bucket lives after its minute ends.
@@ -108,10 +109,10 @@ for i = 0, n - 1 do
       local content_id = ARGV[a + 5]
       local event_type = ARGV[a + 6]
       local recent = ARGV[a + 11] == '1'
-      redis.call('SET', 'event:' .. id, json, 'EX', @EVENT_TTL_SECONDS@)
+      redis.call('SET', '@EVENT_PREFIX@' .. id, json, 'EX', @EVENT_TTL_SECONDS@)
       if content_id ~= '' then
         if recent then
-          local list = 'content:' .. content_id .. ':events'
+          local list = '@CONTENT_PREFIX@' .. content_id .. '@CONTENT_SUFFIX@'
           if lists[list] == nil then
             lists[list] = {}
             list_keys[#list_keys + 1] = list
@@ -121,7 +122,7 @@ for i = 0, n - 1 do
         end
         local minute = ARGV[a + 8]
         if minute ~= '' then
-          local top = 'top:minute:' .. minute
+          local top = '@TOP_MINUTE_PREFIX@' .. minute
           if scores[top] == nil then
             scores[top] = {}
             score_keys[#score_keys + 1] = top
@@ -132,17 +133,17 @@ for i = 0, n - 1 do
         end
       end
       if recent then
-        redis.call('XADD', 'events:' .. event_type, 'MAXLEN', '~', @STREAM_MAXLEN@, '*', 'event', json)
+        redis.call('XADD', '@STREAM_PREFIX@' .. event_type, 'MAXLEN', '~', @STREAM_MAXLEN@, '*', 'event', json)
       end
-      count('total')
-      count('type:' .. event_type)
-      count('device:' .. ARGV[a + 7])
+      count('@TOTAL_FIELD@')
+      count('@TYPE_FIELD_PREFIX@' .. event_type)
+      count('@DEVICE_FIELD_PREFIX@' .. ARGV[a + 7])
       applied = applied + 1
     end
   end
 end
 for _, field in ipairs(count_fields) do
-  redis.call('HINCRBY', 'stats:events', field, counts[field])
+  redis.call('HINCRBY', '@STATS@', field, counts[field])
 end
 for _, top in ipairs(score_keys) do
   for content_id, hundredths in pairs(scores[top]) do
@@ -207,23 +208,23 @@ const CHUNK_EVENTS: usize = 500;
 const WATCH_ATTEMPTS: usize = 3;
 
 impl RedisSink {
-    /// Connects, retrying while Redis is unreachable is the caller's choice: this returns
-    /// the first error.
-    pub async fn connect(client: redis::Client) -> Result<Self, SinkError> {
-        let mut sink = RedisSink {
+    /// The sink, not yet connected (see [`Sink::open`]).
+    pub fn new(client: redis::Client) -> Self {
+        RedisSink {
             client,
             conn: None,
             script: redis::Script::new(&apply_batch_script()),
             watch_attempts: WATCH_ATTEMPTS,
             source_suffix: String::new(),
             written: None,
-        };
-        if let Err(source) = sink.conn().await {
-            return Err(SinkError::RedisConnect {
-                endpoint: endpoint(&sink.client),
-                source,
-            });
         }
+    }
+
+    /// Connects, retrying while Redis is unreachable is the caller's choice: this returns
+    /// the first error.
+    pub async fn connect(client: redis::Client) -> Result<Self, SinkError> {
+        let mut sink = Self::new(client);
+        sink.open().await?;
         Ok(sink)
     }
 
@@ -262,20 +263,14 @@ impl RedisSink {
 
     async fn apply(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
         let now = Utc::now().timestamp();
-        let backfill = super::backfill_mark(batches);
-        let planned: Vec<Planned> = super::events(batches)
-            .map(|event| Planned::new(event, now, backfill.is_some()))
-            .collect();
-        match (backfill, super::last_position(batches)) {
-            (Some(mark), _) => {
-                let key = format!("{BACKFILL_KEY_PREFIX}{}", mark.job);
-                self.apply_chunks(&planned, Progress::Backfill(&key, mark.cursor))
-                    .await
-            }
-            // Acknowledgement markers only: nothing to write.
-            (None, None) => Ok(()),
-            (None, Some(last)) => self.apply_chunks(&planned, Progress::Stream(last)).await,
+        let progress = Progress::of(batches);
+        if progress == Progress::Nothing {
+            return Ok(());
         }
+        let planned: Vec<Planned> = super::events(batches)
+            .map(|event| Planned::new(event, now, progress.is_backfill()))
+            .collect();
+        self.apply_chunks(&planned, progress).await
     }
 
     /// The events in chunks of [`CHUNK_EVENTS`], each applied with the progress at its last
@@ -294,10 +289,9 @@ impl RedisSink {
         }
         while let Some(chunk) = chunks.next() {
             let last = chunk.last().expect("chunks are not empty").event;
-            let upto = match (chunks.peek(), progress) {
-                (None, _) => progress,
-                (Some(_), Progress::Stream(_)) => Progress::Stream(last.position),
-                (Some(_), Progress::Backfill(key, _)) => Progress::Backfill(key, Some(last.id)),
+            let upto = match chunks.peek() {
+                None => progress,
+                Some(_) => progress.at(last),
             };
             self.apply_chunk(chunk, upto).await?;
         }
@@ -399,13 +393,14 @@ impl RedisSink {
             tracing::debug!("a concurrent write changed the redis guards; trying again");
         }
         let (key, mode, mark) = match progress {
+            Progress::Nothing => return Ok(()),
             Progress::Stream(upto) => (
                 CHECKPOINT_KEY.to_owned(),
                 "stream",
                 format!("{}{}", upto.to_sortable(), self.source_suffix),
             ),
-            Progress::Backfill(key, cursor) => (
-                key.to_owned(),
+            Progress::Backfill { job, cursor } => (
+                backfill_key(job),
                 "backfill",
                 cursor.map_or(String::new(), |id| id.to_string()),
             ),
@@ -445,9 +440,56 @@ impl RedisSink {
     }
 }
 
+/// The key names consumers read, in one place: the MULTI/EXEC path, the script (through
+/// its placeholders) and the read side (src/query.rs) all take them from here.
+pub mod keys {
+    /// `event:{id}`: the event's JSON.
+    pub const EVENT_PREFIX: &str = "event:";
+    /// `content:{content_id}:events`: the content's newest event ids.
+    pub const CONTENT_PREFIX: &str = "content:";
+    pub const CONTENT_SUFFIX: &str = ":events";
+    /// `events:{event_type}`: the stream of recent events of a type.
+    pub const STREAM_PREFIX: &str = "events:";
+    /// `top:minute:{YYYYMMDDHHMM}`: content by engagement seconds in that minute.
+    pub const TOP_MINUTE_PREFIX: &str = "top:minute:";
+    /// Counters: `total`, `type:{event_type}`, `device:{device}`.
+    pub const STATS: &str = "stats:events";
+    /// The `stats:events` field of all events.
+    pub const TOTAL_FIELD: &str = "total";
+    /// `stats:events` fields `type:{event_type}` and `device:{device}`.
+    pub const TYPE_FIELD_PREFIX: &str = "type:";
+    pub const DEVICE_FIELD_PREFIX: &str = "device:";
+
+    pub fn event(id: i64) -> String {
+        format!("{EVENT_PREFIX}{id}")
+    }
+
+    pub fn content_events(content_id: &str) -> String {
+        format!("{CONTENT_PREFIX}{content_id}{CONTENT_SUFFIX}")
+    }
+
+    pub fn stream(event_type: &str) -> String {
+        format!("{STREAM_PREFIX}{event_type}")
+    }
+
+    /// The bucket of minute `bucket` (`YYYYMMDDHHMM`, see [`super::minute_bucket`]).
+    pub fn top_minute(bucket: &str) -> String {
+        format!("{TOP_MINUTE_PREFIX}{bucket}")
+    }
+}
+
 /// [`APPLY_BATCH`] with its placeholders filled in from the constants.
 fn apply_batch_script() -> String {
     APPLY_BATCH
+        .replace("@EVENT_PREFIX@", keys::EVENT_PREFIX)
+        .replace("@CONTENT_PREFIX@", keys::CONTENT_PREFIX)
+        .replace("@CONTENT_SUFFIX@", keys::CONTENT_SUFFIX)
+        .replace("@STREAM_PREFIX@", keys::STREAM_PREFIX)
+        .replace("@TOP_MINUTE_PREFIX@", keys::TOP_MINUTE_PREFIX)
+        .replace("@STATS@", keys::STATS)
+        .replace("@TOTAL_FIELD@", keys::TOTAL_FIELD)
+        .replace("@TYPE_FIELD_PREFIX@", keys::TYPE_FIELD_PREFIX)
+        .replace("@DEVICE_FIELD_PREFIX@", keys::DEVICE_FIELD_PREFIX)
         .replace("@ARGS_PER_EVENT@", &ARGS_PER_EVENT.to_string())
         .replace("@EVENT_TTL_SECONDS@", &EVENT_TTL_SECONDS.to_string())
         .replace("@STREAM_MAXLEN@", &STREAM_MAXLEN.to_string())
@@ -499,14 +541,9 @@ impl<'a> Planned<'a> {
     }
 }
 
-/// What a write records besides the events, in the same transaction.
-#[derive(Debug, Clone, Copy)]
-enum Progress<'a> {
-    /// The stream's checkpoint moves to this position.
-    Stream(Position),
-    /// A backfill's cursor (its key, the highest id applied) moves; `None`: the backfill
-    /// finished, and the cursor goes.
-    Backfill(&'a str, Option<i64>),
+/// Where backfill `job`'s cursor is kept.
+fn backfill_key(job: &str) -> String {
+    format!("{BACKFILL_KEY_PREFIX}{job}")
 }
 
 /// The `MULTI`/`EXEC` that applies `fresh` and, when given, records the progress.
@@ -519,18 +556,21 @@ fn transaction(
     pipe.atomic();
     apply_commands(&mut pipe, fresh);
     match progress {
-        None => {}
+        None | Some(Progress::Nothing) => {}
         Some(Progress::Stream(position)) => {
             pipe.cmd("SET")
                 .arg(CHECKPOINT_KEY)
                 .arg(format!("{}{source_suffix}", position.to_sortable()))
                 .ignore();
         }
-        Some(Progress::Backfill(key, Some(id))) => {
-            pipe.cmd("SET").arg(key).arg(id).ignore();
+        Some(Progress::Backfill {
+            job,
+            cursor: Some(id),
+        }) => {
+            pipe.cmd("SET").arg(backfill_key(job)).arg(id).ignore();
         }
-        Some(Progress::Backfill(key, None)) => {
-            pipe.cmd("DEL").arg(key).ignore();
+        Some(Progress::Backfill { job, cursor: None }) => {
+            pipe.cmd("DEL").arg(backfill_key(job)).ignore();
         }
     }
     pipe
@@ -565,14 +605,14 @@ fn apply_commands<'a>(pipe: &mut redis::Pipeline, fresh: &[&'a Planned<'a>]) {
         let event = p.event;
         let json = event.to_json();
         pipe.cmd("SET")
-            .arg(format!("event:{}", event.id))
+            .arg(keys::event(event.id))
             .arg(&json)
             .arg("EX")
             .arg(EVENT_TTL_SECONDS)
             .ignore();
         if p.recent {
             pipe.cmd("XADD")
-                .arg(format!("events:{}", p.event_type()))
+                .arg(keys::stream(p.event_type()))
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(STREAM_MAXLEN)
@@ -596,9 +636,9 @@ fn apply_commands<'a>(pipe: &mut redis::Pipeline, fresh: &[&'a Planned<'a>]) {
             .entry(event.id.div_euclid(IDS_PER_SHARD))
             .or_default()
             .push(event.id.rem_euclid(IDS_PER_SHARD));
-        count(("", "total"));
-        count(("type:", p.event_type()));
-        count(("device:", p.device()));
+        count(("", keys::TOTAL_FIELD));
+        count((keys::TYPE_FIELD_PREFIX, p.event_type()));
+        count((keys::DEVICE_FIELD_PREFIX, p.device()));
     }
     for (shard, offsets) in shards {
         pipe.cmd("BITFIELD").arg(ids_key(shard));
@@ -609,13 +649,13 @@ fn apply_commands<'a>(pipe: &mut redis::Pipeline, fresh: &[&'a Planned<'a>]) {
     }
     for ((prefix, name), n) in counts {
         pipe.cmd("HINCRBY")
-            .arg("stats:events")
+            .arg(keys::STATS)
             .arg(format!("{prefix}{name}"))
             .arg(n)
             .ignore();
     }
     for (minute, (expires_at, by_content)) in scores {
-        let top = format!("top:minute:{minute}");
+        let top = keys::top_minute(minute);
         for (content_id, hundredths) in by_content {
             pipe.cmd("ZINCRBY")
                 .arg(&top)
@@ -627,7 +667,7 @@ fn apply_commands<'a>(pipe: &mut redis::Pipeline, fresh: &[&'a Planned<'a>]) {
     }
     for (content_id, ids) in lists {
         // Only the newest 100 survive the trim; push them oldest first.
-        let list = format!("content:{content_id}:events");
+        let list = keys::content_events(content_id);
         let from = ids.len().saturating_sub(LIST_LENGTH);
         pipe.cmd("LPUSH").arg(&list).arg(&ids[from..]).ignore();
         pipe.cmd("LTRIM")
@@ -670,7 +710,7 @@ pub async fn connect(client: redis::Client) -> Result<ConnectionManager, SinkErr
     let endpoint = endpoint(&client);
     ConnectionManager::new_with_config(client, config)
         .await
-        .map_err(|source| SinkError::RedisConnect { endpoint, source })
+        .map_err(|error| SinkError::RedisConnect { endpoint, error })
 }
 
 /// `host:port` (or the socket path) a client connects to, for messages: never the
@@ -685,6 +725,20 @@ pub fn minute_bucket(ts: &DateTime<Utc>) -> String {
 }
 
 impl Sink for RedisSink {
+    async fn open(&mut self) -> Result<(), SinkError> {
+        match self.conn().await {
+            Ok(_) => Ok(()),
+            Err(error) => Err(SinkError::RedisConnect {
+                endpoint: endpoint(&self.client),
+                error,
+            }),
+        }
+    }
+
+    fn healthcheck(&self) -> Probe {
+        Probe::redis(self.client.clone())
+    }
+
     fn reset(&mut self) {
         self.conn = None;
     }
@@ -708,18 +762,16 @@ impl Sink for RedisSink {
             .map(|(p, _)| p))
     }
 
-    async fn source(&mut self) -> Result<Option<SourceId>, SinkError> {
-        let stored = self.get(CHECKPOINT_KEY).await?;
-        Ok(stored
-            .map(|s| parse_checkpoint(&s))
-            .transpose()?
-            .and_then(|(_, s)| s))
-    }
-
     /// Redis records the source with its first checkpoint: a checkpoint key without a
     /// position would not compare as one.
-    async fn set_source(&mut self, source: SourceId) -> Result<(), SinkError> {
-        self.source_suffix = format!("|{}", source.stored());
+    async fn claim_history(&mut self, current: SourceId) -> Result<(), SinkError> {
+        let stored = self.get(CHECKPOINT_KEY).await?;
+        if let Some((_, Some(stored))) = stored.map(|s| parse_checkpoint(&s)).transpose()?
+            && stored != current
+        {
+            return Err(SinkError::OtherHistory { stored, current });
+        }
+        self.source_suffix = format!("|{}", current.stored());
         Ok(())
     }
 
@@ -732,67 +784,11 @@ impl Sink for RedisSink {
     }
 
     async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
-        let stored = self.get(&format!("{BACKFILL_KEY_PREFIX}{job}")).await?;
+        let stored = self.get(&backfill_key(job)).await?;
         stored
             .map(|s| s.parse().map_err(|_| SinkError::BadCheckpoint(s)))
             .transpose()
     }
-}
-
-/// `stats:events` field `total`: events applied, 0 before the first.
-pub async fn total(conn: &mut ConnectionManager) -> Result<u64, redis::RedisError> {
-    let total: Option<u64> = redis::cmd("HGET")
-        .arg("stats:events")
-        .arg("total")
-        .query_async(conn)
-        .await?;
-    Ok(total.unwrap_or(0))
-}
-
-/// One line of `walcast top`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TopEntry {
-    pub content_id: String,
-    pub engagement_seconds: f64,
-}
-
-/// Top content by engagement seconds over the `minutes` minute buckets ending with the
-/// one `now` falls in: `ZUNION N top:minute:… WITHSCORES`, best first.
-pub async fn top(
-    conn: &mut ConnectionManager,
-    minutes: u32,
-    limit: usize,
-    now: DateTime<Utc>,
-) -> Result<Vec<TopEntry>, redis::RedisError> {
-    let keys: Vec<String> = (0..i64::from(minutes.max(1)))
-        .map(|back| {
-            format!(
-                "top:minute:{}",
-                minute_bucket(&(now - ChronoDuration::minutes(back)))
-            )
-        })
-        .collect();
-    let scored: Vec<(String, f64)> = redis::cmd("ZUNION")
-        .arg(keys.len())
-        .arg(&keys)
-        .arg("WITHSCORES")
-        .query_async(conn)
-        .await?;
-    let mut entries: Vec<TopEntry> = scored
-        .into_iter()
-        .map(|(content_id, engagement_seconds)| TopEntry {
-            content_id,
-            engagement_seconds,
-        })
-        .collect();
-    // ZUNION returns ascending scores; ties broken by id so the output is stable.
-    entries.sort_by(|a, b| {
-        b.engagement_seconds
-            .total_cmp(&a.engagement_seconds)
-            .then_with(|| a.content_id.cmp(&b.content_id))
-    });
-    entries.truncate(limit);
-    Ok(entries)
 }
 
 #[cfg(test)]

@@ -30,20 +30,19 @@ use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use sha2::Sha256;
 use tokio_postgres::Client;
 
-use super::{Sink, SinkError};
 use serde_json::value::RawValue;
 
+use super::{Progress, Sink, SinkError, claimed};
 use crate::config::{OnFailure, WebhookArgs, WebhookEndpoint};
-use crate::event::{
-    BackfillMark, Batch, Content, DeadLetterReason, EnrichedEvent, Hundredths, Origin,
-};
+use crate::event::{Batch, Content, DeadLetterReason, EnrichedEvent, Hundredths};
 use crate::health::Health;
 use crate::lsn::{Position, SourceId};
 use crate::metrics;
 use crate::retry::backoff;
+use crate::state::{self, Outbox, PgState, StateStore, migrate};
 
 /// The sink's name in `analytics.walcast_checkpoint` and in metric labels.
-pub const NAME: &str = "webhook";
+pub const NAME: &str = crate::config::SinkKind::Webhook.name();
 /// How the sink's analytics session appears in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "walcast-webhook-sink";
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
@@ -169,7 +168,7 @@ impl Deliverer {
                     last_error: why,
                 };
             }
-            metrics::sink_failed(NAME, "retry");
+            metrics::sink_failed(NAME, metrics::Failure::Retry);
             if let Some((health, index)) = &self.health {
                 health.sink(*index).set_failing(true);
             }
@@ -231,27 +230,16 @@ fn retry_after(value: Option<&reqwest::header::HeaderValue>) -> Option<Duration>
     )
 }
 
-/// A batch as it is sent: kept in the outbox until confirmed.
-#[derive(Debug, Clone)]
-struct Outbox {
-    key: String,
-    first: Position,
-    last: Position,
-    body: String,
-}
-
-impl Outbox {
-    /// A batch of `events`, keyed `[<system id>/<timeline>:]<first>-<last>`.
-    fn new(events: &[&EnrichedEvent], source: Option<SourceId>) -> Self {
-        let first = events.first().expect("a batch has events").position;
-        let last = events.last().expect("a batch has events").position;
-        let history = source.map_or(String::new(), |s| format!("{}:", s.stored()));
-        Outbox {
-            key: format!("{history}{}-{}", first.to_sortable(), last.to_sortable()),
-            first,
-            last,
-            body: body(first, last, events),
-        }
+/// A batch of `events` as it is sent, keyed `[<system id>/<timeline>:]<first>-<last>`.
+fn outbox(events: &[&EnrichedEvent], source: Option<SourceId>) -> Outbox {
+    let first = events.first().expect("a batch has events").position;
+    let last = events.last().expect("a batch has events").position;
+    let history = source.map_or(String::new(), |s| format!("{}:", s.stored()));
+    Outbox {
+        key: format!("{history}{}-{}", first.to_sortable(), last.to_sortable()),
+        first,
+        last,
+        body: body(first, last, events),
     }
 }
 
@@ -292,33 +280,9 @@ impl Store {
         Ok(self.client.as_mut().expect("connected above"))
     }
 
-    async fn load(&mut self) -> Result<(Option<Position>, Option<Outbox>), SinkError> {
-        let client = self.client().await?;
-        let checkpoint = super::postgres::read_checkpoint(client, NAME)
-            .await
-            .map_err(pg("reading the webhook checkpoint"))?;
-        let row = client
-            .query_opt(
-                "SELECT idempotency_key, first_lsn::text, first_seq, last_lsn::text, last_seq, body
-                 FROM analytics.walcast_webhook_outbox WHERE sink = $1",
-                &[&NAME],
-            )
-            .await
-            .map_err(pg("reading the webhook outbox"))?;
-        let outbox = row.and_then(|row| {
-            let position = |lsn: usize, seq: usize| {
-                let lsn: String = row.get(lsn);
-                let seq: i32 = row.get(seq);
-                Some(Position::new(lsn.parse().ok()?, u32::try_from(seq).ok()?))
-            };
-            Some(Outbox {
-                key: row.get(0),
-                first: position(1, 2)?,
-                last: position(3, 4)?,
-                body: row.get(5),
-            })
-        });
-        Ok((checkpoint, outbox))
+    /// The state on the connection.
+    async fn state(&mut self) -> Result<PgState<'_, Client>, SinkError> {
+        Ok(PgState::new(self.client().await?))
     }
 
     /// Which of `ids` the stream brought into `analytics.enriched_events`: the follower
@@ -352,69 +316,6 @@ impl Store {
             .await
             .map_err(pg("reading the analytics facts to send"))?;
         rows.iter().map(fact).collect()
-    }
-
-    async fn save_outbox(&mut self, outbox: &Outbox) -> Result<(), SinkError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO analytics.walcast_webhook_outbox
-                     (sink, idempotency_key, first_lsn, first_seq, last_lsn, last_seq, body)
-                 VALUES ($1, $2, $3::text::pg_lsn, $4, $5::text::pg_lsn, $6, $7)
-                 ON CONFLICT (sink) DO UPDATE SET
-                     idempotency_key = excluded.idempotency_key,
-                     first_lsn = excluded.first_lsn, first_seq = excluded.first_seq,
-                     last_lsn = excluded.last_lsn, last_seq = excluded.last_seq,
-                     body = excluded.body, created_at = now()",
-                &[
-                    &NAME,
-                    &outbox.key,
-                    &outbox.first.commit_lsn.to_string(),
-                    &seq(outbox.first),
-                    &outbox.last.commit_lsn.to_string(),
-                    &seq(outbox.last),
-                    &outbox.body,
-                ],
-            )
-            .await
-            .map_err(pg("writing the webhook outbox"))?;
-        Ok(())
-    }
-
-    /// The batch is done with: dead-lettered (when `dead` says why) or delivered.
-    async fn finish(
-        &mut self,
-        outbox: &Outbox,
-        dead: Option<(DeadLetterReason, String)>,
-    ) -> Result<(), SinkError> {
-        let client = self.client().await?;
-        let context = "recording a webhook delivery";
-        let tx = client.transaction().await.map_err(pg(context))?;
-        if let Some((reason, detail)) = dead {
-            dead_letter(&tx, outbox, reason, &detail).await?;
-        }
-        tx.execute(
-            "DELETE FROM analytics.walcast_webhook_outbox WHERE sink = $1",
-            &[&NAME],
-        )
-        .await
-        .map_err(pg(context))?;
-        tx.execute(
-            "INSERT INTO analytics.walcast_checkpoint AS c (sink, commit_lsn, seq, updated_at)
-             VALUES ($1, $2::text::pg_lsn, $3, now())
-             ON CONFLICT (sink) DO UPDATE SET
-                 commit_lsn = excluded.commit_lsn, seq = excluded.seq, updated_at = now()
-             WHERE c.commit_lsn IS NULL
-                OR (c.commit_lsn, c.seq) < (excluded.commit_lsn, excluded.seq)",
-            &[
-                &NAME,
-                &outbox.last.commit_lsn.to_string(),
-                &seq(outbox.last),
-            ],
-        )
-        .await
-        .map_err(pg(context))?;
-        tx.commit().await.map_err(pg(context))
     }
 }
 
@@ -497,32 +398,9 @@ fn fact(row: &tokio_postgres::Row) -> Result<EnrichedEvent, SinkError> {
     })
 }
 
-async fn dead_letter(
-    tx: &tokio_postgres::Transaction<'_>,
-    outbox: &Outbox,
-    reason: DeadLetterReason,
-    detail: &str,
-) -> Result<(), SinkError> {
-    tx.execute(
-        "INSERT INTO analytics.dead_letters
-             (origin, reason, detail, source_table, commit_lsn, seq, raw, idempotency_key)
-         VALUES ($7, $1, $2, 'engagement_events', $3::text::pg_lsn, $4, $5::text::jsonb, $6)
-         ON CONFLICT DO NOTHING",
-        &[
-            &reason.as_str(),
-            &detail,
-            &outbox.first.commit_lsn.to_string(),
-            &seq(outbox.first),
-            &outbox.body,
-            &outbox.key,
-            &Origin::Webhook.as_str(),
-        ],
-    )
-    .await
-    .map_err(pg("writing a webhook dead letter"))?;
-    metrics::sink_failed(NAME, "dead_letter");
-    metrics::dead_lettered(reason);
-    Ok(())
+/// The webhook's own name for backfill `job`'s cursor: its cursor is not the other sinks'.
+fn backfill_job(job: &str) -> String {
+    format!("webhook/{job}")
 }
 
 fn seq(position: Position) -> i32 {
@@ -548,35 +426,24 @@ pub struct WebhookSink {
 }
 
 impl WebhookSink {
-    /// Prepares the HTTP client and the analytics session (applying the analytics
-    /// migrations that are missing). Returns the migrations it applied.
-    pub async fn connect(
-        args: &WebhookArgs,
-        mut analytics: crate::pg::Target,
-    ) -> Result<(Self, Vec<&'static str>), SinkError> {
+    /// The sink, not yet connected to the analytics database (see [`Sink::open`]).
+    pub fn new(args: &WebhookArgs, mut analytics: crate::pg::Target) -> Result<Self, SinkError> {
         if analytics.get_application_name().is_none() {
             analytics.application_name(APPLICATION_NAME);
         }
-        let mut store = Store {
-            config: analytics,
-            client: None,
-        };
-        let migrated = super::postgres::migrate(store.client().await?)
-            .await
-            .map_err(pg("creating the analytics schema"))?;
-        Ok((
-            WebhookSink {
-                deliverer: Deliverer::new(&args.endpoint)?,
-                store,
-                batch_max_events: args.webhook_batch_max_events.max(1),
-                on_failure: args.webhook_on_failure,
-                checkpoint: None,
-                outbox: None,
-                source: None,
-                skip_streamed: false,
+        Ok(WebhookSink {
+            deliverer: Deliverer::new(&args.endpoint)?,
+            store: Store {
+                config: analytics,
+                client: None,
             },
-            migrated,
-        ))
+            batch_max_events: args.webhook_batch_max_events.max(1),
+            on_failure: args.webhook_on_failure,
+            checkpoint: None,
+            outbox: None,
+            source: None,
+            skip_streamed: false,
+        })
     }
 
     /// Sends one batch and records the outcome. On an error the batch stays in
@@ -610,9 +477,19 @@ impl WebhookSink {
                 ))
             }
         };
-        if let Err(err) = self.store.finish(&outbox, dead).await {
+        let finished = self
+            .store
+            .state()
+            .await?
+            .finish_outbox(NAME, &outbox, dead.as_ref().map(|(r, d)| (*r, d.as_str())))
+            .await;
+        if let Err(err) = finished {
             self.outbox = Some(outbox);
-            return Err(err);
+            return Err(err.into());
+        }
+        if let Some((reason, _)) = dead {
+            metrics::sink_failed(NAME, metrics::Failure::DeadLetter);
+            metrics::dead_lettered(reason);
         }
         self.checkpoint = self.checkpoint.max(Some(outbox.last));
         Ok(())
@@ -621,7 +498,12 @@ impl WebhookSink {
     /// Backfilled events: delivered in batches keyed by the backfill and the ids, with
     /// no outbox and no checkpoint (the stream's are not touched); the cursor is kept in
     /// `analytics.walcast_backfill` under `webhook/<job>`.
-    async fn backfill(&mut self, batches: &[&Batch], mark: &BackfillMark) -> Result<(), SinkError> {
+    async fn backfill(
+        &mut self,
+        batches: &[&Batch],
+        job: &str,
+        cursor: Option<i64>,
+    ) -> Result<(), SinkError> {
         let mut events: Vec<&EnrichedEvent> = super::events(batches).collect();
         if self.skip_streamed {
             let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
@@ -632,7 +514,7 @@ impl WebhookSink {
             let first = chunk[0];
             let last = chunk[chunk.len() - 1];
             let outbox = Outbox {
-                key: format!("backfill-{}-{}-{}", mark.job, first.id, last.id),
+                key: format!("backfill-{job}-{}-{}", first.id, last.id),
                 first: first.position,
                 last: last.position,
                 body: body(first.position, last.position, chunk),
@@ -647,24 +529,11 @@ impl WebhookSink {
                 }
             }
         }
-        let job = format!("webhook/{}", mark.job);
-        let client = self.store.client().await?;
-        let context = "recording the webhook backfill cursor";
-        match mark.cursor {
-            Some(id) => client
-                .execute(
-                    "INSERT INTO analytics.walcast_backfill (job, last_id, updated_at)
-                     VALUES ($1, $2, now())
-                     ON CONFLICT (job) DO UPDATE SET last_id = excluded.last_id, updated_at = now()",
-                    &[&job, &id],
-                )
-                .await
-                .map_err(pg(context))?,
-            None => client
-                .execute("DELETE FROM analytics.walcast_backfill WHERE job = $1", &[&job])
-                .await
-                .map_err(pg(context))?,
-        };
+        self.store
+            .state()
+            .await?
+            .save_backfill_cursor(&backfill_job(job), cursor)
+            .await?;
         Ok(())
     }
 }
@@ -685,16 +554,11 @@ impl WebhookSink {
     /// Returns the checkpoint followed from.
     pub async fn start_following(&mut self) -> Result<Option<Position>, SinkError> {
         if self.checkpoint.is_none() {
-            let client = self.store.client().await?;
-            let analytics = super::postgres::read_checkpoint(client, super::postgres::NAME)
-                .await
-                .map_err(pg("reading the analytics checkpoint"))?;
-            if let Some(at) = analytics {
-                super::postgres::raise_checkpoint(client, NAME, at)
-                    .await
-                    .map_err(pg("recording where the webhook starts"))?;
+            let mut state = self.store.state().await?;
+            self.checkpoint =
+                state::start_following(&mut state, NAME, super::postgres::NAME).await?;
+            if let Some(at) = self.checkpoint {
                 tracing::info!(sink = NAME, from = %at, "the webhook holds no checkpoint: it starts after the events the analytics sink holds (walcast backfill sends earlier ones)");
-                self.checkpoint = Some(at);
             }
         }
         Ok(self.checkpoint)
@@ -729,8 +593,8 @@ impl WebhookSink {
                     state.set_failing(true);
                     let delay = backoff(attempt);
                     attempt = attempt.saturating_add(1);
-                    metrics::sink_failed(NAME, "retry");
-                    tracing::warn!(sink = NAME, %error, attempt, retry_in_ms = delay.as_millis() as u64, "webhook follower failed, retrying");
+                    metrics::sink_failed(NAME, metrics::Failure::Retry);
+                    tracing::warn!(sink = NAME, error = %crate::error::Chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "webhook follower failed, retrying");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -751,8 +615,8 @@ impl WebhookSink {
             return Ok(0);
         }
         let started = Instant::now();
-        let outbox = Outbox::new(&events.iter().collect::<Vec<_>>(), self.source);
-        self.store.save_outbox(&outbox).await?;
+        let outbox = outbox(&events.iter().collect::<Vec<_>>(), self.source);
+        self.store.state().await?.save_outbox(NAME, &outbox).await?;
         self.send(outbox).await?;
         let batch = Batch {
             events,
@@ -764,23 +628,26 @@ impl WebhookSink {
 }
 
 impl Sink for WebhookSink {
+    /// Connects to the analytics database, applying the migrations that are missing: the
+    /// webhook keeps its checkpoint, outbox and dead letters there.
+    async fn open(&mut self) -> Result<(), SinkError> {
+        for version in migrate(self.store.client().await?).await? {
+            tracing::info!(sink = NAME, version, "analytics migration applied");
+        }
+        Ok(())
+    }
+
     fn has_write_deadline(&self) -> bool {
         false
     }
 
-    async fn source(&mut self) -> Result<Option<SourceId>, SinkError> {
-        let client = self.store.client().await?;
-        super::postgres::read_source(client, NAME)
-            .await
-            .map_err(pg("reading the webhook checkpoint's source"))
-    }
-
-    async fn set_source(&mut self, source: SourceId) -> Result<(), SinkError> {
-        let client = self.store.client().await?;
-        super::postgres::claim_source(client, NAME, source)
-            .await
-            .map_err(pg("recording the webhook checkpoint's source"))?;
-        self.source = Some(source);
+    async fn claim_history(&mut self, current: SourceId) -> Result<(), SinkError> {
+        let mut state = self.store.state().await?;
+        claimed(
+            state::claim_history(&mut state, NAME, current).await?,
+            current,
+        )?;
+        self.source = Some(current);
         Ok(())
     }
 
@@ -789,7 +656,9 @@ impl Sink for WebhookSink {
     }
 
     async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
-        let (checkpoint, outbox) = self.store.load().await?;
+        let mut state = self.store.state().await?;
+        let checkpoint = state.checkpoint(NAME).await?;
+        let outbox = state.outbox(NAME).await?;
         if let Some(outbox) = &outbox {
             tracing::info!(sink = NAME, key = %outbox.key, "a batch sent before the restart is unconfirmed; sending it again first");
         }
@@ -799,8 +668,8 @@ impl Sink for WebhookSink {
     }
 
     async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
-        if let Some(mark) = super::backfill_mark(batches) {
-            return self.backfill(batches, mark).await;
+        if let Progress::Backfill { job, cursor } = Progress::of(batches) {
+            return self.backfill(batches, job, cursor).await;
         }
         if let Some(outbox) = self.outbox.take() {
             self.send(outbox).await?;
@@ -819,58 +688,38 @@ impl Sink for WebhookSink {
             })
             .collect();
         for chunk in events.chunks(self.batch_max_events) {
-            let outbox = Outbox::new(chunk, self.source);
-            self.store.save_outbox(&outbox).await?;
+            let outbox = outbox(chunk, self.source);
+            self.store.state().await?.save_outbox(NAME, &outbox).await?;
             self.send(outbox).await?;
         }
         Ok(())
     }
 
     async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
-        let client = self.store.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT last_id FROM analytics.walcast_backfill WHERE job = $1",
-                &[&format!("webhook/{job}")],
-            )
-            .await
-            .map_err(pg("reading the webhook backfill cursor"))?;
-        Ok(row.map(|row| row.get(0)))
+        let mut state = self.store.state().await?;
+        Ok(state.backfill_cursor(&backfill_job(job)).await?)
     }
 }
 
 /// `walcast dead-letters replay --sink webhook`: sends every webhook dead letter not yet
 /// replayed again, oldest first, under its original key; marks each one that is accepted.
 /// Returns (replayed, still failing).
-pub async fn replay(deliverer: &Deliverer, client: &Client) -> Result<(u64, u64), SinkError> {
-    let rows = client
-        .query(
-            "SELECT id, idempotency_key, raw::text FROM analytics.dead_letters
-             WHERE origin = $1 AND replayed_at IS NULL
-             ORDER BY commit_lsn, seq",
-            &[&Origin::Webhook.as_str()],
-        )
-        .await
-        .map_err(pg("reading webhook dead letters"))?;
+pub async fn replay(
+    deliverer: &Deliverer,
+    state: &mut impl StateStore,
+) -> Result<(u64, u64), SinkError> {
     let (mut replayed, mut failed) = (0, 0);
-    for row in rows {
-        let id: i64 = row.get(0);
-        let key: Option<String> = row.get(1);
-        let body: String = row.get(2);
-        let key = key.unwrap_or_else(|| format!("dead-letter-{id}"));
-        match deliverer.deliver(&key, &body).await {
+    for letter in state.unreplayed().await? {
+        let key = letter
+            .key
+            .unwrap_or_else(|| format!("dead-letter-{}", letter.id));
+        match deliverer.deliver(&key, &letter.body).await {
             Delivery::Delivered => {
-                client
-                    .execute(
-                        "UPDATE analytics.dead_letters SET replayed_at = now() WHERE id = $1",
-                        &[&id],
-                    )
-                    .await
-                    .map_err(pg("marking a dead letter replayed"))?;
+                state.mark_replayed(letter.id).await?;
                 replayed += 1;
             }
             failed_delivery => {
-                tracing::warn!(dead_letter = id, key, outcome = ?failed_delivery, "replay not accepted");
+                tracing::warn!(dead_letter = letter.id, key, outcome = ?failed_delivery, "replay not accepted");
                 failed += 1;
             }
         }

@@ -61,7 +61,7 @@ impl Monitor {
                     }
                     Err(error) => {
                         if !connect_failed {
-                            tracing::warn!(%error, "slot monitor cannot reach the source; lag gauges are stale until it can");
+                            tracing::warn!(error = %crate::error::Chain(&error), "slot monitor cannot reach the source; lag gauges are stale until it can");
                         }
                         connect_failed = true;
                         continue;
@@ -78,7 +78,7 @@ impl Monitor {
                 if let ReplicationError::EventsTableReplaced { .. } = error {
                     return Err(error);
                 }
-                tracing::debug!(%error, "reading the publication failed");
+                tracing::debug!(error = %crate::error::Chain(&error), "reading the publication failed");
                 client = None;
                 continue;
             }
@@ -98,7 +98,7 @@ impl Monitor {
                     });
                 }
                 Err(error) => {
-                    tracing::debug!(%error, "reading the slot failed");
+                    tracing::debug!(error = %crate::error::Chain(&error), "reading the slot failed");
                     client = None;
                     continue;
                 }
@@ -221,10 +221,10 @@ impl Monitor {
                 if error.code()
                     == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
             {
-                tracing::warn!(%error, "heartbeat disabled: the role may not call pg_logical_emit_message; grant EXECUTE on it or set WALCAST_HEARTBEAT_INTERVAL=0");
+                tracing::warn!(error = %crate::error::Chain(&error), "heartbeat disabled: the role may not call pg_logical_emit_message; grant EXECUTE on it or set WALCAST_HEARTBEAT_INTERVAL=0");
                 self.heartbeat = None;
             }
-            Err(error) => tracing::debug!(%error, "heartbeat failed"),
+            Err(error) => tracing::debug!(error = %crate::error::Chain(&error), "heartbeat failed"),
         }
     }
 }

@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use crate::config::SourceArgs;
-use crate::enrich::{CONTENT_TABLE, EVENTS_TABLE};
+use crate::event::{CONTENT_TABLE, EVENTS_TABLE};
 use crate::lsn::Lsn;
 
 /// The source schema (DESIGN.md), as shipped in sql/.
@@ -99,6 +99,15 @@ pub enum SetupError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The server answered with a WAL position walcast cannot read: rather than take it
+    /// for 0/0, walcast stops.
+    #[error("{what}: the server answered {text:?}, which is not a WAL position")]
+    BadLsn { what: &'static str, text: String },
+}
+
+/// A WAL position as the server printed it (`pg_lsn::text`).
+pub(crate) fn server_lsn(what: &'static str, text: String) -> Result<Lsn, SetupError> {
+    text.parse().map_err(|_| SetupError::BadLsn { what, text })
 }
 
 trait Context<T> {
@@ -499,19 +508,21 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         )
         .await
         .context("looking up the replication slot")?;
-    let lsn = |row: &tokio_postgres::Row, i: usize| {
+    let Some(row) = row else { return Ok(None) };
+    let lsn = |i: usize, what: &'static str| {
         row.get::<_, Option<String>>(i)
-            .and_then(|s| s.parse::<Lsn>().ok())
+            .map(|text| server_lsn(what, text))
+            .transpose()
     };
-    Ok(row.map(|row| SlotInfo {
+    Ok(Some(SlotInfo {
         plugin: row.get(0),
         database: row.get(1),
         active_pid: row.get(2),
-        confirmed_flush_lsn: lsn(&row, 3),
-        restart_lsn: lsn(&row, 4),
+        confirmed_flush_lsn: lsn(3, "the slot's confirmed_flush_lsn")?,
+        restart_lsn: lsn(4, "the slot's restart_lsn")?,
         wal_status: row.get(5),
         safe_wal_size: row.get(6),
-        current_wal_lsn: lsn(&row, 7).unwrap_or_default(),
+        current_wal_lsn: server_lsn("the current WAL position", row.get(7))?,
         invalidation_reason: row.get(8),
         inactive_since: row.get(9),
         inactive_seconds: row.get(10),
@@ -568,7 +579,7 @@ pub async fn wal_lsn(client: &Client) -> Result<Lsn, SetupError> {
         .await
         .context("reading the current WAL position")?
         .get(0);
-    Ok(text.parse().unwrap_or_default())
+    server_lsn("the current WAL position", text)
 }
 
 /// Drops the slot and the publication. Returns what it did.

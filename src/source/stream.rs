@@ -13,6 +13,12 @@ use tokio_postgres::config::Host;
 use crate::config::{ConfigError, SourceArgs};
 use crate::lsn::{Lsn, SourceId};
 
+/// Messages the replication client may buffer ahead of the source loop (its default is
+/// 8,192). It counts messages, not bytes, and a row is one message: with rows of a
+/// megabyte this is what the buffer can hold, 32 MB; with rows of a few hundred bytes
+/// it is well under a batch, and the socket's buffers hold the rest.
+pub(crate) const REPLICATION_BUFFER_MESSAGES: usize = 32;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error(
@@ -49,7 +55,7 @@ pub enum ReplicationError {
     EventsTableReplaced { publication: String },
     #[error("slot monitor: {0}")]
     Monitor(String),
-    #[error("replication connection: {0}")]
+    #[error("replication connection")]
     Protocol(#[from] PgWireError),
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -135,7 +141,7 @@ pub async fn start_replication(
         .with_ack_lsn(durable.into())
         .with_status_interval(status_interval)
         .with_wakeup_interval(Duration::from_secs(1))
-        .with_buffer_size(crate::pipeline::REPLICATION_BUFFER_MESSAGES);
+        .with_buffer_size(REPLICATION_BUFFER_MESSAGES);
     let mut client = ReplicationClient::connect(config).await?;
     client
         .wait_started()

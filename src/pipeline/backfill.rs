@@ -35,10 +35,10 @@ use tokio_postgres::SimpleQueryMessage;
 use crate::config::BackfillConfig;
 use crate::decode::{Column, Relation, Value};
 use crate::enrich::{ContentCache, EVENTS_TABLE, row_event};
-use crate::event::{BackfillMark, Batch};
+use crate::event::{BackfillMark, Batch, Feed};
 use crate::health::Health;
 use crate::lsn::{Lsn, Position};
-use crate::pipeline::{fanout, open_sinks};
+use crate::pipeline::{QueueLimits, fanout, open_sinks};
 use crate::{Error, source};
 
 /// How often progress is logged when stderr is not a terminal.
@@ -94,20 +94,22 @@ pub async fn run(
         "content cache loaded from the snapshot"
     );
 
-    let health = Health::new(&config.destinations.sinks.kinds);
+    let built = crate::pipeline::build_sinks(&config.destinations, &config.source)?;
+    let health = Health::new(&crate::pipeline::names(&built));
     // A one-off command holding a snapshot open: a sink that is not there fails it at
     // once rather than keep the snapshot (and the server's old row versions) waiting.
     let crate::pipeline::Opened { sinks, cursors, .. } = open_sinks(
-        &config.source,
-        &config.destinations,
+        built,
         // A backfill's batches are bounded in events only; the stream's byte default
         // bounds its queues.
-        (
+        QueueLimits::of_batches(
             config.batch_max_events,
             crate::config::DEFAULT_BATCH_MAX_BYTES,
+            config.destinations.sink_write_timeout,
         ),
         &health,
         Some(&job),
+        None,
         None,
         None::<&mut std::future::Pending<()>>,
     )
@@ -231,14 +233,7 @@ async fn open_snapshot(
             drop(created.session);
             created.consistent_point
         }
-        Some(_) => {
-            let lsn: String = client
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await
-                .map_err(pg_error("reading the current WAL position"))?
-                .get(0);
-            lsn.parse().unwrap_or_default()
-        }
+        Some(_) => source::wal_lsn(client).await?,
     };
     let micros: i64 = client
         .query_one("SELECT (extract(epoch FROM now()) * 1000000)::int8", &[])
@@ -285,7 +280,7 @@ async fn copy(
     if !interrupted {
         // The end: every sink removes its cursor, in order after the last rows.
         let done = Batch {
-            backfill: Some(BackfillMark {
+            feed: Feed::Backfill(BackfillMark {
                 job: Arc::clone(job),
                 cursor: None,
             }),
@@ -417,7 +412,7 @@ impl Reader<'_> {
             return Ok(None);
         };
         self.range.after = Some(last_id);
-        batch.backfill = Some(BackfillMark {
+        batch.feed = Feed::Backfill(BackfillMark {
             job: Arc::clone(job),
             cursor: Some(last_id),
         });
