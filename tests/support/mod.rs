@@ -1071,8 +1071,9 @@ pub async fn redis_dump(redis: &Redis, dump: Dump) -> Vec<String> {
             c
         };
         if let Dump::Readable { cutoff_ms } = dump {
+            // -2: gone since KEYS.
             let expires: i64 = query("PEXPIRETIME").query_async(&mut conn).await.unwrap();
-            if expires >= 0 && expires < cutoff_ms {
+            if expires == -2 || (expires >= 0 && expires < cutoff_ms) {
                 continue;
             }
         }
@@ -1130,6 +1131,8 @@ pub async fn redis_dump(redis: &Redis, dump: Dump) -> Vec<String> {
                 let n: i64 = query("XLEN").query_async(&mut conn).await.unwrap();
                 format!("{n} entries")
             }
+            // Gone since KEYS: it expired (a minute bucket of an old event time).
+            "none" => continue,
             other => panic!("{key}: unexpected type {other}"),
         };
         lines.push(format!("{key} {kind} {value}"));
