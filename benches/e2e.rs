@@ -13,7 +13,17 @@
 //!    (default 1000,5000 events/s) for `E2E_STEADY_SECS` (default 60) while walcast (both
 //!    sinks) streams. A reader on the `events:play` stream (XREAD BLOCK) compares each
 //!    arrival with the event's `commit_ts` (p50/p95/p99); /metrics is sampled for the lag;
-//!    walcast's RSS is read at the end of each phase.
+//!    walcast's RSS is read at the end of each phase, and the lag once the writers stop
+//!    (near 0 when walcast kept up).
+//! 3. Max producer: 8 connections insert single rows as fast as PostgreSQL takes them for
+//!    `E2E_MAX_PRODUCER_SECS` (default 60) while walcast streams with both sinks; the
+//!    achieved rate and walcast's largest lag (it kept up if that stayed under 1 s).
+//! 4. The drain of phase 1 again, with both sinks, into a fresh slot, Redis and analytics
+//!    database, over a backlog whose users follow Zipf's law over 100,000 of them (a
+//!    realistic population: most events are by users the aggregates have seen).
+//!
+//! `benches/guard.py` compares a report's CPU per event with the committed baseline
+//! (`benches/e2e-baseline.json`).
 //!
 //! Prints a Markdown table and writes it, with a JSON report, to target/e2e-report.md and
 //! target/e2e-report.json.
@@ -68,37 +78,8 @@ async fn main() {
         .await
         .unwrap();
 
-    eprintln!("loading {events} events as transactions of 100 rows");
-    let load = Instant::now();
-    let per_statement = 100;
-    let mut loaded = 0;
-    while loaded < events {
-        // 50 transactions of 100 rows per round trip (explicit BEGIN/COMMIT: a multi-statement
-        // simple query would otherwise be one transaction).
-        let mut sql = String::new();
-        for _ in 0..50 {
-            if loaded >= events {
-                break;
-            }
-            sql.push_str(&format!(
-                "BEGIN; INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload)
-                 SELECT '{CONTENT}', gen_random_uuid(), (ARRAY['play','pause','finish','click'])[1 + i % 4],
-                        now(), i * 37 % 600000, 'ios', '{{\"v\": 1}}'
-                 FROM generate_series(1, {per_statement}) i; COMMIT;"
-            ));
-            loaded += per_statement;
-        }
-        db.batch_execute(&sql).await.unwrap();
-    }
-    let end_lsn: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    eprintln!(
-        "loaded in {:.1}s; WAL end {end_lsn}",
-        load.elapsed().as_secs_f64()
-    );
+    // Every event a new user: the analytics sink's worst case.
+    let end_lsn = load_backlog(&db, events, "gen_random_uuid()").await;
 
     // Reference: pg_recvlogical drains its slot to /dev/null.
     let recvlogical = find_binary("pg_recvlogical", "postgresql-client");
@@ -181,10 +162,57 @@ async fn main() {
         let phase = steady(&pg, &redis, &walcast, env.metrics_port, rate, steady_secs).await;
         phases.push(phase);
     }
+    let max_secs: u64 = std::env::var("E2E_MAX_PRODUCER_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    eprintln!("max producer: 8 connections for {max_secs} s");
+    let max = max_producer(&pg, env.metrics_port, max_secs).await;
+    drop(walcast);
+
+    // The drain again with a realistic user population: a fresh slot, Redis and analytics
+    // database, and a backlog whose users follow Zipf's law over 100,000 of them.
+    let redis_zipf = Redis::start().await;
+    pg.client("postgres")
+        .await
+        .batch_execute("CREATE DATABASE analytics_zipf")
+        .await
+        .unwrap();
+    let analytics_zipf = pg.client("analytics_zipf").await;
+    let env_zipf = Env::new(&pg, "app", &redis_zipf)
+        .set("WALCAST_LOG", "warn")
+        .set("WALCAST_SLOT", "walcast_zipf")
+        .set("WALCAST_ANALYTICS_URL", &pg.url("analytics_zipf"));
+    assert!(env_zipf.output(&["setup"]).status.success());
+    load_backlog(&db, events, ZIPF_USER).await;
+    let last_id: i64 = db
+        .query_one("SELECT max(id) FROM engagement_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (zipf_secs, zipf_rss, zipf_cpu, walcast) =
+        drain(&env_zipf, redis_zipf.pid(), pg.pid(), || async {
+            redis_zipf.total().await >= events
+                && analytics_zipf
+                    .query_one(
+                        "SELECT EXISTS (SELECT FROM analytics.enriched_events WHERE id = $1)",
+                        &[&last_id],
+                    )
+                    .await
+                    .is_ok_and(|row| row.get(0))
+        })
+        .await;
+    drop(walcast);
 
     let drains = [
         ("redis", redis_secs, redis_rss, redis_cpu),
         ("redis + postgres", both_secs, both_rss, both_cpu),
+        (
+            "redis + postgres, Zipf over 100,000 users",
+            zipf_secs,
+            zipf_rss,
+            zipf_cpu,
+        ),
     ];
     let mut md = String::new();
     md.push_str("| measurement | value |\n|---|---|\n");
@@ -212,10 +240,17 @@ async fn main() {
     }
     for p in &phases {
         md.push_str(&format!(
-            "| steady {}/s for {steady_secs} s (both sinks; achieved {:.0}/s) | commit → redis p50 / p95 / p99 {:.2} / {:.2} / {:.2} ms; max lag {:.0} bytes, {:.3} s; RSS {} kB (peak {} kB) |\n",
-            p.rate, p.achieved, p.p50, p.p95, p.p99, p.max_lag_bytes, p.max_lag_seconds, p.rss_kb, p.peak_rss_kb
+            "| steady {}/s for {steady_secs} s (both sinks; achieved {:.0}/s) | commit → redis p50 / p95 / p99 {:.2} / {:.2} / {:.2} ms; max lag {:.0} bytes, {:.3} s; lag at the end {:.3} s; RSS {} kB (peak {} kB) |\n",
+            p.rate, p.achieved, p.p50, p.p95, p.p99, p.max_lag_bytes, p.max_lag_seconds, p.lag_at_end_seconds, p.rss_kb, p.peak_rss_kb
         ));
     }
+    md.push_str(&format!(
+        "| max producer: 8 connections for {max_secs} s (both sinks) | achieved {:.0}/s; max lag {:.3} s, at the end {:.3} s; kept up (under 1 s): {} |\n",
+        max.achieved,
+        max.max_lag_seconds,
+        max.lag_at_end_seconds,
+        if max.max_lag_seconds < 1.0 { "yes" } else { "no" }
+    ));
     print!("{md}");
     let report = serde_json::json!({
         "events": events,
@@ -226,13 +261,21 @@ async fn main() {
             "sinks": sinks, "seconds": secs, "events_per_s": events as f64 / secs,
             "ratio": reference_secs / secs, "peak_rss_kb": rss,
             "cpu_seconds": {"walcast": cpu.walcast, "redis_server": cpu.redis, "postgres": cpu.postgres},
+            "cpu_us_per_event": {"walcast": cpu.walcast * 1e6 / events as f64,
+                "redis_server": cpu.redis * 1e6 / events as f64,
+                "postgres": cpu.postgres * 1e6 / events as f64},
         })).collect::<Vec<_>>(),
         "steady": phases.iter().map(|p| serde_json::json!({
             "rate": p.rate, "seconds": steady_secs, "achieved_per_s": p.achieved,
             "latency_ms": {"p50": p.p50, "p95": p.p95, "p99": p.p99},
             "max_lag_bytes": p.max_lag_bytes, "max_lag_seconds": p.max_lag_seconds,
+            "lag_at_end_seconds": p.lag_at_end_seconds,
             "rss_kb": p.rss_kb, "peak_rss_kb": p.peak_rss_kb,
         })).collect::<Vec<_>>(),
+        "max_producer": {"seconds": max_secs, "achieved_per_s": max.achieved,
+            "max_lag_seconds": max.max_lag_seconds, "lag_at_end_seconds": max.lag_at_end_seconds,
+            "kept_up": max.max_lag_seconds < 1.0},
+        "pg_recvlogical_us_per_event": reference_pg_cpu * 1e6 / events as f64,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     std::fs::write(dir.join("e2e-report.md"), &md).unwrap();
@@ -242,8 +285,49 @@ async fn main() {
     )
     .unwrap();
     eprintln!("reports: target/e2e-report.md, target/e2e-report.json");
-    drop(walcast);
 }
+
+/// `events` events as transactions of 100 rows, `user` the SQL of each one's user_id;
+/// returns the WAL end after them.
+async fn load_backlog(db: &tokio_postgres::Client, events: i64, user: &str) -> String {
+    eprintln!("loading {events} events as transactions of 100 rows");
+    let load = Instant::now();
+    let per_statement = 100;
+    let mut loaded = 0;
+    while loaded < events {
+        // 50 transactions of 100 rows per round trip (explicit BEGIN/COMMIT: a multi-statement
+        // simple query would otherwise be one transaction).
+        let mut sql = String::new();
+        for _ in 0..50 {
+            if loaded >= events {
+                break;
+            }
+            sql.push_str(&format!(
+                "BEGIN; INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload)
+                 SELECT '{CONTENT}', {user}, (ARRAY['play','pause','finish','click'])[1 + i % 4],
+                        now(), i * 37 % 600000, 'ios', '{{\"v\": 1}}'
+                 FROM generate_series(1, {per_statement}) i; COMMIT;"
+            ));
+            loaded += per_statement;
+        }
+        db.batch_execute(&sql).await.unwrap();
+    }
+    let end_lsn: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "loaded in {:.1}s; WAL end {end_lsn}",
+        load.elapsed().as_secs_f64()
+    );
+    end_lsn
+}
+
+/// A user among 100,000 drawn by Zipf's law (s = 1): `100000 ^ random()` is log-uniform
+/// on [1, 100000), whose density falls as 1/x.
+const ZIPF_USER: &str =
+    "('20000000-0000-0000-0000-' || lpad(floor(100000 ^ random())::int::text, 12, '0'))::uuid";
 
 /// One steady-load phase.
 struct Phase {
@@ -254,8 +338,63 @@ struct Phase {
     p99: f64,
     max_lag_bytes: f64,
     max_lag_seconds: f64,
+    /// `walcast_replication_lag_seconds` once the writers stopped: near 0 when walcast
+    /// kept up.
+    lag_at_end_seconds: f64,
     rss_kb: u64,
     peak_rss_kb: u64,
+}
+
+async fn lag_seconds(metrics_port: u16) -> f64 {
+    let m = support::scrape_metrics(metrics_port).await;
+    support::metric(&m, "walcast_replication_lag_seconds").unwrap_or(0.0)
+}
+
+/// The max-producer phase: 8 connections insert single rows as fast as PostgreSQL takes
+/// them for `secs` seconds while walcast streams.
+struct MaxProducer {
+    achieved: f64,
+    max_lag_seconds: f64,
+    lag_at_end_seconds: f64,
+}
+
+async fn max_producer(pg: &Postgres, metrics_port: u16, secs: u64) -> MaxProducer {
+    const WRITERS: u32 = 8;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for _ in 0..WRITERS {
+        let db = pg.client("app").await;
+        writers.push(tokio::spawn(async move {
+            let insert = db
+                .prepare(&format!(
+                    "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms)
+                     VALUES ('{CONTENT}', {ZIPF_USER}, 'play', now(), 1000)"
+                ))
+                .await
+                .unwrap();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                db.execute(&insert, &[]).await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut max_lag_seconds = 0.0f64;
+    while writers.iter().any(|w| !w.is_finished()) {
+        max_lag_seconds = max_lag_seconds.max(lag_seconds(metrics_port).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut inserted = 0;
+    for w in writers {
+        inserted += w.await.unwrap();
+    }
+    MaxProducer {
+        achieved: inserted as f64 / started.elapsed().as_secs_f64(),
+        max_lag_seconds,
+        lag_at_end_seconds: lag_seconds(metrics_port).await,
+    }
 }
 
 /// `rate` single-row inserts per second for `secs` seconds from 8 connections, while a
@@ -346,6 +485,7 @@ async fn steady(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let achieved = expected as f64 / started.elapsed().as_secs_f64();
+    let lag_at_end_seconds = lag_seconds(metrics_port).await;
     let mut latencies = tokio::time::timeout(Duration::from_secs(120), reader)
         .await
         .expect("every event of the phase reached Redis")
@@ -368,6 +508,7 @@ async fn steady(
         p99: pct(0.99),
         max_lag_bytes,
         max_lag_seconds,
+        lag_at_end_seconds,
         rss_kb: kb("VmRSS:"),
         peak_rss_kb: kb("VmHWM:"),
     }
