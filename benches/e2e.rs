@@ -59,21 +59,8 @@ async fn main() {
     let env_redis = Env::new(&pg, "app", &redis_only)
         .set("WALCAST_LOG", "warn")
         .set("WALCAST_SINKS", "redis");
-    // The analytics schema in a database of its own on the same server, as the README
-    // recommends: logical decoding skips other databases' WAL records cheaply, while the
-    // source database's own analytics writes would all be decoded and then filtered out.
-    pg.client("postgres")
-        .await
-        .batch_execute("CREATE DATABASE analytics")
-        .await
-        .unwrap();
-    let analytics = pg.client("analytics").await;
-    let env = Env::new(&pg, "app", &redis)
-        .set("WALCAST_LOG", "warn")
-        .set("WALCAST_SLOT", "walcast_both")
-        .set("WALCAST_ANALYTICS_URL", &pg.url("analytics"));
+    let (analytics, env) = both_sinks(&pg, &redis, "analytics", "walcast_both").await;
     assert!(env_redis.output(&["setup"]).status.success());
-    assert!(env.output(&["setup"]).status.success());
     db.batch_execute("SELECT pg_create_logical_replication_slot('reference', 'pgoutput')")
         .await
         .unwrap();
@@ -125,14 +112,7 @@ async fn main() {
         .unwrap()
         .get(0);
     let (both_secs, both_rss, both_cpu, walcast) = drain(&env, redis.pid(), pg.pid(), || async {
-        redis.total().await >= events
-            && analytics
-                .query_one(
-                    "SELECT EXISTS (SELECT FROM analytics.enriched_events WHERE id = $1)",
-                    &[&last_id],
-                )
-                .await
-                .is_ok_and(|row| row.get(0))
+        delivered(&redis, &analytics, events, last_id).await
     })
     .await;
     assert_eq!(count(&analytics, "analytics.enriched_events").await, events);
@@ -173,17 +153,8 @@ async fn main() {
     // The drain again with a realistic user population: a fresh slot, Redis and analytics
     // database, and a backlog whose users follow Zipf's law over 100,000 of them.
     let redis_zipf = Redis::start().await;
-    pg.client("postgres")
-        .await
-        .batch_execute("CREATE DATABASE analytics_zipf")
-        .await
-        .unwrap();
-    let analytics_zipf = pg.client("analytics_zipf").await;
-    let env_zipf = Env::new(&pg, "app", &redis_zipf)
-        .set("WALCAST_LOG", "warn")
-        .set("WALCAST_SLOT", "walcast_zipf")
-        .set("WALCAST_ANALYTICS_URL", &pg.url("analytics_zipf"));
-    assert!(env_zipf.output(&["setup"]).status.success());
+    let (analytics_zipf, env_zipf) =
+        both_sinks(&pg, &redis_zipf, "analytics_zipf", "walcast_zipf").await;
     load_backlog(&db, events, ZIPF_USER).await;
     let last_id: i64 = db
         .query_one("SELECT max(id) FROM engagement_events", &[])
@@ -192,14 +163,7 @@ async fn main() {
         .get(0);
     let (zipf_secs, zipf_rss, zipf_cpu, walcast) =
         drain(&env_zipf, redis_zipf.pid(), pg.pid(), || async {
-            redis_zipf.total().await >= events
-                && analytics_zipf
-                    .query_one(
-                        "SELECT EXISTS (SELECT FROM analytics.enriched_events WHERE id = $1)",
-                        &[&last_id],
-                    )
-                    .await
-                    .is_ok_and(|row| row.get(0))
+            delivered(&redis_zipf, &analytics_zipf, events, last_id).await
         })
         .await;
     drop(walcast);
@@ -285,6 +249,49 @@ async fn main() {
     )
     .unwrap();
     eprintln!("reports: target/e2e-report.md, target/e2e-report.json");
+}
+
+/// walcast with both sinks on slot `slot` (set up), the analytics schema in database
+/// `analytics` of its own on the same server, as the README recommends: logical decoding
+/// skips other databases' WAL records cheaply, while the source database's own analytics
+/// writes would all be decoded and then filtered out.
+async fn both_sinks(
+    pg: &Postgres,
+    redis: &Redis,
+    analytics: &str,
+    slot: &str,
+) -> (tokio_postgres::Client, Env) {
+    pg.client("postgres")
+        .await
+        .batch_execute(&format!("CREATE DATABASE {analytics}"))
+        .await
+        .unwrap();
+    let client = pg.client(analytics).await;
+    let env = Env::new(pg, "app", redis)
+        .set("WALCAST_LOG", "warn")
+        .set("WALCAST_SLOT", slot)
+        .set("WALCAST_ANALYTICS_URL", &pg.url(analytics));
+    assert!(env.output(&["setup"]).status.success());
+    (client, env)
+}
+
+/// Whether both sinks have the backlog: Redis counted `events`, and the last id is in
+/// the facts. The load has one writer, so commit order is id order and batches commit
+/// whole: once the last id is there, everything is. An index probe, not a count.
+async fn delivered(
+    redis: &Redis,
+    analytics: &tokio_postgres::Client,
+    events: i64,
+    last_id: i64,
+) -> bool {
+    redis.total().await >= events
+        && analytics
+            .query_one(
+                "SELECT EXISTS (SELECT FROM analytics.enriched_events WHERE id = $1)",
+                &[&last_id],
+            )
+            .await
+            .is_ok_and(|row| row.get(0))
 }
 
 /// `events` events as transactions of 100 rows, `user` the SQL of each one's user_id;
