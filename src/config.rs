@@ -1,8 +1,8 @@
 //! Every setting, with its default, its environment variable and its validation.
 //!
 //! Flags and `WALCAST_*` variables are the same settings (clap reads both); the names are
-//! part of the contract in DESIGN.md. [`RunConfig::validate`] names the setting and the
-//! constraint for anything it rejects.
+//! what operators and their tooling rely on (the README's "Configuration" lists them all).
+//! [`RunConfig::validate`] names the setting and the constraint for anything it rejects.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

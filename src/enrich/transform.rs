@@ -1,6 +1,6 @@
 //! `engagement_events` row → [`EnrichedEvent`], and the arithmetic of the derived fields.
 //!
-//! The rules (DESIGN.md, "Enrichment"): `engagement_seconds = round(duration_ms / 1000, 2)`
+//! The rules (the README's "What it does"): `engagement_seconds = round(duration_ms / 1000, 2)`
 //! and `engagement_pct = round(duration_ms / 1000 / length_seconds, 2)` from the unrounded
 //! seconds, NULL when an input is NULL or the length is 0, rounding half away from zero as
 //! PostgreSQL's `round(numeric, 2)` does. Both are computed exactly in integers: the

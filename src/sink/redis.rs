@@ -16,7 +16,7 @@
 //! itself. After a few refusals in a row the script applies the write: it needs no watch,
 //! so no writer can starve another.
 //!
-//! Keys (DESIGN.md, "Redis"):
+//! Keys (the README's "Redis keys"):
 //!
 //! | key | type | written |
 //! |---|---|---|

@@ -11,7 +11,7 @@ use crate::config::SourceArgs;
 use crate::event::{CONTENT_TABLE, EVENTS_TABLE};
 use crate::lsn::Lsn;
 
-/// The source schema (DESIGN.md), as shipped in sql/.
+/// The source schema, as shipped in sql/001_source_schema.sql.
 const SOURCE_SCHEMA: &str = include_str!("../../sql/001_source_schema.sql");
 
 #[derive(Debug, thiserror::Error)]
@@ -616,7 +616,7 @@ pub async fn teardown(client: &Client, source: &SourceArgs) -> Result<Vec<String
     Ok(done)
 }
 
-/// Creates the source tables of DESIGN.md where they are missing (sql/001).
+/// Creates the source tables where they are missing (sql/001_source_schema.sql).
 pub async fn create_schema(client: &Client) -> Result<(), SetupError> {
     client
         .batch_execute(SOURCE_SCHEMA)
