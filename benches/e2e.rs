@@ -18,6 +18,8 @@
 //! 3. Max producer: 8 connections insert single rows as fast as PostgreSQL takes them for
 //!    `E2E_MAX_PRODUCER_SECS` (default 60) while walcast streams with both sinks; the
 //!    achieved rate and walcast's largest lag (it kept up if that stayed under 1 s).
+//!    Then one transaction of `E2E_BIG_TX` rows (default 1,000,000): how long until it is
+//!    in Redis, and walcast's resident memory while it streams.
 //! 4. The drain of phase 1 again, with both sinks, into a fresh slot, Redis and analytics
 //!    database, over a backlog whose users follow Zipf's law over 100,000 of them (a
 //!    realistic population: most events are by users the aggregates have seen).
@@ -148,6 +150,12 @@ async fn main() {
         .unwrap_or(60);
     eprintln!("max producer: 8 connections for {max_secs} s");
     let max = max_producer(&pg, env.metrics_port, max_secs).await;
+    let big_rows: i64 = std::env::var("E2E_BIG_TX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    eprintln!("one transaction of {big_rows} rows");
+    let big = big_transaction(&db, &redis, &walcast, big_rows).await;
     drop(walcast);
 
     // The drain again with a realistic user population: a fresh slot, Redis and analytics
@@ -209,6 +217,10 @@ async fn main() {
         ));
     }
     md.push_str(&format!(
+        "| one transaction of {big_rows} rows, streamed (both sinks) | in Redis {:.2} s after its commit; walcast RSS before {} kB, at most {} kB while it streamed |\n",
+        big.seconds, big.rss_before_kb, big.max_rss_kb
+    ));
+    md.push_str(&format!(
         "| max producer: 8 connections for {max_secs} s (both sinks) | achieved {:.0}/s; max lag {:.3} s, at the end {:.3} s; kept up (under 1 s): {} |\n",
         max.achieved,
         max.max_lag_seconds,
@@ -239,6 +251,8 @@ async fn main() {
         "max_producer": {"seconds": max_secs, "achieved_per_s": max.achieved,
             "max_lag_seconds": max.max_lag_seconds, "lag_at_end_seconds": max.lag_at_end_seconds,
             "kept_up": max.max_lag_seconds < 1.0},
+        "big_transaction": {"rows": big_rows, "seconds": big.seconds,
+            "rss_before_kb": big.rss_before_kb, "max_rss_kb": big.max_rss_kb},
         "pg_recvlogical_us_per_event": reference_pg_cpu * 1e6 / events as f64,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
@@ -350,6 +364,61 @@ struct Phase {
     lag_at_end_seconds: f64,
     rss_kb: u64,
     peak_rss_kb: u64,
+}
+
+/// One transaction of many rows, streamed: how long after its commit its last row was in
+/// Redis, and walcast's resident memory before it and at most (sampled every 50 ms)
+/// while it was streamed.
+struct BigTransaction {
+    seconds: f64,
+    rss_before_kb: u64,
+    max_rss_kb: u64,
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn big_transaction(
+    db: &tokio_postgres::Client,
+    redis: &Redis,
+    walcast: &Walcast,
+    rows: i64,
+) -> BigTransaction {
+    // From a caught-up stream (the max-producer phase may have left walcast behind).
+    let written = support::current_lsn(db).await;
+    eventually("the slot caught up", Duration::from_secs(600), || async {
+        support::confirmed_flush(db, "walcast_both")
+            .await
+            .is_some_and(|flushed| flushed >= written)
+    })
+    .await;
+    let before = redis.total().await;
+    let rss_before_kb = rss_kb(walcast.pid());
+    db.batch_execute(&format!(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
+         SELECT '{CONTENT}', {ZIPF_USER}, 'play', now(), 1000, 'ios' FROM generate_series(1, {rows})"
+    ))
+    .await
+    .unwrap();
+    let committed = Instant::now();
+    let mut max_rss_kb = rss_before_kb;
+    let deadline = committed + Duration::from_secs(1800);
+    while redis.total().await < before + rows {
+        assert!(Instant::now() < deadline, "the transaction reached Redis");
+        max_rss_kb = max_rss_kb.max(rss_kb(walcast.pid()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    BigTransaction {
+        seconds: committed.elapsed().as_secs_f64(),
+        rss_before_kb,
+        max_rss_kb,
+    }
 }
 
 async fn lag_seconds(metrics_port: u16) -> f64 {
