@@ -33,11 +33,7 @@ async fn main() {
         .unwrap_or(1_000_000);
     let pg = Postgres::start_with(&[("max_wal_size", "4GB"), ("shared_buffers", "256MB")]).await;
     let db = pg.create_source_db("app").await;
-    pg.client("postgres")
-        .await
-        .batch_execute("CREATE DATABASE analytics")
-        .await
-        .unwrap();
+    pg.create_db("analytics").await;
     eprintln!("loading {rows} rows");
     db.batch_execute(&format!(
         "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts) VALUES

@@ -276,12 +276,7 @@ async fn both_sinks(
     analytics: &str,
     slot: &str,
 ) -> (tokio_postgres::Client, Env) {
-    pg.client("postgres")
-        .await
-        .batch_execute(&format!("CREATE DATABASE {analytics}"))
-        .await
-        .unwrap();
-    let client = pg.client(analytics).await;
+    let client = pg.create_db(analytics).await;
     let env = Env::new(pg, "app", redis)
         .set("WALCAST_LOG", "warn")
         .set("WALCAST_SLOT", slot)
@@ -377,10 +372,15 @@ struct BigTransaction {
 }
 
 fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A kB field of /proc/{pid}/status (`VmRSS:`, `VmHWM:`); 0 when it cannot be read.
+fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
 }
@@ -570,14 +570,7 @@ async fn steady(
         .unwrap();
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    let status = std::fs::read_to_string(format!("/proc/{}/status", walcast.pid())).unwrap();
-    let kb = |field: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
+    let kb = |field: &str| status_kb(walcast.pid(), field);
     Phase {
         rate,
         achieved,
@@ -703,11 +696,6 @@ where
         redis: cpu_seconds(redis_pid) - redis_before,
         postgres: cpu_since(postmaster, &pg_before),
     };
-    let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", walcast.pid()))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        .unwrap_or_default();
-    (secs, rss_kb, cpu, walcast)
+    let peak_kb = status_kb(walcast.pid(), "VmHWM:").to_string();
+    (secs, peak_kb, cpu, walcast)
 }

@@ -78,11 +78,7 @@ async fn missing_privilege_and_missing_table_are_refused_with_the_fix() {
     let err = refusal(&plain, &["setup"]);
     assert!(err.contains("ALTER ROLE plain REPLICATION"), "{err}");
 
-    pg.client("postgres")
-        .await
-        .batch_execute("CREATE DATABASE empty")
-        .await
-        .unwrap();
+    pg.create_db("empty").await;
     let empty = Env::new(&pg, "empty", &redis);
     let err = refusal(&empty, &["setup"]);
     assert!(

@@ -344,14 +344,19 @@ impl Postgres {
             .expect("connect to the test postgres")
     }
 
-    /// Creates database `db` with the source schema of sql/001.
-    pub async fn create_source_db(&self, db: &str) -> tokio_postgres::Client {
+    /// Creates an empty database `db`; returns a session on it.
+    pub async fn create_db(&self, db: &str) -> tokio_postgres::Client {
         self.client("postgres")
             .await
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .await
             .unwrap();
-        let client = self.client(db).await;
+        self.client(db).await
+    }
+
+    /// Creates database `db` with the source schema of sql/001.
+    pub async fn create_source_db(&self, db: &str) -> tokio_postgres::Client {
+        let client = self.create_db(db).await;
         walcast::source::create_schema(&client).await.unwrap();
         client
     }
