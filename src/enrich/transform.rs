@@ -57,6 +57,9 @@ pub fn engagement_pct(duration_ms: Option<i32>, length_seconds: Option<i32>) -> 
 /// offsets with or without minutes). The replication session pins `DateStyle=ISO` and
 /// `TimeZone=UTC`, but any offset is accepted.
 pub fn parse_timestamptz(s: &str) -> Option<DateTime<Utc>> {
+    if let Some(ts) = parse_iso(s.as_bytes()) {
+        return Some(ts);
+    }
     if let Ok(ts) = DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z") {
         return Some(ts.with_timezone(&Utc));
     }
@@ -64,6 +67,64 @@ pub fn parse_timestamptz(s: &str) -> Option<DateTime<Utc>> {
     NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
         .ok()
         .map(|naive| naive.and_utc())
+}
+
+/// The form PostgreSQL prints with `DateStyle=ISO`, `YYYY-MM-DD HH:MM:SS[.f{1,6}]` and an
+/// offset `±HH[:MM[:SS]]`, read by position. chrono's format-string parser re-reads its
+/// format for every value; by position, `tuple_to_event` in the hot-path benchmark takes
+/// 0.24 µs per event instead of 0.46. `None` for anything else (years beyond 9999, BC, a
+/// plain `timestamp`), which the general parser then reads.
+fn parse_iso(s: &[u8]) -> Option<DateTime<Utc>> {
+    fn digits(s: &[u8]) -> Option<u32> {
+        s.iter().try_fold(0u32, |n, b| {
+            b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
+        })
+    }
+    if s.len() < 22
+        || s[4] != b'-'
+        || s[7] != b'-'
+        || s[10] != b' '
+        || s[13] != b':'
+        || s[16] != b':'
+    {
+        return None;
+    }
+    let date = chrono::NaiveDate::from_ymd_opt(
+        digits(&s[0..4])? as i32,
+        digits(&s[5..7])?,
+        digits(&s[8..10])?,
+    )?;
+    let mut rest = &s[19..];
+    let mut micros = 0;
+    if let Some(fraction) = rest.strip_prefix(b".") {
+        let len = fraction.iter().take_while(|b| b.is_ascii_digit()).count();
+        if len == 0 || len > 6 {
+            return None;
+        }
+        micros = digits(&fraction[..len])? * 10u32.pow(6 - len as u32);
+        rest = &fraction[len..];
+    }
+    let time = chrono::NaiveTime::from_hms_micro_opt(
+        digits(&s[11..13])?,
+        digits(&s[14..16])?,
+        digits(&s[17..19])?,
+        micros,
+    )?;
+    let (sign, offset) = match rest.split_first()? {
+        (b'+', offset) => (1, offset),
+        (b'-', offset) => (-1, offset),
+        _ => return None,
+    };
+    let seconds = match offset {
+        [h1, h2] => digits(&[*h1, *h2])? * 3600,
+        [h1, h2, b':', m1, m2] => digits(&[*h1, *h2])? * 3600 + digits(&[*m1, *m2])? * 60,
+        [h1, h2, b':', m1, m2, b':', s1, s2] => {
+            digits(&[*h1, *h2])? * 3600 + digits(&[*m1, *m2])? * 60 + digits(&[*s1, *s2])?
+        }
+        _ => return None,
+    };
+    let local = date.and_time(time).and_utc();
+    Some(local - chrono::TimeDelta::seconds(sign * i64::from(seconds)))
 }
 
 /// Checks the canonical text form of a uuid (8-4-4-4-12 hex digits).
@@ -237,8 +298,39 @@ mod tests {
         assert_eq!(a.to_rfc3339(), "2026-11-21T19:57:00.123456+00:00");
         let b = parse_timestamptz("2026-11-21 21:27:00+01:30").unwrap();
         assert_eq!(b.to_rfc3339(), "2026-11-21T19:57:00+00:00");
+        let c = parse_timestamptz("2026-11-21 16:27:00.5-03:30").unwrap();
+        assert_eq!(c.to_rfc3339(), "2026-11-21T19:57:00.500+00:00");
+        let d = parse_timestamptz("1900-01-01 00:00:00+00:19:32").unwrap();
+        assert_eq!(d.to_rfc3339(), "1899-12-31T23:40:28+00:00");
+        // What the fast path leaves to the general parser, and what neither reads.
+        let e = parse_timestamptz("2026-11-21 19:57:00.1234567+00").unwrap();
+        assert_eq!(e.timestamp_subsec_nanos(), 123_456_700);
+        assert_eq!(
+            parse_timestamptz("2026-11-21 19:57:00")
+                .unwrap()
+                .to_rfc3339(),
+            "2026-11-21T19:57:00+00:00"
+        );
+        assert!(parse_timestamptz("2026-11-21 25:57:00+00").is_none());
+        assert!(parse_timestamptz("2026-02-30 19:57:00+00").is_none());
+        assert!(parse_timestamptz("2026-11-21 19:57:00+0x").is_none());
         assert!(parse_timestamptz("infinity").is_none());
         assert!(parse_timestamptz("2026-13-01 00:00:00+00").is_none());
+    }
+
+    #[test]
+    fn the_fast_path_reads_what_the_general_parser_reads() {
+        for date in ["2026-11-21", "2024-02-29", "0001-01-01", "9999-12-31"] {
+            for time in ["00:00:00", "23:59:59", "19:57:00.1", "19:57:00.000001"] {
+                for offset in ["+00", "-00", "+05:30", "-11", "+14:00"] {
+                    let text = format!("{date} {time}{offset}");
+                    let general = DateTime::parse_from_str(&text, "%Y-%m-%d %H:%M:%S%.f%#z")
+                        .map(|ts| ts.with_timezone(&Utc))
+                        .ok();
+                    assert_eq!(parse_iso(text.as_bytes()), general, "{text}");
+                }
+            }
+        }
     }
 
     #[test]

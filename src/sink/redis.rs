@@ -39,7 +39,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
+use chrono::{DateTime, Datelike, Duration as ChronoDuration, DurationRound, Timelike, Utc};
 use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 
@@ -721,7 +721,15 @@ pub fn endpoint(client: &redis::Client) -> String {
 
 /// `YYYYMMDDHHMM` of the UTC minute `ts` falls in.
 pub fn minute_bucket(ts: &DateTime<Utc>) -> String {
-    ts.format("%Y%m%d%H%M").to_string()
+    // By hand: strftime re-reads its format string for every event.
+    format!(
+        "{:04}{:02}{:02}{:02}{:02}",
+        ts.year(),
+        ts.month(),
+        ts.day(),
+        ts.hour(),
+        ts.minute()
+    )
 }
 
 impl Sink for RedisSink {
