@@ -35,7 +35,7 @@
 #[allow(dead_code)]
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -203,12 +203,15 @@ async fn main() {
     ));
     for (sinks, secs, rss_kb, cpu) in &drains {
         md.push_str(&format!(
-            "| walcast drain ({sinks}) | {secs:.2} s, {:.0} events/s, ratio {:.2}, peak RSS {rss_kb} kB; CPU per event: walcast {:.1} µs, redis-server {:.1} µs, postgres {:.1} µs |\n",
+            "| walcast drain ({sinks}) | {secs:.2} s, {:.0} events/s, ratio {:.2}, peak RSS {rss_kb} kB; CPU per event: walcast {:.1} µs, redis-server {:.1} µs, postgres {:.1} µs (analytics backend {:.1}, walsender {:.1}, other {:.1}) |\n",
             events as f64 / secs,
             reference_secs / secs,
             cpu.walcast * 1e6 / events as f64,
             cpu.redis * 1e6 / events as f64,
             cpu.postgres * 1e6 / events as f64,
+            cpu.postgres_by_role["analytics"] * 1e6 / events as f64,
+            cpu.postgres_by_role["walsender"] * 1e6 / events as f64,
+            cpu.postgres_by_role["other"] * 1e6 / events as f64,
         ));
     }
     for p in &phases {
@@ -240,7 +243,10 @@ async fn main() {
             "cpu_seconds": {"walcast": cpu.walcast, "redis_server": cpu.redis, "postgres": cpu.postgres},
             "cpu_us_per_event": {"walcast": cpu.walcast * 1e6 / events as f64,
                 "redis_server": cpu.redis * 1e6 / events as f64,
-                "postgres": cpu.postgres * 1e6 / events as f64},
+                "postgres": cpu.postgres * 1e6 / events as f64,
+                "postgres_by_role": cpu.postgres_by_role.iter()
+                    .map(|(role, cpu)| (role.to_string(), serde_json::json!(cpu * 1e6 / events as f64)))
+                    .collect::<serde_json::Map<_, _>>()},
         })).collect::<Vec<_>>(),
         "steady": phases.iter().map(|p| serde_json::json!({
             "rate": p.rate, "seconds": steady_secs, "achieved_per_s": p.achieved,
@@ -628,6 +634,21 @@ struct DrainCpu {
     walcast: f64,
     redis: f64,
     postgres: f64,
+    /// `postgres` by what each process is: its walsenders, the backends of the analytics
+    /// databases, and everything else (autovacuum, checkpointer, WAL writer).
+    postgres_by_role: BTreeMap<&'static str, f64>,
+}
+
+/// What a PostgreSQL process is, from the title it sets (`postgres: walsender …`,
+/// `postgres: <user> <database> <client> <state>`).
+fn role(pid: u32) -> &'static str {
+    let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut words = title.trim_start_matches("postgres: ").split_whitespace();
+    match (words.next(), words.next()) {
+        (Some("walsender"), _) => "walsender",
+        (_, Some(db)) if db.starts_with("analytics") => "analytics",
+        _ => "other",
+    }
 }
 
 /// The parent pid and the CPU seconds (user + system) used so far of a process, from
@@ -661,10 +682,16 @@ fn children_cpu(parent: u32) -> HashMap<u32, f64> {
 /// CPU seconds `parent`'s children used since `before` was taken (children that started
 /// since count whole; ones that ended since are missed).
 fn cpu_since(parent: u32, before: &HashMap<u32, f64>) -> f64 {
-    children_cpu(parent)
-        .into_iter()
-        .map(|(pid, cpu)| cpu - before.get(&pid).copied().unwrap_or(0.0))
-        .sum()
+    cpu_by_role_since(parent, before).values().sum()
+}
+
+/// [`cpu_since`] by [`role`].
+fn cpu_by_role_since(parent: u32, before: &HashMap<u32, f64>) -> BTreeMap<&'static str, f64> {
+    let mut by_role = BTreeMap::from([("analytics", 0.0), ("other", 0.0), ("walsender", 0.0)]);
+    for (pid, cpu) in children_cpu(parent) {
+        *by_role.entry(role(pid)).or_default() += cpu - before.get(&pid).copied().unwrap_or(0.0);
+    }
+    by_role
 }
 
 /// Starts `walcast run` and waits until `done`; seconds taken (start-up included), peak
@@ -691,10 +718,12 @@ where
     )
     .await;
     let secs = started.elapsed().as_secs_f64();
+    let postgres_by_role = cpu_by_role_since(postmaster, &pg_before);
     let cpu = DrainCpu {
         walcast: cpu_seconds(walcast.pid()),
         redis: cpu_seconds(redis_pid) - redis_before,
-        postgres: cpu_since(postmaster, &pg_before),
+        postgres: postgres_by_role.values().sum(),
+        postgres_by_role,
     };
     let peak_kb = status_kb(walcast.pid(), "VmHWM:").to_string();
     (secs, peak_kb, cpu, walcast)
