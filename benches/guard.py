@@ -21,7 +21,12 @@ def figures(report):
     out.append(("redis floor: redis-server", report.get("redis_floor_us_per_event")))
     for drain in report.get("drains", []):
         for process, value in (drain.get("cpu_us_per_event") or {}).items():
-            out.append((f"drain ({drain['sinks']}): {process}", value))
+            if isinstance(value, dict):
+                # postgres_by_role: the analytics backend, the walsender, the rest.
+                for role, part in value.items():
+                    out.append((f"drain ({drain['sinks']}): postgres {role}", part))
+            else:
+                out.append((f"drain ({drain['sinks']}): {process}", value))
     return [(name, value) for name, value in out if value is not None]
 
 
