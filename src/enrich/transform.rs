@@ -60,7 +60,7 @@ pub fn parse_timestamptz(s: &str) -> Option<DateTime<Utc>> {
     if let Some(ts) = parse_iso(s.as_bytes()) {
         return Some(ts);
     }
-    if let Ok(ts) = DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z") {
+    if let Ok(ts) = DateTime::parse_from_str(s, TIMESTAMPTZ_FORMAT) {
         return Some(ts.with_timezone(&Utc));
     }
     // A plain `timestamp` column in a user's schema: read it as UTC.
@@ -68,6 +68,9 @@ pub fn parse_timestamptz(s: &str) -> Option<DateTime<Utc>> {
         .ok()
         .map(|naive| naive.and_utc())
 }
+
+/// `timestamptz` text as chrono's general parser reads it.
+const TIMESTAMPTZ_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.f%#z";
 
 /// The form PostgreSQL prints with `DateStyle=ISO`, `YYYY-MM-DD HH:MM:SS[.f{1,6}]` and an
 /// offset `±HH[:MM[:SS]]`, read by position. chrono's format-string parser re-reads its
@@ -324,7 +327,7 @@ mod tests {
             for time in ["00:00:00", "23:59:59", "19:57:00.1", "19:57:00.000001"] {
                 for offset in ["+00", "-00", "+05:30", "-11", "+14:00"] {
                     let text = format!("{date} {time}{offset}");
-                    let general = DateTime::parse_from_str(&text, "%Y-%m-%d %H:%M:%S%.f%#z")
+                    let general = DateTime::parse_from_str(&text, TIMESTAMPTZ_FORMAT)
                         .map(|ts| ts.with_timezone(&Utc))
                         .ok();
                     assert_eq!(parse_iso(text.as_bytes()), general, "{text}");
