@@ -44,17 +44,19 @@ async fn preload(db: &tokio_postgres::Client, n: i64) {
 struct Writer {
     stop: Arc<AtomicBool>,
     inserted: Arc<AtomicI64>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Writer {
     async fn start(s: &Stack) -> Writer {
-        let writer = Writer {
+        let mut writer = Writer {
             stop: Arc::default(),
             inserted: Arc::default(),
+            task: None,
         };
         let (stop, inserted) = (Arc::clone(&writer.stop), Arc::clone(&writer.inserted));
         let db = s.pg.client("app").await;
-        tokio::spawn(async move {
+        writer.task = Some(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 db.batch_execute(&format!(
                     "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
@@ -66,7 +68,7 @@ impl Writer {
                 inserted.fetch_add(20, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-        });
+        }));
         writer
     }
 
@@ -74,8 +76,12 @@ impl Writer {
         self.inserted.load(Ordering::Relaxed)
     }
 
-    fn stop(&self) {
+    /// Stops and waits for the insert in flight, so that nothing commits afterwards.
+    async fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(task) = self.task.take() {
+            task.await.expect("the writer task panicked");
+        }
     }
 }
 
@@ -119,7 +125,7 @@ fn assert_verified(s: &Stack) {
 async fn initial_snapshot_under_concurrent_writes_then_streaming_delivers_every_row_once() {
     let s = stack().await;
     preload(&s.db, 200_000).await;
-    let writer = Writer::start(&s).await;
+    let mut writer = Writer::start(&s).await;
     eventually("the writer is writing", WAIT, || async {
         writer.inserted() > 0
     })
@@ -143,7 +149,7 @@ async fn initial_snapshot_under_concurrent_writes_then_streaming_delivers_every_
         writer.inserted() >= at_start + 2_000
     })
     .await;
-    writer.stop();
+    writer.stop().await;
     let total = wait_all_delivered(&s).await;
     assert_eq!(total, 200_000 + writer.inserted());
     assert_verified(&s);
@@ -195,7 +201,7 @@ async fn reprocessing_a_range_twice_while_streaming_changes_nothing_more_than_on
     wait_all_delivered(&s).await;
 
     // Reprocess by id and by event time while a writer keeps the stream busy.
-    let writer = Writer::start(&s).await;
+    let mut writer = Writer::start(&s).await;
     let since = "2000-01-01T00:00:00Z";
     let until = "2100-01-01T00:00:00Z";
     let by_id = ["backfill", "--from-id", "500", "--to-id", "2500"];
@@ -204,7 +210,7 @@ async fn reprocessing_a_range_twice_while_streaming_changes_nothing_more_than_on
         let (status, log) = walcast(&s, args).await;
         assert!(status.success(), "{log}");
     }
-    writer.stop();
+    writer.stop().await;
     let total = wait_all_delivered(&s).await;
     assert_eq!(total, 3_000 + writer.inserted());
     let once = sink_state(&s).await;
