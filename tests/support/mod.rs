@@ -759,8 +759,20 @@ impl Walcast {
 impl Drop for Walcast {
     fn drop(&mut self) {
         self.kill9();
+        // A failing test shows what walcast said: the last of its log, beside the panic.
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL_LINES).collect();
+            eprintln!("--- walcast's log, last {} lines ---", tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
+
+/// How much of walcast's log a failing test prints.
+const LOG_TAIL_LINES: usize = 60;
 
 /// GET /metrics with a plain HTTP/1.0 request (no client library needed).
 pub async fn scrape_metrics(port: u16) -> String {
