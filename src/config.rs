@@ -66,41 +66,211 @@ pub struct SourceArgs {
     #[command(flatten)]
     pub url: SourceUrl,
 
-    /// Logical replication slot walcast reads from (pgoutput).
-    #[arg(long, env = "WALCAST_SLOT", default_value = "walcast")]
-    pub slot: String,
+    /// Logical replication slot walcast reads from (pgoutput). With WALCAST_PARTITIONS
+    /// above 1, partition i reads `<this>_<i>`.
+    #[arg(
+        id = "slot",
+        long = "slot",
+        env = "WALCAST_SLOT",
+        default_value = "walcast"
+    )]
+    slot_base: String,
 
-    /// Publication covering `content` and `engagement_events`.
-    #[arg(long, env = "WALCAST_PUBLICATION", default_value = "walcast_pub")]
-    pub publication: String,
+    /// Publication covering `content` and `engagement_events`. With WALCAST_PARTITIONS
+    /// above 1, partition i reads `<this>_<i>`, which publishes its share of the events.
+    #[arg(
+        id = "publication",
+        long = "publication",
+        env = "WALCAST_PUBLICATION",
+        default_value = "walcast_pub"
+    )]
+    publication_base: String,
+
+    /// How many walcast instances share the source's events, each with its own slot,
+    /// publication and checkpoints (WALCAST_PARTITION says which one this is). Every
+    /// instance's walsender decodes the whole WAL: the source's CPU grows with this.
+    #[arg(long, env = "WALCAST_PARTITIONS", default_value_t = 1)]
+    pub partitions: u32,
+
+    /// Which of the WALCAST_PARTITIONS instances this is, 0-based: it streams the events
+    /// with `id % WALCAST_PARTITIONS = WALCAST_PARTITION`. Needed when there is more than
+    /// one.
+    #[arg(long, env = "WALCAST_PARTITION")]
+    pub partition: Option<u32>,
 }
+
+/// Most instances one source can be partitioned over: each holds a slot and a walsender.
+pub const MAX_PARTITIONS: u32 = 64;
 
 impl SourceArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_partitions()?;
+        if self.partitions > 1 && self.partition.is_none() {
+            return Err(invalid(
+                "WALCAST_PARTITION",
+                format!(
+                    "must be set (0 to {}) when WALCAST_PARTITIONS is {}: each instance streams \
+                     its own share",
+                    self.partitions - 1,
+                    self.partitions
+                ),
+            ));
+        }
+        self.url.validate()
+    }
+
+    /// [`Self::validate`], but with WALCAST_PARTITION optional: commands that read every
+    /// partition when it is not given (`status`).
+    pub fn validate_any_partition(&self) -> Result<(), ConfigError> {
+        self.validate_partitions()?;
+        self.url.validate()
+    }
+
+    fn validate_partitions(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_PARTITIONS).contains(&self.partitions) {
+            return Err(invalid(
+                "WALCAST_PARTITIONS",
+                format!("must be 1 to {MAX_PARTITIONS}"),
+            ));
+        }
+        if let Some(partition) = self.partition
+            && partition >= self.partitions
+        {
+            return Err(invalid(
+                "WALCAST_PARTITION",
+                format!(
+                    "is {partition}, but partitions are numbered 0 to {} (WALCAST_PARTITIONS is {})",
+                    self.partitions - 1,
+                    self.partitions
+                ),
+            ));
+        }
         // Slot and publication names go into replication commands unquoted: keep them to
         // what PostgreSQL accepts as slot names (lower-case letters, digits, underscore).
-        for (setting, name) in [
-            ("WALCAST_SLOT", &self.slot),
-            ("WALCAST_PUBLICATION", &self.publication),
+        let suffix = self.partition().suffix();
+        for (setting, base) in [
+            ("WALCAST_SLOT", &self.slot_base),
+            ("WALCAST_PUBLICATION", &self.publication_base),
         ] {
-            let ok = !name.is_empty()
-                && name.len() <= 63
-                && name
+            let ok = !base.is_empty()
+                && base.len() + suffix.len() <= 63
+                && base
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
             if !ok {
                 return Err(invalid(
                     setting,
-                    format!("{name:?} must be 1-63 characters of a-z, 0-9 and _"),
+                    format!(
+                        "{base:?} must be 1-{} characters of a-z, 0-9 and _",
+                        63 - suffix.len()
+                    ),
                 ));
             }
         }
-        self.url.validate()
+        Ok(())
+    }
+
+    /// Which share of the events this instance streams.
+    pub fn partition(&self) -> Partition {
+        Partition {
+            index: self.partition.unwrap_or(0),
+            count: self.partitions.max(1),
+        }
+    }
+
+    /// The replication slot this instance reads: `WALCAST_SLOT`, with `_<partition>`
+    /// when the source is partitioned.
+    pub fn slot(&self) -> String {
+        format!("{}{}", self.slot_base, self.partition().suffix())
+    }
+
+    /// The publication this instance's slot decodes with.
+    pub fn publication(&self) -> String {
+        format!("{}{}", self.publication_base, self.partition().suffix())
+    }
+
+    /// These settings for each partition in turn (one when the source is not partitioned,
+    /// or WALCAST_PARTITION names one).
+    pub fn each_partition(&self) -> Vec<SourceArgs> {
+        let indexes = match self.partition {
+            Some(index) => vec![index],
+            None => (0..self.partitions.max(1)).collect(),
+        };
+        indexes
+            .into_iter()
+            .map(|index| SourceArgs {
+                partition: (self.partitions > 1).then_some(index),
+                ..self.clone()
+            })
+            .collect()
     }
 
     /// The source's connection settings.
     pub fn pg_config(&self) -> Result<crate::pg::Target, ConfigError> {
         self.url.pg_config()
+    }
+}
+
+/// One instance's share of the source's events: those with `id % count = index`. The
+/// whole stream is `Partition::WHOLE`, under the unsuffixed names of a single walcast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partition {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Partition {
+    pub const WHOLE: Partition = Partition { index: 0, count: 1 };
+
+    pub fn is_whole(self) -> bool {
+        self.count <= 1
+    }
+
+    /// `_<index>` for the slot's and publication's names; empty for the whole stream.
+    pub fn suffix(self) -> String {
+        if self.is_whole() {
+            String::new()
+        } else {
+            format!("_{}", self.index)
+        }
+    }
+
+    /// Where a sink keeps this partition's checkpoint: the sink's name, then `:<index>`
+    /// when partitioned (`postgres:1`, `walcast:checkpoint:redis:1`).
+    pub fn state_name(self, name: &str) -> String {
+        if self.is_whole() {
+            name.to_owned()
+        } else {
+            format!("{name}:{}", self.index)
+        }
+    }
+
+    /// The publication's row filter on `engagement_events`, as PostgreSQL stores it
+    /// (`pg_publication_tables.rowfilter`); `None` for the whole stream.
+    pub fn row_filter(self) -> Option<String> {
+        (!self.is_whole()).then(|| format!("((id % ({})::bigint) = {})", self.count, self.index))
+    }
+
+    /// The SQL condition selecting this partition's events; `true` for the whole stream.
+    pub fn condition(self) -> String {
+        if self.is_whole() {
+            "true".to_owned()
+        } else {
+            format!("id % {} = {}", self.count, self.index)
+        }
+    }
+
+    /// The seq of the `local`-th change this partition decodes in a transaction:
+    /// `local * count + index`, so the partitions' positions never coincide (each decodes
+    /// only its own rows of a transaction, numbered from 0) and stay in order within each.
+    /// `None` past `u32`.
+    pub fn seq(self, local: u32) -> Option<u32> {
+        local.checked_mul(self.count)?.checked_add(self.index)
+    }
+
+    /// Whether event `id` is this partition's.
+    pub fn owns(self, id: i64) -> bool {
+        self.is_whole() || id.rem_euclid(i64::from(self.count)) == i64::from(self.index)
     }
 }
 
@@ -621,6 +791,17 @@ impl BackfillConfig {
     /// A stable name for this backfill's range, under which each sink keeps its resume
     /// cursor: the same command run again after an interruption resumes.
     pub fn job(&self) -> String {
+        let partition = self.source.partition();
+        let job = self.range_job();
+        if partition.is_whole() {
+            job
+        } else {
+            format!("{job},partition:{}/{}", partition.index, partition.count)
+        }
+    }
+
+    /// The range part of [`Self::job`].
+    fn range_job(&self) -> String {
         if !self.is_range() {
             return "all".to_owned();
         }
@@ -746,6 +927,39 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_name_their_slot_publication_and_checkpoints() {
+        let whole = Partition::WHOLE;
+        assert_eq!(whole.suffix(), "");
+        assert_eq!(whole.state_name("postgres"), "postgres");
+        assert_eq!(whole.row_filter(), None);
+        assert_eq!(whole.seq(7), Some(7));
+        let third = Partition { index: 2, count: 3 };
+        assert_eq!(third.suffix(), "_2");
+        assert_eq!(third.state_name("postgres"), "postgres:2");
+        assert_eq!(third.row_filter().unwrap(), "((id % (3)::bigint) = 2)");
+        assert_eq!(third.condition(), "id % 3 = 2");
+        assert!(third.owns(5) && !third.owns(6));
+    }
+
+    #[test]
+    fn partition_seqs_never_coincide_and_keep_their_order() {
+        let parts = [0, 1, 2].map(|index| Partition { index, count: 3 });
+        let mut all: Vec<u32> = parts
+            .iter()
+            .flat_map(|p| (0..100).map(|local| p.seq(local).unwrap()))
+            .collect();
+        for p in parts {
+            let own: Vec<u32> = (0..100).map(|local| p.seq(local).unwrap()).collect();
+            assert!(own.windows(2).all(|w| w[0] < w[1]));
+        }
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n);
+        assert_eq!(parts[1].seq(u32::MAX / 2), None, "past u32 is refused");
+    }
 
     #[test]
     fn intervals_accept_a_bare_zero_and_humantime() {

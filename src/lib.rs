@@ -106,4 +106,13 @@ pub enum Error {
          walcast run"
     )]
     EventsTruncated { commit_lsn: lsn::Lsn },
+    #[error(
+        "the transaction committing at {commit_lsn} has more changes than positions fit in \
+         (seq is 32 bits, shared by {partitions} partitions): walcast stops rather than give \
+         two events one position; run with fewer WALCAST_PARTITIONS"
+    )]
+    PositionsExhausted {
+        commit_lsn: lsn::Lsn,
+        partitions: u32,
+    },
 }

@@ -88,6 +88,10 @@ struct VerifyArgs {
     /// Which sinks to check (the webhook cannot be checked from here).
     #[command(flatten)]
     sinks: SinkArgs,
+    /// With a source partitioned over several walcast instances: how many, so that the
+    /// report also counts per partition (`id % WALCAST_PARTITIONS`).
+    #[arg(long, env = "WALCAST_PARTITIONS", default_value_t = 1)]
+    partitions: u32,
 }
 
 #[derive(Debug, Args)]
@@ -228,7 +232,12 @@ async fn dispatch(command: Command) -> anyhow::Result<Outcome> {
                 let database = target.get_dbname().unwrap_or(role);
                 print!(
                     "{}",
-                    source::privileges::grants_sql(role, database, &args.source.publication)
+                    source::privileges::grants_sql(
+                        role,
+                        database,
+                        &args.source.publication(),
+                        &source::published_tables(args.source.partition()),
+                    )
                 );
                 return Ok(Outcome::Done);
             }
@@ -244,7 +253,8 @@ async fn dispatch(command: Command) -> anyhow::Result<Outcome> {
             if done.is_empty() {
                 println!(
                     "nothing to do: publication {} and slot {} are in place",
-                    args.source.publication, args.source.slot
+                    args.source.publication(),
+                    args.source.slot()
                 );
             }
         }
@@ -258,7 +268,8 @@ async fn dispatch(command: Command) -> anyhow::Result<Outcome> {
             if done.is_empty() {
                 println!(
                     "nothing to do: no slot {} and no publication {}",
-                    source_args.slot, source_args.publication
+                    source_args.slot(),
+                    source_args.publication()
                 );
             }
         }
@@ -312,14 +323,24 @@ async fn status(args: StatusArgs) -> anyhow::Result<bool> {
         redis,
         analytics,
     } = &args.endpoints;
-    source_args.validate()?;
-    let report = walcast::status::collect(source_args, redis, analytics, &args.sinks).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{report}");
+    source_args.validate_any_partition()?;
+    // One report per partition: every one when the source is partitioned and
+    // WALCAST_PARTITION names none.
+    let mut reports = Vec::new();
+    for partition in source_args.each_partition() {
+        reports.push(walcast::status::collect(&partition, redis, analytics, &args.sinks).await?);
     }
-    Ok(report.is_healthy())
+    let healthy = reports.iter().all(walcast::status::Report::is_healthy);
+    match (args.json, &reports[..]) {
+        (true, [report]) => println!("{}", serde_json::to_string_pretty(report)?),
+        (true, _) => println!(
+            "{}",
+            serde_json::to_string_pretty(&walcast::status::Partitioned::of(reports))?
+        ),
+        (false, [report]) => print!("{report}"),
+        (false, _) => print!("{}", walcast::status::Partitioned::of(reports)),
+    }
+    Ok(healthy)
 }
 
 async fn analytics_client(
@@ -336,8 +357,15 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
         redis: redis_args,
         analytics: analytics_args,
         sinks,
+        partitions,
     } = &args;
     source_args.validate()?;
+    if !(1..=walcast::config::MAX_PARTITIONS).contains(partitions) {
+        anyhow::bail!(
+            "WALCAST_PARTITIONS: must be 1 to {}",
+            walcast::config::MAX_PARTITIONS
+        );
+    }
     if sinks.contains(SinkKind::Redis) {
         redis_args.validate()?;
     }
@@ -353,7 +381,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
         .context("counting source events")?;
     if let Some(client) = &analytics {
         report.analytics = Some(
-            verify::analytics(&source_client, client)
+            verify::analytics(&source_client, client, *partitions)
                 .await
                 .context("reconciling the analytics schema")?,
         );

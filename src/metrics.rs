@@ -69,13 +69,21 @@ impl Failure {
 /// Every metric gets its HELP text, and every counter an alert or the dashboard reads is
 /// exported at 0 for each label value known in advance (`sinks`: those in use), so that
 /// `increase()` sees the first event: a series that first appears at 1 has no increase.
+///
+/// With a partitioned source every metric carries the label `partition="<i>"`, so one
+/// dashboard shows each instance's lag and sums their throughput.
 pub fn install(
     sinks: &[&'static str],
+    partition: crate::config::Partition,
 ) -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let buckets = [
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ];
-    let handle = PrometheusBuilder::new()
+    let mut builder = PrometheusBuilder::new();
+    if !partition.is_whole() {
+        builder = builder.add_global_label("partition", partition.index.to_string());
+    }
+    let handle = builder
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
             &buckets,

@@ -18,8 +18,57 @@ const SINK_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The partition this is (with `WALCAST_PARTITIONS` above 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
     pub slot: Slot,
     pub sinks: Vec<SinkCheckpoint>,
+}
+
+/// Every partition's report, and the totals over them.
+#[derive(Debug, Serialize)]
+pub struct Partitioned {
+    pub partitions: Vec<Report>,
+    /// The largest slot lag of any partition: how far behind the source the slowest is.
+    pub max_lag_bytes: Option<u64>,
+    /// WAL the server keeps for all the partitions' slots (the oldest restart_lsn's).
+    pub max_retained_wal_bytes: Option<u64>,
+}
+
+impl Partitioned {
+    pub fn of(partitions: Vec<Report>) -> Self {
+        let max_lag_bytes = partitions.iter().filter_map(|r| r.slot.lag_bytes).max();
+        let max_retained_wal_bytes = partitions
+            .iter()
+            .filter_map(|r| r.slot.retained_wal_bytes)
+            .max();
+        Partitioned {
+            partitions,
+            max_lag_bytes,
+            max_retained_wal_bytes,
+        }
+    }
+}
+
+impl fmt::Display for Partitioned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for report in &self.partitions {
+            writeln!(f, "partition {}", report.partition.unwrap_or_default())?;
+            write!(f, "{report}")?;
+        }
+        let or_dash = |v: Option<u64>| v.map_or("-".to_owned(), |b| b.to_string());
+        writeln!(f, "all {} partitions", self.partitions.len())?;
+        writeln!(
+            f,
+            "  max lag_bytes            {}",
+            or_dash(self.max_lag_bytes)
+        )?;
+        writeln!(
+            f,
+            "  max retained_wal_bytes   {}",
+            or_dash(self.max_retained_wal_bytes)
+        )
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -76,14 +125,14 @@ pub async fn collect(
     sinks: &SinkArgs,
 ) -> anyhow::Result<Report> {
     let client = crate::pg::connect("WALCAST_SOURCE_URL", &source_args.pg_config()?).await?;
-    let info = source::slot_info(&client, &source_args.slot).await?;
+    let info = source::slot_info(&client, &source_args.slot()).await?;
     let current = match &info {
         Some(info) => info.current_wal_lsn,
         None => source::wal_lsn(&client).await?,
     };
     let text = |lsn: Option<Lsn>| lsn.map(|l| l.to_string());
     let slot = Slot {
-        name: source_args.slot.clone(),
+        name: source_args.slot(),
         exists: info.is_some(),
         active: info.as_ref().is_some_and(|i| i.active_pid.is_some()),
         active_pid: info.as_ref().and_then(|i| i.active_pid),
@@ -134,7 +183,9 @@ pub async fn collect(
             },
         });
     }
+    let partition = source_args.partition();
     Ok(Report {
+        partition: (!partition.is_whole()).then_some(partition.index),
         slot,
         sinks: checkpoints,
     })
@@ -158,7 +209,8 @@ async fn read_checkpoint(
             let client = redis
                 .client()
                 .map_err(|e| crate::error::Chain(&e).to_string())?;
-            let mut sink = RedisSink::connect(client)
+            let mut sink = RedisSink::new(client).for_partition(source_args.partition());
+            sink.open()
                 .await
                 .map_err(|e| crate::error::Chain(&e).to_string())?;
             sink.checkpoint()
@@ -174,7 +226,8 @@ async fn read_checkpoint(
             let client = crate::pg::connect("WALCAST_ANALYTICS_URL", &config)
                 .await
                 .map_err(|e| crate::error::Chain(&e).to_string())?;
-            match PgState::new(&client).checkpoint(kind.name()).await {
+            let name = source_args.partition().state_name(kind.name());
+            match PgState::new(&client).checkpoint(&name).await {
                 Ok(position) => Ok(Stored::At(position)),
                 Err(e) if e.is_undefined_object() => Ok(Stored::NoSchema),
                 Err(e) => Err(crate::pg::detail(&e.source)),

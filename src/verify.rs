@@ -47,6 +47,37 @@ pub struct AnalyticsReport {
     pub deleted_sample: Vec<i64>,
     /// Per aggregate table, rows that differ from the recomputation.
     pub aggregate_diffs: Vec<(&'static str, u64)>,
+    /// With a partitioned source (`WALCAST_PARTITIONS` above 1): per partition `i`, the
+    /// facts and the missing events with `id % partitions = i`.
+    pub by_partition: Vec<PartitionCounts>,
+}
+
+/// One partition's share of [`AnalyticsReport`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionCounts {
+    pub events: u64,
+    pub missing: u64,
+}
+
+impl AnalyticsReport {
+    /// A report that also counts per partition of `partitions` (none when 1).
+    pub fn partitioned(partitions: u32) -> Self {
+        let by_partition = if partitions > 1 {
+            vec![PartitionCounts::default(); partitions as usize]
+        } else {
+            Vec::new()
+        };
+        AnalyticsReport {
+            by_partition,
+            ..AnalyticsReport::default()
+        }
+    }
+
+    /// The partition's counts `id` belongs to, when counting per partition.
+    fn partition_of(&mut self, id: i64) -> Option<&mut PartitionCounts> {
+        let n = self.by_partition.len() as i64;
+        (n > 1).then(|| &mut self.by_partition[id.rem_euclid(n) as usize])
+    }
 }
 
 impl Report {
@@ -89,6 +120,13 @@ impl fmt::Display for Report {
                 "  deleted at source  {} {:?} (delivered, then deleted there; not a failure)",
                 a.deleted_at_source, a.deleted_sample
             )?;
+            for (i, counts) in a.by_partition.iter().enumerate() {
+                writeln!(
+                    f,
+                    "  partition {i:<8} {} events, {} missing",
+                    counts.events, counts.missing
+                )?;
+            }
             for (table, diffs) in &a.aggregate_diffs {
                 writeln!(f, "  {table:<27} {diffs} rows differ from the facts")?;
             }
@@ -163,8 +201,9 @@ pub async fn source(
 pub async fn analytics(
     source: &Client,
     analytics: &Client,
+    partitions: u32,
 ) -> Result<AnalyticsReport, tokio_postgres::Error> {
-    let mut report = AnalyticsReport::default();
+    let mut report = AnalyticsReport::partitioned(partitions);
     // Not expected in the facts: rows that could not be events, and events the analytics
     // database refused.
     let dead = ids(
@@ -244,12 +283,18 @@ fn compare_sorted(source: &[i64], held: &[i64], dead: &[i64], report: &mut Analy
     while i < source.len() || j < held.len() {
         match (source.get(i), held.get(j)) {
             (Some(s), Some(h)) if s == h => {
+                if let Some(counts) = report.partition_of(*h) {
+                    counts.events += 1;
+                }
                 i += 1;
                 j += 1;
             }
             (Some(s), h) if h.is_none_or(|h| s < h) => {
                 if dead.binary_search(s).is_err() {
                     report.missing += 1;
+                    if let Some(counts) = report.partition_of(*s) {
+                        counts.missing += 1;
+                    }
                     if report.missing_sample.len() < SAMPLE {
                         report.missing_sample.push(*s);
                     }
@@ -257,6 +302,9 @@ fn compare_sorted(source: &[i64], held: &[i64], dead: &[i64], report: &mut Analy
                 i += 1;
             }
             (_, Some(h)) => {
+                if let Some(counts) = report.partition_of(*h) {
+                    counts.events += 1;
+                }
                 report.deleted_at_source += 1;
                 if report.deleted_sample.len() < SAMPLE {
                     report.deleted_sample.push(*h);
@@ -311,8 +359,28 @@ mod tests {
         let mut report = AnalyticsReport::default();
         compare_sorted(&[1, 2, 3, 5, 8], &[1, 3, 4, 5, 9], &[8], &mut report);
         assert_eq!(report.missing, 1);
+        assert!(report.by_partition.is_empty());
         assert_eq!(report.missing_sample, vec![2]);
         assert_eq!(report.deleted_at_source, 2);
         assert_eq!(report.deleted_sample, vec![4, 9]);
+    }
+
+    #[test]
+    fn partitions_are_counted_apart() {
+        let mut report = AnalyticsReport::partitioned(2);
+        compare_sorted(&[1, 2, 3, 4, 6], &[1, 3, 4, 5], &[], &mut report);
+        assert_eq!(
+            report.by_partition,
+            vec![
+                PartitionCounts {
+                    events: 1,
+                    missing: 2
+                },
+                PartitionCounts {
+                    events: 3,
+                    missing: 0
+                },
+            ]
+        );
     }
 }

@@ -13,6 +13,7 @@ mod demo;
 mod deployment;
 mod generate;
 mod operations;
+mod partitions;
 mod pipeline;
 mod setup;
 mod slot_timeout_pg18;

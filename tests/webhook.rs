@@ -21,7 +21,7 @@ const SECRET: &str = "s3cret";
 
 /// What the receiver answers to its n-th request (from 0).
 #[derive(Clone, Copy)]
-enum Reply {
+pub(crate) enum Reply {
     Ok,
     Status(u16),
     RetryAfter(u64),
@@ -30,10 +30,10 @@ enum Reply {
 }
 
 #[derive(Debug, Clone)]
-struct Received {
-    key: String,
+pub(crate) struct Received {
+    pub(crate) key: String,
     signature: Option<String>,
-    body: Bytes,
+    pub(crate) body: Bytes,
     at: Instant,
     status: u16,
     /// When the response was sent (after any sleep).
@@ -42,14 +42,15 @@ struct Received {
 
 type Script = Arc<dyn Fn(usize) -> Reply + Send + Sync>;
 
+/// A webhook receiver: every request logged, answered as a script says.
 #[derive(Clone)]
-struct Receiver {
-    url: String,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
     log: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Receiver {
-    async fn start(script: impl Fn(usize) -> Reply + Send + Sync + 'static) -> Receiver {
+    pub(crate) async fn start(script: impl Fn(usize) -> Reply + Send + Sync + 'static) -> Receiver {
         let log: Arc<Mutex<Vec<Received>>> = Arc::default();
         let script: Script = Arc::new(script);
         let app = axum::Router::new()
@@ -66,12 +67,12 @@ impl Receiver {
         Receiver::start(move |n| if n == 0 { first } else { Reply::Ok }).await
     }
 
-    fn requests(&self) -> Vec<Received> {
+    pub(crate) fn requests(&self) -> Vec<Received> {
         self.log.lock().unwrap().clone()
     }
 
     /// Event ids of accepted requests, one request per key, in order of arrival.
-    fn delivered(&self) -> Vec<i64> {
+    pub(crate) fn delivered(&self) -> Vec<i64> {
         let mut seen = BTreeSet::new();
         let mut ids = Vec::new();
         for request in self.requests() {
@@ -86,7 +87,7 @@ impl Receiver {
     }
 }
 
-fn event_ids(body: &[u8]) -> Vec<i64> {
+pub(crate) fn event_ids(body: &[u8]) -> Vec<i64> {
     let value: serde_json::Value = serde_json::from_slice(body).unwrap();
     value["events"]
         .as_array()

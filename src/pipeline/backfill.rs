@@ -82,7 +82,7 @@ pub async fn run(
     for done in source::ensure_publication(&client, &config.source).await? {
         tracing::info!("{done}");
     }
-    let slot = source::slot_info(&client, &config.source.slot).await?;
+    let slot = source::slot_info(&client, &config.source.slot()).await?;
     let job = config.job();
 
     let (snapshot_lsn, commit_ts) = open_snapshot(&client, &config, slot).await?;
@@ -204,13 +204,13 @@ async fn open_snapshot(
     let snapshot_lsn = match slot {
         None if config.is_range() => {
             return Err(BackfillError::RangeWithoutSlot {
-                slot: config.source.slot.clone(),
+                slot: config.source.slot(),
             }
             .into());
         }
         Some(info) if info.is_lost() => {
             return Err(source::ReplicationError::SlotInvalidated {
-                slot: config.source.slot.clone(),
+                slot: config.source.slot(),
                 reason: info.invalidation_reason.clone(),
             }
             .into());
@@ -225,7 +225,7 @@ async fn open_snapshot(
                 .await
                 .map_err(pg_error("importing the slot's snapshot"))?;
             tracing::info!(
-                slot = %config.source.slot,
+                slot = %config.source.slot(),
                 consistent_point = %created.consistent_point,
                 "created the slot with a snapshot; copying what committed before it"
             );
@@ -306,6 +306,8 @@ struct Range {
     to_id: Option<i64>,
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
+    /// Only this instance's share of the ids, when the source is partitioned.
+    partition: crate::config::Partition,
 }
 
 impl Range {
@@ -316,6 +318,7 @@ impl Range {
             to_id: config.to_id,
             since: config.since,
             until: config.until,
+            partition: config.source.partition(),
         }
     }
 
@@ -334,6 +337,9 @@ impl Range {
         }
         if let Some(until) = &self.until {
             conditions.push(format!("event_ts < {}", time(until)));
+        }
+        if !self.partition.is_whole() {
+            conditions.push(self.partition.condition());
         }
         conditions.join(" AND ")
     }

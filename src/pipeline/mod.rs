@@ -78,7 +78,8 @@ pub async fn run_with_faults(
             .iter()
             .map(|k| k.name())
             .collect();
-        let handle = metrics::install(&names).map_err(|e| Error::Metrics(e.to_string()))?;
+        let handle = metrics::install(&names, config.source.partition())
+            .map_err(|e| Error::Metrics(e.to_string()))?;
         let bound = health::serve(addr, handle, Arc::clone(&health), &mut background)
             .await
             .map_err(|e| Error::Metrics(format!("cannot listen on {addr}: {e}")))?;
@@ -124,14 +125,14 @@ pub async fn run_with_faults(
     for done in ensure_slot(&client, &config.source, &held, config.slot_release_wait).await? {
         tracing::info!("{done}");
     }
-    let slot = source::slot_info(&client, &config.source.slot)
+    let slot = source::slot_info(&client, &config.source.slot())
         .await?
         .ok_or_else(|| source::ReplicationError::SlotMissing {
-            slot: config.source.slot.clone(),
+            slot: config.source.slot(),
         })?;
     if slot.is_lost() {
         return Err(source::ReplicationError::SlotInvalidated {
-            slot: config.source.slot.clone(),
+            slot: config.source.slot(),
             reason: slot.invalidation_reason.clone(),
         }
         .into());
@@ -177,8 +178,9 @@ pub async fn run_with_faults(
     let monitor = AbortOnDropHandle::new(tokio::spawn(
         source::Monitor {
             config: pg_config,
-            slot: config.source.slot.clone(),
-            publication: config.source.publication.clone(),
+            slot: config.source.slot(),
+            publication: config.source.publication(),
+            row_filter: config.source.partition().row_filter(),
             events_table,
             heartbeat: config.heartbeat(),
             retained_wal_warn: config.retained_wal_warn.as_u64(),
@@ -190,7 +192,7 @@ pub async fn run_with_faults(
     let repl = source::start_replication(&config.source, durable, config.status_interval).await?;
     let walsender = source::slot_holder(&config.source).await;
     health.set_replicating(true);
-    tracing::info!(slot = %config.source.slot, from = %durable, "replication started");
+    tracing::info!(slot = %config.source.slot(), from = %durable, "replication started");
 
     let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
     let (ack_tx, ack_rx) = watch::channel(durable);
@@ -261,7 +263,9 @@ async fn open_follower(config: &RunConfig, source_id: SourceId) -> Result<Webhoo
         .destinations
         .analytics
         .pg_config(&config.source.url)?;
-    let mut sink = WebhookSink::new(&config.destinations.webhook, pg_config).map_err(start)?;
+    let mut sink = WebhookSink::new(&config.destinations.webhook, pg_config)
+        .map_err(start)?
+        .for_partition(config.source.partition());
     sink.open().await.map_err(start)?;
     sink.claim_history(source_id).await.map_err(start)?;
     sink.checkpoint().await.map_err(start)?;
@@ -277,7 +281,7 @@ pub(crate) fn build_sinks(to: &Destinations, source: &SourceArgs) -> Result<Vec<
         .kinds
         .iter()
         .map(|kind| {
-            crate::sink::build(*kind, to, &source.url).map_err(|error| match error {
+            crate::sink::build(*kind, to, source).map_err(|error| match error {
                 BuildError::Config(e) => Error::Config(e),
                 BuildError::Sink(source) => Error::SinkStart {
                     sink: kind.name(),
@@ -306,11 +310,11 @@ async fn ensure_slot(
     let deadline = Instant::now() + wait;
     let mut attempt = 0;
     loop {
-        match source::ensure_slot_for_run(client, &source_args.slot, held).await {
+        match source::ensure_slot_for_run(client, &source_args.slot(), held).await {
             Err(source::SetupError::SlotInUse { pid, .. }) if Instant::now() < deadline => {
                 if attempt == 0 {
                     tracing::warn!(
-                        slot = %source_args.slot,
+                        slot = %source_args.slot(),
                         pid,
                         wait_s = wait.as_secs(),
                         "slot is held by another connection (the walsender of a walcast that \

@@ -108,6 +108,7 @@ pub(crate) async fn rebuild(
             sink::redis::NAME => {
                 sink::redis::raise_checkpoint(
                     config.destinations.redis.client()?,
+                    &sink::redis::checkpoint_key(config.source.partition()),
                     ahead,
                     source_id,
                 )
@@ -121,7 +122,10 @@ pub(crate) async fn rebuild(
                     .pg_config(&config.source.url)?;
                 let client = crate::pg::connect("WALCAST_ANALYTICS_URL", &analytics).await?;
                 PgState::new(&client)
-                    .raise_checkpoint(sink::postgres::NAME, ahead)
+                    .raise_checkpoint(
+                        &config.source.partition().state_name(sink::postgres::NAME),
+                        ahead,
+                    )
                     .await
                     .map_err(|e| start(name)(e.into()))?;
             }

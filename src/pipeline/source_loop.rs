@@ -137,7 +137,7 @@ impl SourceLoop {
                         }
                         Ok(None) => "the server ended the replication stream".to_owned(),
                         Err(err) if source::is_reconnectable(&err) => crate::error::Chain(&err).to_string(),
-                        Err(err) => break Err(source::classify(err, &self.source.slot).into()),
+                        Err(err) => break Err(source::classify(err, &self.source.slot()).into()),
                     };
                     match self.reconnect(&lost, &mut shutdown).await {
                         Ok(true) => {}
@@ -312,7 +312,12 @@ impl SourceLoop {
             tracing::warn!(%lsn, kind = %decode::message_kind(data), "change outside a transaction ignored");
             return Ok(());
         };
-        let position = Position::new(tx.commit_lsn, tx.seq);
+        let partition = self.source.partition();
+        let seq = partition.seq(tx.seq).ok_or(Error::PositionsExhausted {
+            commit_lsn: tx.commit_lsn,
+            partitions: partition.count,
+        })?;
+        let position = Position::new(tx.commit_lsn, seq);
         let (relation, op) = match &change {
             Change::Insert { relation, .. } => (Some(*relation), "insert"),
             Change::Update { relation, .. } => (Some(*relation), "update"),
@@ -335,7 +340,11 @@ impl SourceLoop {
                 // The detail quotes the offending value: it goes to the dead letters table,
                 // never to the log.
                 tracing::warn!(%lsn, position = %dead.position, table = %dead.table, reason = dead.reason.as_str(), "row rejected");
-                self.batcher.push_dead_letter(*dead, data.len());
+                // Every partition decodes every `content` row; the first records its dead
+                // letters, so each is recorded once.
+                if partition.index == 0 || dead.table == crate::event::EVENTS_TABLE {
+                    self.batcher.push_dead_letter(*dead, data.len());
+                }
             }
             Ok(Outcome::Applied) => {}
             Ok(Outcome::EventsTruncated) => {
@@ -460,7 +469,7 @@ impl SourceLoop {
 /// [`source::confirm_slot`]).
 async fn confirm_final(source_args: &SourceArgs, last: Lsn) -> Result<Lsn, Error> {
     let client = crate::pg::connect("WALCAST_SOURCE_URL", &source_args.pg_config()?).await?;
-    Ok(source::confirm_slot(&client, &source_args.slot, last, FINAL_ACK_WAIT).await?)
+    Ok(source::confirm_slot(&client, &source_args.slot(), last, FINAL_ACK_WAIT).await?)
 }
 
 fn finish_fanout(

@@ -11,7 +11,7 @@
 //!
 //! Adding a sink means a [`SinkKind`], its module, and one arm here.
 
-use crate::config::{ConfigError, Destinations, SinkKind, SourceUrl};
+use crate::config::{ConfigError, Destinations, SinkKind, SourceArgs};
 use crate::event::Batch;
 use crate::health::Probe;
 use crate::lsn::{Position, SourceId};
@@ -30,12 +30,22 @@ pub enum AnySink {
 }
 
 /// Builds the sink of `kind` from its settings; connects to nothing.
-pub fn build(kind: SinkKind, to: &Destinations, source: &SourceUrl) -> Result<AnySink, BuildError> {
+pub fn build(
+    kind: SinkKind,
+    to: &Destinations,
+    source: &SourceArgs,
+) -> Result<AnySink, BuildError> {
+    let partition = source.partition();
+    let analytics = || to.analytics.pg_config(&source.url);
     Ok(match kind {
-        SinkKind::Redis => AnySink::Redis(RedisSink::new(to.redis.client()?)),
-        SinkKind::Postgres => AnySink::Postgres(PostgresSink::new(to.analytics.pg_config(source)?)),
+        SinkKind::Redis => {
+            AnySink::Redis(RedisSink::new(to.redis.client()?).for_partition(partition))
+        }
+        SinkKind::Postgres => {
+            AnySink::Postgres(PostgresSink::new(analytics()?).for_partition(partition))
+        }
         SinkKind::Webhook => {
-            let mut sink = WebhookSink::new(&to.webhook, to.analytics.pg_config(source)?)?;
+            let mut sink = WebhookSink::new(&to.webhook, analytics()?)?.for_partition(partition);
             // With the analytics sink configured, `walcast run` feeds the webhook from the
             // facts: a backfill then leaves out what the stream brought there.
             sink.skip_streamed = to.sinks.contains(SinkKind::Postgres);

@@ -178,6 +178,9 @@ pub struct PostgresSink {
     config: crate::pg::Target,
     /// `None` after the connection was lost; the next write reconnects.
     session: Option<Session>,
+    /// Its row in `analytics.walcast_checkpoint`: `postgres`, or `postgres:<i>` for
+    /// partition i of a partitioned source.
+    state_name: String,
 }
 
 impl PostgresSink {
@@ -189,7 +192,14 @@ impl PostgresSink {
         PostgresSink {
             config,
             session: None,
+            state_name: NAME.to_owned(),
         }
+    }
+
+    /// The sink of one partition of the source: its own checkpoint.
+    pub fn for_partition(mut self, partition: crate::config::Partition) -> Self {
+        self.state_name = partition.state_name(NAME);
+        self
     }
 
     /// Connects, applies the analytics migrations that are missing, and prepares the
@@ -259,9 +269,10 @@ impl Sink for PostgresSink {
     }
 
     async fn claim_history(&mut self, current: SourceId) -> Result<(), SinkError> {
+        let name = self.state_name.clone();
         let session = self.session().await?;
         claimed(
-            state::claim_history(&mut PgState::new(&session.client), NAME, current).await?,
+            state::claim_history(&mut PgState::new(&session.client), &name, current).await?,
             current,
         )
     }
@@ -277,8 +288,9 @@ impl Sink for PostgresSink {
     }
 
     async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
+        let name = self.state_name.clone();
         let session = self.session().await?;
-        Ok(PgState::new(&session.client).checkpoint(NAME).await?)
+        Ok(PgState::new(&session.client).checkpoint(&name).await?)
     }
 
     async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
@@ -363,6 +375,7 @@ impl PostgresSink {
         refusal: &SinkError,
         progress: Progress<'_>,
     ) -> Result<(), SinkError> {
+        let name = self.state_name.clone();
         let session = self.session().await?;
         let context = "dead-lettering a refused row";
         let pg = |source| SinkError::Postgres { context, source };
@@ -381,11 +394,12 @@ impl PostgresSink {
         state
             .insert_dead_letters(Origin::Postgres, &[&dead])
             .await?;
-        record(&mut state, progress).await?;
+        record(&mut state, &name, progress).await?;
         tx.commit().await.map_err(pg)
     }
 
     async fn apply(&mut self, batches: &[&Batch], progress: Progress<'_>) -> Result<(), SinkError> {
+        let name = self.state_name.clone();
         let session = self.session().await?;
         let context = "writing a batch to the analytics database";
         let pg = |source| SinkError::Postgres { context, source };
@@ -403,7 +417,7 @@ impl PostgresSink {
             // A backfill is filtered by no checkpoint: no sink has the name "".
             let (checkpoint_of, backfilled) = match progress {
                 Progress::Backfill { .. } => ("", true),
-                _ => (NAME, false),
+                _ => (name.as_str(), false),
             };
             tx.query_one(&session.apply, &[&checkpoint_of, &backfilled])
                 .await
@@ -416,16 +430,20 @@ impl PostgresSink {
         };
         let mut state = PgState::prepared(&tx, &session.state);
         state.insert_dead_letters(origin, &dead).await?;
-        record(&mut state, progress).await?;
+        record(&mut state, &name, progress).await?;
         tx.commit().await.map_err(pg)
     }
 }
 
 /// The checkpoint or the backfill's cursor, inside the write's transaction.
-async fn record(state: &mut impl StateStore, progress: Progress<'_>) -> Result<(), StateError> {
+async fn record(
+    state: &mut impl StateStore,
+    sink: &str,
+    progress: Progress<'_>,
+) -> Result<(), StateError> {
     match progress {
         Progress::Nothing => Ok(()),
-        Progress::Stream(last) => state.raise_checkpoint(NAME, last).await,
+        Progress::Stream(last) => state.raise_checkpoint(sink, last).await,
         Progress::Backfill { job, cursor } => state.save_backfill_cursor(job, cursor).await,
     }
 }

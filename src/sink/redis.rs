@@ -48,7 +48,14 @@ use crate::event::{Batch, EnrichedEvent, Hundredths, key_part};
 use crate::health::Probe;
 use crate::lsn::{Position, SourceId};
 
+/// The stream's checkpoint; partition i of a partitioned source keeps its own under
+/// `walcast:checkpoint:redis:<i>` ([`checkpoint_key`]).
 pub const CHECKPOINT_KEY: &str = "walcast:checkpoint:redis";
+
+/// Where `partition` keeps its checkpoint.
+pub fn checkpoint_key(partition: crate::config::Partition) -> String {
+    partition.state_name(CHECKPOINT_KEY)
+}
 
 /// The sink's name in logs and metric labels.
 pub const NAME: &str = crate::config::SinkKind::Redis.name();
@@ -182,6 +189,8 @@ pub struct RedisSink {
     /// `|<system id>/<timeline>` of the source, appended to every checkpoint written; empty
     /// until [`Sink::set_source`].
     source_suffix: String,
+    /// Where this partition's checkpoint is kept ([`checkpoint_key`]).
+    checkpoint_key: String,
     /// The last checkpoint this process wrote. Finding a lower one (or none) in Redis
     /// later means Redis lost confirmed writes while walcast ran.
     written: Option<Position>,
@@ -216,8 +225,15 @@ impl RedisSink {
             script: redis::Script::new(&apply_batch_script()),
             watch_attempts: WATCH_ATTEMPTS,
             source_suffix: String::new(),
+            checkpoint_key: CHECKPOINT_KEY.to_owned(),
             written: None,
         }
+    }
+
+    /// The sink of one partition of the source: its own checkpoint key.
+    pub fn for_partition(mut self, partition: crate::config::Partition) -> Self {
+        self.checkpoint_key = checkpoint_key(partition);
+        self
     }
 
     /// Connects, retrying while Redis is unreachable is the caller's choice: this returns
@@ -318,7 +334,7 @@ impl RedisSink {
         // The keys the guards read: a backfill's own cursor is no guard.
         let mut watched: Vec<String> = shards.keys().map(|shard| ids_key(*shard)).collect();
         if stream {
-            watched.push(CHECKPOINT_KEY.to_owned());
+            watched.push(self.checkpoint_key.clone());
         }
         for _ in 0..self.watch_attempts {
             let mut read = redis::pipe();
@@ -326,7 +342,7 @@ impl RedisSink {
                 read.cmd("WATCH").arg(&watched).ignore();
             }
             if stream {
-                read.cmd("GET").arg(CHECKPOINT_KEY);
+                read.cmd("GET").arg(&self.checkpoint_key);
             }
             for (shard, members) in &shards {
                 read.cmd("BITFIELD_RO").arg(ids_key(*shard));
@@ -381,7 +397,7 @@ impl RedisSink {
                 Progress::Stream(upto) if checkpoint.is_some_and(|c| upto <= c) => None,
                 other => Some(other),
             };
-            let write = transaction(&fresh, record, &self.source_suffix);
+            let write = transaction(&fresh, record, &self.checkpoint_key, &self.source_suffix);
             // `None`: EXEC refused, a watched key changed since it was read.
             let done: Option<Vec<redis::Value>> = write.query_async(self.conn().await?).await?;
             if done.is_some() {
@@ -395,7 +411,7 @@ impl RedisSink {
         let (key, mode, mark) = match progress {
             Progress::Nothing => return Ok(()),
             Progress::Stream(upto) => (
-                CHECKPOINT_KEY.to_owned(),
+                self.checkpoint_key.clone(),
                 "stream",
                 format!("{}{}", upto.to_sortable(), self.source_suffix),
             ),
@@ -550,6 +566,7 @@ fn backfill_key(job: &str) -> String {
 fn transaction(
     fresh: &[&Planned],
     progress: Option<Progress>,
+    checkpoint_key: &str,
     source_suffix: &str,
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
@@ -559,7 +576,7 @@ fn transaction(
         None | Some(Progress::Nothing) => {}
         Some(Progress::Stream(position)) => {
             pipe.cmd("SET")
-                .arg(CHECKPOINT_KEY)
+                .arg(checkpoint_key)
                 .arg(format!("{}{source_suffix}", position.to_sortable()))
                 .ignore();
         }
@@ -583,7 +600,7 @@ pub fn encode_transaction(events: &[EnrichedEvent], now: i64) -> Vec<u8> {
     let planned: Vec<Planned> = events.iter().map(|e| Planned::new(e, now, false)).collect();
     let fresh: Vec<&Planned> = planned.iter().collect();
     let last = events.last().map(|e| Progress::Stream(e.position));
-    transaction(&fresh, last, "").get_packed_pipeline()
+    transaction(&fresh, last, CHECKPOINT_KEY, "").get_packed_pipeline()
 }
 
 /// Appends the commands that apply `fresh` (events no guard stopped), with the same
@@ -682,18 +699,16 @@ fn apply_commands<'a>(pipe: &mut redis::Pipeline, fresh: &[&'a Planned<'a>]) {
 /// the table has brought everything up to it (see `pipeline::rebuild`).
 pub async fn raise_checkpoint(
     client: redis::Client,
+    key: &str,
     position: Position,
     source: SourceId,
 ) -> Result<(), SinkError> {
     let mut conn = connect(client).await?;
-    let stored: Option<String> = redis::cmd("GET")
-        .arg(CHECKPOINT_KEY)
-        .query_async(&mut conn)
-        .await?;
+    let stored: Option<String> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
     let current = stored.map(|s| parse_checkpoint(&s)).transpose()?;
     if current.is_none_or(|(p, _)| p < position) {
         redis::cmd("SET")
-            .arg(CHECKPOINT_KEY)
+            .arg(key)
             .arg(format!("{}|{}", position.to_sortable(), source.stored()))
             .query_async::<()>(&mut conn)
             .await?;
@@ -763,7 +778,8 @@ impl Sink for RedisSink {
     }
 
     async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
-        let stored = self.get(CHECKPOINT_KEY).await?;
+        let key = self.checkpoint_key.clone();
+        let stored = self.get(&key).await?;
         Ok(stored
             .map(|s| parse_checkpoint(&s))
             .transpose()?
@@ -773,7 +789,8 @@ impl Sink for RedisSink {
     /// Redis records the source with its first checkpoint: a checkpoint key without a
     /// position would not compare as one.
     async fn claim_history(&mut self, current: SourceId) -> Result<(), SinkError> {
-        let stored = self.get(CHECKPOINT_KEY).await?;
+        let key = self.checkpoint_key.clone();
+        let stored = self.get(&key).await?;
         if let Some((_, Some(stored))) = stored.map(|s| parse_checkpoint(&s)).transpose()?
             && stored != current
         {

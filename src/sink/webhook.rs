@@ -33,7 +33,7 @@ use tokio_postgres::Client;
 use serde_json::value::RawValue;
 
 use super::{Progress, Sink, SinkError, claimed};
-use crate::config::{OnFailure, WebhookArgs, WebhookEndpoint};
+use crate::config::{OnFailure, Partition, WebhookArgs, WebhookEndpoint};
 use crate::event::{Batch, Content, DeadLetterReason, EnrichedEvent, Hundredths};
 use crate::health::Health;
 use crate::lsn::{Position, SourceId};
@@ -305,6 +305,7 @@ impl Store {
         &mut self,
         after: Option<Position>,
         limit: usize,
+        partition: Partition,
     ) -> Result<Vec<EnrichedEvent>, SinkError> {
         let (lsn, seq) = after.map_or(("0/0".to_owned(), -1), |p| {
             (p.commit_lsn.to_string(), self::seq(p))
@@ -312,7 +313,16 @@ impl Store {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let client = self.client().await?;
         let rows = client
-            .query(FACTS_AFTER, &[&lsn, &seq, &limit])
+            .query(
+                FACTS_AFTER,
+                &[
+                    &lsn,
+                    &seq,
+                    &limit,
+                    &i64::from(partition.count),
+                    &i64::from(partition.index),
+                ],
+            )
             .await
             .map_err(pg("reading the analytics facts to send"))?;
         rows.iter().map(fact).collect()
@@ -320,7 +330,8 @@ impl Store {
 }
 
 /// The facts the stream brought, after a position, in the stream's order: every column the
-/// event JSON is made of.
+/// event JSON is made of. `$4`, `$5`: the partition's share (`id % count = index`; 1 and 0
+/// for the whole stream).
 const FACTS_AFTER: &str = "SELECT id, content_id::text, user_id::text, event_type,
     (extract(epoch FROM event_ts) * 1000000)::int8, duration_ms, device, raw_payload::text,
     extra::text, content_type, length_seconds, title, slug, engagement_seconds::text,
@@ -328,6 +339,7 @@ const FACTS_AFTER: &str = "SELECT id, content_id::text, user_id::text, event_typ
     (extract(epoch FROM commit_ts) * 1000000)::int8
 FROM analytics.enriched_events
 WHERE NOT backfilled AND (commit_lsn, commit_seq) > ($1::text::pg_lsn, $2)
+    AND id % $4 = $5
 ORDER BY commit_lsn, commit_seq
 LIMIT $3";
 
@@ -423,6 +435,10 @@ pub struct WebhookSink {
     /// sink is configured): a backfill then leaves out the events the stream brought there,
     /// which the follower sends, so no event goes under a stream key and a backfill key.
     pub skip_streamed: bool,
+    /// The share of the events this webhook sends, and its rows in walcast's state:
+    /// `webhook`, or `webhook:<i>` for partition i of a partitioned source.
+    partition: Partition,
+    state_name: String,
 }
 
 impl WebhookSink {
@@ -443,7 +459,17 @@ impl WebhookSink {
             outbox: None,
             source: None,
             skip_streamed: false,
+            partition: Partition::WHOLE,
+            state_name: NAME.to_owned(),
         })
+    }
+
+    /// The webhook of one partition of the source: it follows that partition's facts and
+    /// keeps its own checkpoint and outbox.
+    pub fn for_partition(mut self, partition: Partition) -> Self {
+        self.partition = partition;
+        self.state_name = partition.state_name(NAME);
+        self
     }
 
     /// Sends one batch and records the outcome. On an error the batch stays in
@@ -481,7 +507,11 @@ impl WebhookSink {
             .store
             .state()
             .await?
-            .finish_outbox(NAME, &outbox, dead.as_ref().map(|(r, d)| (*r, d.as_str())))
+            .finish_outbox(
+                &self.state_name,
+                &outbox,
+                dead.as_ref().map(|(r, d)| (*r, d.as_str())),
+            )
             .await;
         if let Err(err) = finished {
             self.outbox = Some(outbox);
@@ -555,8 +585,12 @@ impl WebhookSink {
     pub async fn start_following(&mut self) -> Result<Option<Position>, SinkError> {
         if self.checkpoint.is_none() {
             let mut state = self.store.state().await?;
-            self.checkpoint =
-                state::start_following(&mut state, NAME, super::postgres::NAME).await?;
+            self.checkpoint = state::start_following(
+                &mut state,
+                &self.state_name,
+                &self.partition.state_name(super::postgres::NAME),
+            )
+            .await?;
             if let Some(at) = self.checkpoint {
                 tracing::info!(sink = NAME, from = %at, "the webhook holds no checkpoint: it starts after the events the analytics sink holds (walcast backfill sends earlier ones)");
             }
@@ -609,14 +643,18 @@ impl WebhookSink {
         }
         let events = self
             .store
-            .facts_after(self.checkpoint, self.batch_max_events)
+            .facts_after(self.checkpoint, self.batch_max_events, self.partition)
             .await?;
         if events.is_empty() {
             return Ok(0);
         }
         let started = Instant::now();
         let outbox = outbox(&events.iter().collect::<Vec<_>>(), self.source);
-        self.store.state().await?.save_outbox(NAME, &outbox).await?;
+        self.store
+            .state()
+            .await?
+            .save_outbox(&self.state_name, &outbox)
+            .await?;
         self.send(outbox).await?;
         let batch = Batch {
             events,
@@ -644,7 +682,7 @@ impl Sink for WebhookSink {
     async fn claim_history(&mut self, current: SourceId) -> Result<(), SinkError> {
         let mut state = self.store.state().await?;
         claimed(
-            state::claim_history(&mut state, NAME, current).await?,
+            state::claim_history(&mut state, &self.state_name, current).await?,
             current,
         )?;
         self.source = Some(current);
@@ -657,8 +695,8 @@ impl Sink for WebhookSink {
 
     async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
         let mut state = self.store.state().await?;
-        let checkpoint = state.checkpoint(NAME).await?;
-        let outbox = state.outbox(NAME).await?;
+        let checkpoint = state.checkpoint(&self.state_name).await?;
+        let outbox = state.outbox(&self.state_name).await?;
         if let Some(outbox) = &outbox {
             tracing::info!(sink = NAME, key = %outbox.key, "a batch sent before the restart is unconfirmed; sending it again first");
         }
@@ -689,7 +727,11 @@ impl Sink for WebhookSink {
             .collect();
         for chunk in events.chunks(self.batch_max_events) {
             let outbox = outbox(chunk, self.source);
-            self.store.state().await?.save_outbox(NAME, &outbox).await?;
+            self.store
+                .state()
+                .await?
+                .save_outbox(&self.state_name, &outbox)
+                .await?;
             self.send(outbox).await?;
         }
         Ok(())

@@ -9,7 +9,7 @@ mod stream;
 pub use monitor::{HEARTBEAT_PREFIX, Monitor};
 pub use setup::{
     SetupError, SlotInfo, confirm_slot, create_schema, ensure, ensure_publication,
-    ensure_slot_for_run, preflight, slot_info, teardown, wal_lsn,
+    ensure_slot_for_run, preflight, published_tables, slot_info, teardown, wal_lsn,
 };
 pub use stream::{
     ReplicationError, SnapshotSlot, classify, create_slot_with_snapshot, end_stale_walsender,

@@ -10,7 +10,9 @@
 
 /// The statements that give `role` exactly what walcast needs: on the source database
 /// `database` (run by the tables' owner or a superuser), then on the analytics database.
-pub fn grants_sql(role: &str, database: &str, publication: &str) -> String {
+/// `tables` is the publication's table list as walcast would create it
+/// (`setup::published_tables`: with a partition's row filter when there is one).
+pub fn grants_sql(role: &str, database: &str, publication: &str, tables: &str) -> String {
     let role = quote_ident(role);
     let database = quote_ident(database);
     format!(
@@ -22,7 +24,7 @@ pub fn grants_sql(role: &str, database: &str, publication: &str) -> String {
          GRANT SELECT ON public.content, public.engagement_events TO {role};\n\
          ALTER TABLE public.content REPLICA IDENTITY DEFAULT;\n\
          ALTER TABLE public.engagement_events REPLICA IDENTITY DEFAULT;\n\
-         CREATE PUBLICATION {publication} FOR TABLE public.content, public.engagement_events\n    \
+         CREATE PUBLICATION {publication} FOR TABLE {tables}\n    \
              WITH (publish_via_partition_root = true);\n\
          \n\
          -- On the analytics database (WALCAST_ANALYTICS_URL; by default the same one):\n\
@@ -57,7 +59,12 @@ mod tests {
         assert_eq!(quote_ident("Walcast"), "\"Walcast\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_ident("1x"), "\"1x\"");
-        let sql = grants_sql("walcast", "app", "walcast_pub");
+        let sql = grants_sql(
+            "walcast",
+            "app",
+            "walcast_pub",
+            &crate::source::published_tables(crate::config::Partition::WHOLE),
+        );
         assert!(
             sql.contains("GRANT SELECT ON public.content, public.engagement_events TO walcast;")
         );

@@ -7,7 +7,7 @@
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use crate::config::SourceArgs;
+use crate::config::{Partition, SourceArgs};
 use crate::event::{CONTENT_TABLE, EVENTS_TABLE};
 use crate::lsn::Lsn;
 
@@ -93,6 +93,17 @@ pub enum SetupError {
          walcast run"
     )]
     SlotMissingOverSinks { slot: String, held: String },
+    #[error(
+        "publication {publication} filters public.{table} by {found}, but this walcast \
+         expects {expected}: rows outside the filter would never reach the sinks. {fix}"
+    )]
+    PublicationFilter {
+        publication: String,
+        table: &'static str,
+        found: String,
+        expected: String,
+        fix: String,
+    },
     #[error("{context}: {}", crate::pg::detail(source))]
     Postgres {
         context: &'static str,
@@ -239,8 +250,8 @@ pub async fn preflight(client: &Client) -> Result<(), SetupError> {
 pub async fn ensure(client: &Client, source: &SourceArgs) -> Result<Vec<String>, SetupError> {
     preflight(client).await?;
     let mut done = Vec::new();
-    publish_tables(client, &source.publication, &mut done).await?;
-    ensure_slot(client, &source.slot, &mut done).await?;
+    publish_tables(client, &source.publication(), source.partition(), &mut done).await?;
+    ensure_slot(client, &source.slot(), &mut done).await?;
     Ok(done)
 }
 
@@ -276,13 +287,26 @@ pub async fn ensure_publication(
 ) -> Result<Vec<String>, SetupError> {
     preflight(client).await?;
     let mut done = Vec::new();
-    publish_tables(client, &source.publication, &mut done).await?;
+    publish_tables(client, &source.publication(), source.partition(), &mut done).await?;
     Ok(done)
+}
+
+/// The publication's tables as walcast creates them: `content` whole (every partition's
+/// cache must be complete), `engagement_events` with the partition's row filter.
+pub fn published_tables(partition: Partition) -> String {
+    match partition.row_filter() {
+        None => format!("public.{CONTENT_TABLE}, public.{EVENTS_TABLE}"),
+        Some(_) => format!(
+            "public.{CONTENT_TABLE}, public.{EVENTS_TABLE} WHERE ({})",
+            partition.condition()
+        ),
+    }
 }
 
 async fn publish_tables(
     client: &Client,
     publication: &str,
+    partition: Partition,
     done: &mut Vec<String>,
 ) -> Result<(), SetupError> {
     // Names were validated as [a-z0-9_]+ (config.rs), so they need no quoting.
@@ -326,8 +350,9 @@ async fn publish_tables(
             // Via the partition root: a partitioned table's changes arrive under the
             // table's own name, not its partitions'.
             let sql = format!(
-                "CREATE PUBLICATION {publication} FOR TABLE public.{CONTENT_TABLE}, \
-                 public.{EVENTS_TABLE} WITH (publish_via_partition_root = true)"
+                "CREATE PUBLICATION {publication} FOR TABLE {} \
+                 WITH (publish_via_partition_root = true)",
+                published_tables(partition)
             );
             match client.batch_execute(&sql).await {
                 Ok(()) => done.push(format!("created publication {publication}")),
@@ -352,25 +377,74 @@ async fn publish_tables(
         Some(_) => {}
     }
     for table in [CONTENT_TABLE, EVENTS_TABLE] {
+        let expected = match table {
+            EVENTS_TABLE => partition.row_filter(),
+            _ => None,
+        };
         let published = client
             .query_opt(
-                "SELECT 1 FROM pg_publication_tables \
+                "SELECT rowfilter FROM pg_publication_tables \
                  WHERE pubname = $1 AND schemaname = 'public' AND tablename = $2",
                 &[&publication, &table],
             )
             .await
-            .context("looking up the publication's tables")?
-            .is_some();
-        if !published {
-            let sql = format!("ALTER PUBLICATION {publication} ADD TABLE public.{table}");
-            client
-                .batch_execute(&sql)
-                .await
-                .context("adding a table to the publication")?;
-            done.push(format!("added public.{table} to publication {publication}"));
+            .context("looking up the publication's tables")?;
+        match published {
+            None => {
+                let filter = match &expected {
+                    Some(_) => format!(" WHERE ({})", partition.condition()),
+                    None => String::new(),
+                };
+                let sql =
+                    format!("ALTER PUBLICATION {publication} ADD TABLE public.{table}{filter}");
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .context("adding a table to the publication")?;
+                done.push(format!(
+                    "added public.{table}{filter} to publication {publication}"
+                ));
+            }
+            Some(row) => {
+                let found: Option<String> = row.get(0);
+                if found != expected {
+                    return Err(filter_mismatch(publication, table, partition, found));
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// A publication whose row filter is not the one this walcast's partition needs: changing
+/// it under a slot would skip or repeat rows, so walcast says what to do instead.
+fn filter_mismatch(
+    publication: &str,
+    table: &'static str,
+    partition: Partition,
+    found: Option<String>,
+) -> SetupError {
+    let expected = partition.row_filter();
+    let fix = match (table, &expected) {
+        (EVENTS_TABLE, Some(_)) => format!(
+            "Publication names are per partition (WALCAST_PUBLICATION with _<i>); if it is \
+             walcast's, drop it (walcast teardown with the same WALCAST_PARTITIONS and \
+             WALCAST_PARTITION) and start again, or run as its owner: ALTER PUBLICATION \
+             {publication} SET TABLE {}",
+            published_tables(partition)
+        ),
+        _ => format!(
+            "Remove the filter as the tables' owner: ALTER PUBLICATION {publication} SET TABLE {}",
+            published_tables(partition)
+        ),
+    };
+    SetupError::PublicationFilter {
+        publication: publication.to_owned(),
+        table,
+        found: found.unwrap_or_else(|| "nothing".to_owned()),
+        expected: expected.unwrap_or_else(|| "no filter".to_owned()),
+        fix,
+    }
 }
 
 /// An existing publication without `publish_via_partition_root`: a partitioned table's
@@ -585,33 +659,33 @@ pub async fn wal_lsn(client: &Client) -> Result<Lsn, SetupError> {
 /// Drops the slot and the publication. Returns what it did.
 pub async fn teardown(client: &Client, source: &SourceArgs) -> Result<Vec<String>, SetupError> {
     let mut done = Vec::new();
-    if let Some(info) = slot_info(client, &source.slot).await? {
+    if let Some(info) = slot_info(client, &source.slot()).await? {
         if let Some(pid) = info.active_pid {
             return Err(SetupError::SlotInUse {
-                slot: source.slot.clone(),
+                slot: source.slot(),
                 pid,
             });
         }
         client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&source.slot])
+            .execute("SELECT pg_drop_replication_slot($1)", &[&source.slot()])
             .await
             .context("dropping the replication slot")?;
-        done.push(format!("dropped replication slot {}", source.slot));
+        done.push(format!("dropped replication slot {}", source.slot()));
     }
     let dropped = client
         .execute(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&source.publication],
+            &[&source.publication()],
         )
         .await
         .context("looking up the publication")?;
     if dropped > 0 {
-        let sql = format!("DROP PUBLICATION IF EXISTS {}", source.publication);
+        let sql = format!("DROP PUBLICATION IF EXISTS {}", source.publication());
         client
             .batch_execute(&sql)
             .await
             .context("dropping the publication")?;
-        done.push(format!("dropped publication {}", source.publication));
+        done.push(format!("dropped publication {}", source.publication()));
     }
     Ok(done)
 }

@@ -146,7 +146,7 @@ pub async fn start_replication(
     client
         .wait_started()
         .await
-        .map_err(|e| classify(e, &source.slot))?;
+        .map_err(|e| classify(e, &source.slot()))?;
     Ok(client)
 }
 
@@ -159,7 +159,7 @@ const HOLDER_QUERY_WAIT: Duration = Duration::from_secs(5);
 /// time; only an optimisation depends on it.
 pub async fn slot_holder(source: &SourceArgs) -> Option<i32> {
     let sql = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1";
-    one_value::<Option<i32>>(source, sql, &[&source.slot])
+    one_value::<Option<i32>>(source, sql, &[&source.slot()])
         .await
         .flatten()
 }
@@ -171,7 +171,7 @@ pub async fn slot_holder(source: &SourceArgs) -> Option<i32> {
 pub async fn end_stale_walsender(source: &SourceArgs, pid: i32) -> bool {
     let sql = "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
                WHERE slot_name = $1 AND active_pid = $2";
-    one_value::<bool>(source, sql, &[&source.slot, &pid])
+    one_value::<bool>(source, sql, &[&source.slot(), &pid])
         .await
         .unwrap_or(false)
 }
@@ -238,8 +238,8 @@ fn replication_config(source: &SourceArgs) -> Result<ReplicationConfig, ConfigEr
         user,
         password,
         database,
-        source.slot.clone(),
-        source.publication.as_str(),
+        source.slot(),
+        source.publication().as_str(),
     )
     .with_port(port)
     .with_tls(tls)
@@ -254,7 +254,7 @@ pub async fn identify(source: &SourceArgs) -> Result<SourceId, ReplicationError>
     let rows = session
         .simple_query("IDENTIFY_SYSTEM")
         .await
-        .map_err(|e| classify(e, &source.slot))?;
+        .map_err(|e| classify(e, &source.slot()))?;
     let text = |i: usize| -> Option<String> {
         let value = rows.first()?.get(i)?.as_ref()?;
         Some(String::from_utf8_lossy(value).into_owned())
@@ -295,10 +295,10 @@ pub async fn create_slot_with_snapshot(
     let rows = session
         .simple_query(&format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
-            source.slot
+            source.slot()
         ))
         .await
-        .map_err(|e| classify(e, &source.slot))?;
+        .map_err(|e| classify(e, &source.slot()))?;
     // slot_name, consistent_point, snapshot_name, output_plugin
     let text = |i: usize| -> Option<String> {
         let value = rows.first()?.get(i)?.as_ref()?;

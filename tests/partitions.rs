@@ -1,0 +1,261 @@
+//! Several walcast instances over one source (`WALCAST_PARTITIONS`, `WALCAST_PARTITION`):
+//! each its own slot, publication row filter and checkpoints, sharing the sinks, every
+//! event once in each sink across kill -9 of either instance.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::support::{
+    Env, Redis, Stack, Walcast, count, episode_sql, eventually, load_plays, metric, scalar,
+    scrape_metrics,
+};
+use crate::webhook::{Receiver, Reply, event_ids};
+
+const WAIT: Duration = Duration::from_secs(60);
+const PARTITIONS: u32 = 2;
+
+/// The environment of partition `index`: the stack's, with its own metrics port.
+fn partition_env(s: &Stack, index: u32) -> Env {
+    let mut env = Env::new(&s.pg, "app", &s.redis);
+    for (name, value) in &s.env.vars {
+        if name != "WALCAST_METRICS_ADDR" {
+            env.put(name, value);
+        }
+    }
+    env.set("WALCAST_PARTITIONS", &PARTITIONS.to_string())
+        .set("WALCAST_PARTITION", &index.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_partitions_deliver_every_event_once_across_kill_9_of_each() {
+    let receiver = Receiver::start(|_| Reply::Ok).await;
+    let mut s = Stack::start(Redis::start().await, &episode_sql()).await;
+    s.env.put("WALCAST_SINKS", "redis,postgres,webhook");
+    s.env.put("WALCAST_WEBHOOK_URL", &receiver.url);
+    s.env.put("WALCAST_WEBHOOK_BATCH_MAX_EVENTS", "200");
+    let envs: Vec<Env> = (0..PARTITIONS).map(|i| partition_env(&s, i)).collect();
+    for env in &envs {
+        env.succeed(&["setup"]);
+    }
+    let filters: Vec<(String, Option<String>)> =
+        s.db.query(
+            "SELECT pubname::text, rowfilter FROM pg_publication_tables
+             WHERE tablename = 'engagement_events' ORDER BY pubname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        filters,
+        vec![
+            (
+                "walcast_pub_0".to_owned(),
+                Some("((id % (2)::bigint) = 0)".to_owned())
+            ),
+            (
+                "walcast_pub_1".to_owned(),
+                Some("((id % (2)::bigint) = 1)".to_owned())
+            ),
+        ]
+    );
+    // Rows that cannot be events: their dead letters must not collide across partitions.
+    s.db.batch_execute("ALTER TABLE engagement_events ALTER COLUMN event_ts DROP NOT NULL")
+        .await
+        .unwrap();
+    let mut running: Vec<Walcast> = envs.iter().map(Env::spawn_run).collect();
+
+    let writer = {
+        let db = s.pg.client("app").await;
+        tokio::spawn(async move { load_plays(&db, 40_000, 100).await })
+    };
+    // Kill each instance at a different depth of the load, one of them twice.
+    for (index, target) in [(0usize, 4_000), (1, 12_000), (0, 22_000), (1, 30_000)] {
+        eventually(&format!("{target} events in Redis"), WAIT, || async {
+            s.redis.total().await >= target
+        })
+        .await;
+        running[index].kill9();
+        running[index] = envs[index].spawn_run();
+    }
+    writer.await.unwrap();
+    // One transaction, one bad row for each partition: both are its first change there.
+    s.db.batch_execute(
+        "INSERT INTO engagement_events (event_type, event_ts)
+         SELECT 'play', NULL FROM generate_series(1, 2)",
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.source_count().await, 40_002);
+    let expected = 40_000;
+    let facts = s.pg.client("app").await;
+    eventually("every event in every sink", WAIT, || async {
+        s.redis.total().await >= expected
+            && count(&facts, "analytics.enriched_events").await >= expected
+            && receiver.delivered().len() as i64 >= expected
+    })
+    .await;
+
+    // Once in each sink.
+    let logs = || {
+        running
+            .iter()
+            .map(Walcast::log)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    assert_eq!(s.redis.total().await, expected, "Redis; logs:\n{}", logs());
+    assert_eq!(
+        count(&facts, "analytics.enriched_events").await,
+        expected,
+        "analytics"
+    );
+    eventually("both bad rows dead-lettered", WAIT, || async {
+        scalar(
+            &facts,
+            "SELECT count(*) FROM analytics.dead_letters WHERE origin = 'source'",
+        )
+        .await
+            >= 2
+    })
+    .await;
+    assert_eq!(
+        scalar(
+            &facts,
+            "SELECT count(DISTINCT raw->>'id') FROM analytics.dead_letters WHERE origin = 'source'"
+        )
+        .await,
+        2
+    );
+    let delivered = receiver.delivered();
+    let unique: BTreeSet<i64> = delivered.iter().copied().collect();
+    assert_eq!(
+        delivered.len(),
+        unique.len(),
+        "an event delivered under two keys"
+    );
+    assert_eq!(unique.len() as i64, expected, "webhook");
+    let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    for request in receiver.requests() {
+        for id in event_ids(&request.body) {
+            keys_of.entry(id).or_default().insert(request.key.clone());
+        }
+    }
+    assert!(
+        keys_of.values().all(|keys| keys.len() == 1),
+        "an event sent under two keys"
+    );
+    // The shared aggregate is exact: one row, every event and user counted once.
+    assert_eq!(
+        scalar(
+            &facts,
+            "SELECT (events - 40000) + (distinct_users - 40000) \
+             FROM analytics.content_engagement_metrics"
+        )
+        .await,
+        0
+    );
+    // Each partition keeps its own checkpoints.
+    let checkpoints: Vec<String> = facts
+        .query(
+            "SELECT sink FROM analytics.walcast_checkpoint ORDER BY sink",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        checkpoints,
+        ["postgres:0", "postgres:1", "webhook:0", "webhook:1"]
+    );
+    let mut redis = s.redis.conn().await;
+    for index in 0..PARTITIONS {
+        let key = format!("walcast:checkpoint:redis:{index}");
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert!(stored.is_some(), "{key} missing");
+    }
+
+    // verify reconciles the whole and each partition.
+    let out = envs[0].output(&["verify"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "verify: {report}");
+    for index in 0..PARTITIONS {
+        assert!(
+            report.contains(&format!("partition {index:<8} 20000 events, 0 missing")),
+            "{report}"
+        );
+    }
+    // status reads every partition when none is named.
+    let mut all = s.env.clone();
+    all.put("WALCAST_PARTITIONS", &PARTITIONS.to_string());
+    let out = all.output(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let slots: Vec<&str> = status["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["slot"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(slots, ["walcast_0", "walcast_1"]);
+    // Each instance's metrics carry its partition.
+    for (index, env) in envs.iter().enumerate() {
+        let exposition = scrape_metrics(env.metrics_port).await;
+        let series = format!("walcast_replication_lag_bytes{{partition=\"{index}\"}}");
+        assert!(
+            metric(&exposition, &series).is_some(),
+            "{series} not in:\n{exposition}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_partition_setting_out_of_range_or_missing_is_refused() {
+    let s = Stack::start(Redis::start().await, &episode_sql()).await;
+    for (vars, says) in [
+        (
+            vec![("WALCAST_PARTITIONS", "2")],
+            "WALCAST_PARTITION: must be set",
+        ),
+        (
+            vec![("WALCAST_PARTITIONS", "2"), ("WALCAST_PARTITION", "2")],
+            "partitions are numbered 0 to 1",
+        ),
+        (
+            vec![("WALCAST_PARTITIONS", "0")],
+            "WALCAST_PARTITIONS: must be 1 to",
+        ),
+    ] {
+        let mut env = s.env.clone();
+        for (name, value) in vars {
+            env.put(name, value);
+        }
+        let out = env.output(&["run"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "{stderr}");
+    }
+    // A publication whose filter is not this instance's is refused, not used.
+    s.db.batch_execute(
+        "CREATE PUBLICATION walcast_pub FOR TABLE content, engagement_events WHERE (id > 100)",
+    )
+    .await
+    .unwrap();
+    let out = s.env.output(&["setup"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("filters public.engagement_events by"),
+        "{stderr}"
+    );
+}
