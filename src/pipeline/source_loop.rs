@@ -232,7 +232,7 @@ impl SourceLoop {
                         tracing::warn!(error = %crate::error::Chain(&err), attempt, "reconnect failed, retrying");
                     }
                 }
-                Err(err) if err.is_transient() => {
+                Err(err) if err.may_reconnect() => {
                     tracing::warn!(error = %crate::error::Chain(&err), attempt, "reconnect failed, retrying");
                 }
                 Err(err) => return Err(err.into()),

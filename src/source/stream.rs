@@ -99,6 +99,22 @@ fn invalidation_prevention(reason: Option<&str>) -> &'static str {
 }
 
 impl ReplicationError {
+    /// Whether a new session may work after this error ended the attempt to open one,
+    /// when a session already worked with the same settings: a connection cut while it
+    /// started (the server restarting, its walsender ended, the network) is, as is the
+    /// slot still held by the lost session; what needs an operator (the slot gone or
+    /// invalidated, credentials or certificates refused, a server error of another
+    /// class) is not.
+    pub fn may_reconnect(&self) -> bool {
+        match self {
+            ReplicationError::Protocol(PgWireError::Auth(_) | PgWireError::Tls(_)) => false,
+            ReplicationError::Protocol(PgWireError::Server(_)) => self.is_transient(),
+            // I/O, the worker ending before replication started, a message cut short.
+            ReplicationError::Protocol(_) => true,
+            _ => self.is_transient(),
+        }
+    }
+
     /// Whether reconnecting may help (the connection dropped, the server restarted) rather
     /// than needing an operator (the slot is gone, the configuration is wrong).
     pub fn is_transient(&self) -> bool {
@@ -143,12 +159,27 @@ pub async fn start_replication(
         .with_wakeup_interval(Duration::from_secs(1))
         .with_buffer_size(REPLICATION_BUFFER_MESSAGES);
     let mut client = ReplicationClient::connect(config).await?;
-    client
-        .wait_started()
-        .await
-        .map_err(|e| classify(e, &source.slot()))?;
+    match tokio::time::timeout(START_WAIT, client.wait_started()).await {
+        Ok(started) => started.map_err(|e| classify(e, &source.slot()))?,
+        Err(_) => {
+            let hung = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the server did not start replication within {} s",
+                    START_WAIT.as_secs()
+                ),
+            );
+            return Err(ReplicationError::Protocol(PgWireError::Io(
+                std::sync::Arc::new(hung),
+            )));
+        }
+    }
     Ok(client)
 }
+
+/// How long connecting, authenticating and `START_REPLICATION` may take together: a
+/// server that accepts the connection and then says nothing must not hold walcast.
+const START_WAIT: Duration = Duration::from_secs(30);
 
 /// How long the bookkeeping queries around a replication session may take: they run on a
 /// fresh ordinary connection while the network may be what failed.
