@@ -72,8 +72,36 @@ pub fn find_binary(name: &'static str, package: &'static str) -> Result<PathBuf,
         .ok_or(ThrowawayError::Missing { name, package })
 }
 
-/// A free TCP port on 127.0.0.1 (the OS picks one; it is free again once this returns).
+/// A free TCP port on 127.0.0.1 for a server about to be started on it.
+///
+/// It is taken below the kernel's ephemeral range (`ip_local_port_range`), not from it:
+/// every outgoing connection draws its local port from that range, so a port found free
+/// there can be taken by any connection between this probe and the server's bind (seen as
+/// "Address already in use" under load). Below it, ports are handed out in turn from a
+/// per-process starting point, so two callers in one process never get the same one and two
+/// processes rarely start at the same place; each is checked free by binding it.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low
+        .saturating_sub(LOWEST)
+        .min(u32::from(u16::MAX) - LOWEST);
+    if span >= 1_000 {
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            let port = u16::try_from(LOWEST + offset).expect("below u16::MAX");
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    // No room below the ephemeral range: let the OS pick.
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
