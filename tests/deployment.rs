@@ -182,6 +182,47 @@ fn prometheus_scrapes_walcast_and_the_rules_use_real_metric_names() {
 }
 
 #[test]
+fn the_partitions_override_runs_two_partitions_and_prometheus_scrapes_both() {
+    let compose = yaml("compose.partitions.yaml");
+    let services = &compose["services"];
+    for (service, partition) in [("walcast", "0"), ("walcast-1", "1")] {
+        let environment = &services[service]["environment"];
+        assert_eq!(environment["WALCAST_PARTITIONS"].as_str(), Some("2"));
+        assert_eq!(environment["WALCAST_PARTITION"].as_str(), Some(partition));
+    }
+    assert_eq!(
+        services["walcast-1"]["extends"]["service"].as_str(),
+        Some("walcast")
+    );
+    let config = yaml("docker/prometheus/prometheus.partitions.yml");
+    let targets: Vec<&str> = config["scrape_configs"][0]["static_configs"][0]["targets"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert_eq!(targets, ["walcast:9187", "walcast-1:9187"]);
+    let command: Vec<&str> = services["prometheus"]["command"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert!(command.contains(&"--config.file=/etc/prometheus/prometheus.partitions.yml"));
+    // The tables' owner creates each partition's publication, with the filter walcast
+    // expects of it.
+    let roles = read("docker/postgres/010_roles.sh");
+    for index in 0..2 {
+        let partition = walcast::config::Partition { index, count: 2 };
+        let expected = format!(
+            "CREATE PUBLICATION walcast_pub_{index} FOR TABLE public.content,\n    public.engagement_events WHERE ({})",
+            partition.condition()
+        );
+        assert!(roles.contains(&expected), "{expected}");
+    }
+}
+
+#[test]
 fn the_dashboard_parses_and_queries_metrics_that_exist() {
     let dashboard: serde_json::Value =
         serde_json::from_str(&read("docker/grafana/dashboards/walcast.json")).unwrap();

@@ -14,6 +14,12 @@ ALTER TABLE public.content REPLICA IDENTITY DEFAULT;
 ALTER TABLE public.engagement_events REPLICA IDENTITY DEFAULT;
 CREATE PUBLICATION walcast_pub FOR TABLE public.content, public.engagement_events
     WITH (publish_via_partition_root = true);
+-- For compose.partitions.yaml (WALCAST_PARTITIONS=2): each partition's share of the events,
+-- and every content row. Unused publications cost nothing.
+CREATE PUBLICATION walcast_pub_0 FOR TABLE public.content,
+    public.engagement_events WHERE (id % 2 = 0) WITH (publish_via_partition_root = true);
+CREATE PUBLICATION walcast_pub_1 FOR TABLE public.content,
+    public.engagement_events WHERE (id % 2 = 1) WITH (publish_via_partition_root = true);
 CREATE SCHEMA analytics AUTHORIZATION walcast;
 
 CREATE ROLE grafana_reader LOGIN PASSWORD :'grafana_pw';
