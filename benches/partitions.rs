@@ -71,21 +71,29 @@ async fn main() {
     let recvlogical = find_binary("pg_recvlogical", "postgresql-client");
     let before = children_cpu(pg.pid());
     let started = Instant::now();
-    let status = Command::new(recvlogical)
+    let mut child = Command::new(recvlogical)
         .args(["-d", &pg.url("app"), "--slot", "reference", "--start"])
         .args(["--no-loop", "-o", "proto_version=1"])
-        .args(["-o", "publication_names=walcast_pub"])
+        .args(["-o", "publication_names=n1_pub"])
         .args(["--endpos", &end_lsn, "-f", "/dev/null"])
-        .status()
+        .spawn()
         .unwrap();
+    // Its walsender ends with the stream, and its CPU with it: sampled while it runs.
+    let mut walsender_cpu = 0.0f64;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        walsender_cpu = walsender_cpu.max(cpu_by_role_since(pg.pid(), &before)["walsender"]);
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(status.success());
-    let by_role = cpu_by_role_since(pg.pid(), &before);
     let reference = Drain {
         label: "pg_recvlogical (one slot, to /dev/null)".to_owned(),
         seconds: started.elapsed().as_secs_f64(),
         walcast_cpu: 0.0,
         redis_cpu: 0.0,
-        walsender_cpu: by_role["walsender"],
+        walsender_cpu,
         analytics_cpu: 0.0,
     };
     let drains = [
