@@ -211,6 +211,23 @@ impl SourceArgs {
     }
 }
 
+/// A filter expression without its casts (`::bigint`), parentheses and spaces.
+fn bare(expression: &str) -> String {
+    let mut out = String::with_capacity(expression.len());
+    let mut rest = expression;
+    while let Some(c) = rest.chars().next() {
+        if let Some(after) = rest.strip_prefix("::") {
+            rest = after.trim_start_matches(|c: char| c.is_ascii_alphanumeric() || c == '_');
+            continue;
+        }
+        if !c.is_whitespace() && c != '(' && c != ')' {
+            out.push(c);
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
 /// One instance's share of the source's events: those with `id % count = index`. The
 /// whole stream is `Partition::WHOLE`, under the unsuffixed names of a single walcast.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,10 +262,16 @@ impl Partition {
         }
     }
 
-    /// The publication's row filter on `engagement_events`, as PostgreSQL stores it
-    /// (`pg_publication_tables.rowfilter`); `None` for the whole stream.
-    pub fn row_filter(self) -> Option<String> {
-        (!self.is_whole()).then(|| format!("((id % ({})::bigint) = {})", self.count, self.index))
+    /// Whether `found`, a publication's row filter on `engagement_events` as PostgreSQL
+    /// stores it (`pg_publication_tables.rowfilter`), is this partition's: none for the
+    /// whole stream, [`Self::condition`] otherwise. PostgreSQL stores the filter rewritten
+    /// (`((id % (2)::bigint) = 0)` for `id % 2 = 0` on a bigint id; without the cast on an
+    /// integer one), so both are compared without casts, parentheses and spaces.
+    pub fn matches_row_filter(self, found: Option<&str>) -> bool {
+        match found {
+            None => self.is_whole(),
+            Some(found) => !self.is_whole() && bare(found) == bare(&self.condition()),
+        }
     }
 
     /// The SQL condition selecting this partition's events; `true` for the whole stream.
@@ -933,12 +956,17 @@ mod tests {
         let whole = Partition::WHOLE;
         assert_eq!(whole.suffix(), "");
         assert_eq!(whole.state_name("postgres"), "postgres");
-        assert_eq!(whole.row_filter(), None);
+        assert!(whole.matches_row_filter(None));
+        assert!(!whole.matches_row_filter(Some("(id > 100)")));
         assert_eq!(whole.seq(7), Some(7));
         let third = Partition { index: 2, count: 3 };
         assert_eq!(third.suffix(), "_2");
         assert_eq!(third.state_name("postgres"), "postgres:2");
-        assert_eq!(third.row_filter().unwrap(), "((id % (3)::bigint) = 2)");
+        // As PostgreSQL stores it for a bigint id, and for an integer one.
+        assert!(third.matches_row_filter(Some("((id % (3)::bigint) = 2)")));
+        assert!(third.matches_row_filter(Some("((id % 3) = 2)")));
+        assert!(!third.matches_row_filter(Some("((id % (3)::bigint) = 1)")));
+        assert!(!third.matches_row_filter(None));
         assert_eq!(third.condition(), "id % 3 = 2");
         assert!(third.owns(5) && !third.owns(6));
     }

@@ -180,7 +180,7 @@ pub async fn run_with_faults(
             config: pg_config,
             slot: config.source.slot(),
             publication: config.source.publication(),
-            row_filter: config.source.partition().row_filter(),
+            partition: config.source.partition(),
             events_table,
             heartbeat: config.heartbeat(),
             retained_wal_warn: config.retained_wal_warn.as_u64(),

@@ -31,8 +31,8 @@ pub struct Monitor {
     pub config: crate::pg::Target,
     pub slot: String,
     pub publication: String,
-    /// The row filter the publication must keep on `engagement_events` (a partition's).
-    pub row_filter: Option<String>,
+    /// Whose row filter the publication must keep on `engagement_events`.
+    pub partition: crate::config::Partition,
     /// The oid `public.engagement_events` had when walcast started.
     pub events_table: u32,
     pub heartbeat: Option<Duration>,
@@ -127,9 +127,11 @@ impl Monitor {
                 "SELECT to_regclass('public.engagement_events')::oid,
                         EXISTS (SELECT 1 FROM pg_publication_tables
                                 WHERE pubname = $1 AND schemaname = 'public'
-                                  AND tablename = 'engagement_events'
-                                  AND rowfilter IS NOT DISTINCT FROM $2)",
-                &[&self.publication, &self.row_filter],
+                                  AND tablename = 'engagement_events'),
+                        (SELECT rowfilter FROM pg_publication_tables
+                         WHERE pubname = $1 AND schemaname = 'public'
+                           AND tablename = 'engagement_events')",
+                &[&self.publication],
             )
             .await
             .map_err(|e| ReplicationError::Monitor(crate::pg::detail(&e)))?;
@@ -139,29 +141,32 @@ impl Monitor {
                 publication: self.publication.clone(),
             });
         }
-        let covered: bool = row.get(1);
+        let filter: Option<String> = row.get(2);
+        let covered = row.get::<_, bool>(1) && self.partition.matches_row_filter(filter.as_deref());
         let problem = (!covered).then(|| {
             format!(
                 "publication {p} does not cover public.engagement_events{filter} (someone \
                  altered it): rows of the table are not streamed. Run {fix}, then walcast \
                  backfill --since <when it was changed> to copy the rows committed meanwhile",
                 p = self.publication,
-                filter = self
-                    .row_filter
-                    .as_ref()
-                    .map_or(String::new(), |f| format!(" with the row filter {f}")),
-                fix = match &self.row_filter {
-                    None => format!(
+                filter = if self.partition.is_whole() {
+                    String::new()
+                } else {
+                    format!(" with the row filter {}", self.partition.condition())
+                },
+                fix = if self.partition.is_whole() {
+                    format!(
                         "ALTER PUBLICATION {p} ADD TABLE public.engagement_events (or, if the \
                          table is still in it with a row filter, ALTER PUBLICATION {p} SET \
                          TABLE public.content, public.engagement_events)",
                         p = self.publication
-                    ),
-                    Some(f) => format!(
-                        "ALTER PUBLICATION {} SET TABLE public.content, \
-                         public.engagement_events WHERE {f}",
-                        self.publication
-                    ),
+                    )
+                } else {
+                    format!(
+                        "ALTER PUBLICATION {} SET TABLE {}",
+                        self.publication,
+                        super::published_tables(self.partition)
+                    )
                 },
             )
         });

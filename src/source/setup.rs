@@ -294,12 +294,13 @@ pub async fn ensure_publication(
 /// The publication's tables as walcast creates them: `content` whole (every partition's
 /// cache must be complete), `engagement_events` with the partition's row filter.
 pub fn published_tables(partition: Partition) -> String {
-    match partition.row_filter() {
-        None => format!("public.{CONTENT_TABLE}, public.{EVENTS_TABLE}"),
-        Some(_) => format!(
+    if partition.is_whole() {
+        format!("public.{CONTENT_TABLE}, public.{EVENTS_TABLE}")
+    } else {
+        format!(
             "public.{CONTENT_TABLE}, public.{EVENTS_TABLE} WHERE ({})",
             partition.condition()
-        ),
+        )
     }
 }
 
@@ -377,10 +378,8 @@ async fn publish_tables(
         Some(_) => {}
     }
     for table in [CONTENT_TABLE, EVENTS_TABLE] {
-        let expected = match table {
-            EVENTS_TABLE => partition.row_filter(),
-            _ => None,
-        };
+        // `content` is published whole to every partition.
+        let filtered = table == EVENTS_TABLE && !partition.is_whole();
         let published = client
             .query_opt(
                 "SELECT rowfilter FROM pg_publication_tables \
@@ -391,9 +390,10 @@ async fn publish_tables(
             .context("looking up the publication's tables")?;
         match published {
             None => {
-                let filter = match &expected {
-                    Some(_) => format!(" WHERE ({})", partition.condition()),
-                    None => String::new(),
+                let filter = if filtered {
+                    format!(" WHERE ({})", partition.condition())
+                } else {
+                    String::new()
                 };
                 let sql =
                     format!("ALTER PUBLICATION {publication} ADD TABLE public.{table}{filter}");
@@ -407,7 +407,12 @@ async fn publish_tables(
             }
             Some(row) => {
                 let found: Option<String> = row.get(0);
-                if found != expected {
+                let expected = if filtered {
+                    partition
+                } else {
+                    Partition::WHOLE
+                };
+                if !expected.matches_row_filter(found.as_deref()) {
                     return Err(filter_mismatch(publication, table, partition, found));
                 }
             }
@@ -424,25 +429,30 @@ fn filter_mismatch(
     partition: Partition,
     found: Option<String>,
 ) -> SetupError {
-    let expected = partition.row_filter();
-    let fix = match (table, &expected) {
-        (EVENTS_TABLE, Some(_)) => format!(
+    let filtered = table == EVENTS_TABLE && !partition.is_whole();
+    let fix = if filtered {
+        format!(
             "Publication names are per partition (WALCAST_PUBLICATION with _<i>); if it is \
              walcast's, drop it (walcast teardown with the same WALCAST_PARTITIONS and \
              WALCAST_PARTITION) and start again, or run as its owner: ALTER PUBLICATION \
              {publication} SET TABLE {}",
             published_tables(partition)
-        ),
-        _ => format!(
+        )
+    } else {
+        format!(
             "Remove the filter as the tables' owner: ALTER PUBLICATION {publication} SET TABLE {}",
             published_tables(partition)
-        ),
+        )
     };
     SetupError::PublicationFilter {
         publication: publication.to_owned(),
         table,
         found: found.unwrap_or_else(|| "nothing".to_owned()),
-        expected: expected.unwrap_or_else(|| "no filter".to_owned()),
+        expected: if filtered {
+            partition.condition()
+        } else {
+            "no filter".to_owned()
+        },
         fix,
     }
 }
