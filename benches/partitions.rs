@@ -57,16 +57,11 @@ async fn main() {
         .await
         .unwrap();
     let end_lsn = load_backlog(&db, events, ZIPF_USER).await;
-    let last_ids: Vec<i64> = db
-        .query(
-            "SELECT max(id) FROM engagement_events GROUP BY id % 2 ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let last_ids: Vec<i64> = support::column(
+        &db,
+        "SELECT max(id) FROM engagement_events GROUP BY id % 2 ORDER BY 1",
+    )
+    .await;
 
     let recvlogical = find_binary("pg_recvlogical", "postgresql-client");
     let before = children_cpu(pg.pid());

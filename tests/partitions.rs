@@ -2,14 +2,14 @@
 //! each its own slot, publication row filter and checkpoints, sharing the sinks, every
 //! event once in each sink across kill -9 of either instance.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::support::{
-    Env, Redis, Stack, Walcast, count, episode_sql, eventually, load_plays, metric, scalar,
+    Env, Redis, Stack, Walcast, column, count, episode_sql, eventually, load_plays, metric, scalar,
     scrape_metrics,
 };
-use crate::webhook::{Receiver, Reply, event_ids};
+use crate::webhook::{Receiver, Reply};
 
 const WAIT: Duration = Duration::from_secs(60);
 const PARTITIONS: u32 = 2;
@@ -137,16 +137,8 @@ async fn two_partitions_deliver_every_event_once_across_kill_9_of_each() {
         "an event delivered under two keys"
     );
     assert_eq!(unique.len() as i64, expected, "webhook");
-    let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
-    for request in receiver.requests() {
-        for id in event_ids(&request.body) {
-            keys_of.entry(id).or_default().insert(request.key.clone());
-        }
-    }
-    assert!(
-        keys_of.values().all(|keys| keys.len() == 1),
-        "an event sent under two keys"
-    );
+    let twice = receiver.under_two_keys();
+    assert!(twice.is_empty(), "events sent under two keys: {twice:?}");
     // The shared aggregate is exact: one row, every event and user counted once.
     assert_eq!(
         scalar(
@@ -158,16 +150,11 @@ async fn two_partitions_deliver_every_event_once_across_kill_9_of_each() {
         0
     );
     // Each partition keeps its own checkpoints.
-    let checkpoints: Vec<String> = facts
-        .query(
-            "SELECT sink FROM analytics.walcast_checkpoint ORDER BY sink",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let checkpoints: Vec<String> = column(
+        &facts,
+        "SELECT sink FROM analytics.walcast_checkpoint ORDER BY sink",
+    )
+    .await;
     assert_eq!(
         checkpoints,
         ["postgres:0", "postgres:1", "webhook:0", "webhook:1"]

@@ -87,6 +87,28 @@ impl Receiver {
     }
 }
 
+impl Receiver {
+    /// The idempotency keys each event travelled under, over every request.
+    pub(crate) fn keys_by_event(&self) -> BTreeMap<i64, BTreeSet<String>> {
+        let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+        for request in self.requests() {
+            for id in event_ids(&request.body) {
+                keys_of.entry(id).or_default().insert(request.key.clone());
+            }
+        }
+        keys_of
+    }
+
+    /// Up to five events that travelled under more than one key, with their keys.
+    pub(crate) fn under_two_keys(&self) -> Vec<(i64, BTreeSet<String>)> {
+        self.keys_by_event()
+            .into_iter()
+            .filter(|(_, keys)| keys.len() > 1)
+            .take(5)
+            .collect()
+    }
+}
+
 pub(crate) fn event_ids(body: &[u8]) -> Vec<i64> {
     let value: serde_json::Value = serde_json::from_slice(body).unwrap();
     value["events"]
@@ -190,14 +212,9 @@ async fn every_event_arrives_in_order_and_a_kill_9_resends_under_the_same_key() 
     let delivered = receiver.delivered();
     assert_eq!(delivered, expected, "each event once, in commit order");
     // However often a batch was sent, its events always travelled under one key.
-    let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
-    for request in receiver.requests() {
-        for id in event_ids(&request.body) {
-            keys_of.entry(id).or_default().insert(request.key.clone());
-        }
-    }
-    let resent: Vec<_> = keys_of.iter().filter(|(_, keys)| keys.len() > 1).collect();
+    let resent = receiver.under_two_keys();
     assert!(resent.is_empty(), "events sent under two keys: {resent:?}");
+    let keys_of = receiver.keys_by_event();
     let requests = receiver.requests();
     for request in &requests {
         let signature = request.signature.as_deref().expect("signed");
@@ -522,17 +539,7 @@ async fn replication_reconnects_send_no_event_under_two_keys() {
         || async { receiver.delivered().len() >= expected.len() },
     )
     .await;
-    let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
-    for request in receiver.requests() {
-        for id in event_ids(&request.body) {
-            keys_of.entry(id).or_default().insert(request.key.clone());
-        }
-    }
-    let twice: Vec<_> = keys_of
-        .iter()
-        .filter(|(_, keys)| keys.len() > 1)
-        .take(5)
-        .collect();
+    let twice = receiver.under_two_keys();
     assert!(twice.is_empty(), "events sent under two keys: {twice:?}");
     assert_eq!(
         receiver.delivered(),
@@ -728,16 +735,8 @@ async fn a_failing_webhook_holds_back_neither_redis_nor_the_slot() {
         in_commit_order,
         "each event once, in commit order"
     );
-    let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
-    for request in receiver.requests() {
-        for id in event_ids(&request.body) {
-            keys_of.entry(id).or_default().insert(request.key.clone());
-        }
-    }
-    assert!(
-        keys_of.values().all(|keys| keys.len() == 1),
-        "an event sent under two keys"
-    );
+    let twice = receiver.under_two_keys();
+    assert!(twice.is_empty(), "events sent under two keys: {twice:?}");
 }
 
 /// A backfill over events the webhook got from the stream sends them no second time (under
@@ -783,11 +782,6 @@ async fn a_backfill_sends_only_what_the_stream_did_not() {
     })
     .await;
     assert_eq!(receiver.delivered(), expected, "every event once");
-    let mut keys_of: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
-    for request in receiver.requests() {
-        for id in event_ids(&request.body) {
-            keys_of.entry(id).or_default().insert(request.key.clone());
-        }
-    }
-    assert!(keys_of.values().all(|keys| keys.len() == 1), "{keys_of:?}");
+    let twice = receiver.under_two_keys();
+    assert!(twice.is_empty(), "events sent under two keys: {twice:?}");
 }

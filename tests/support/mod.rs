@@ -1057,6 +1057,20 @@ pub async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
         .get(0)
 }
 
+/// The first column of every row a query returns.
+pub async fn column<T>(client: &tokio_postgres::Client, sql: &str) -> Vec<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 /// What [`redis_dump`] keeps of each key.
 #[derive(Clone, Copy)]
 pub enum Dump {
