@@ -303,3 +303,48 @@ async fn each_partition_rebuilds_its_share_of_a_redis_that_restarted_empty() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Going from one instance to two, as the README says: stop it, start the partitions
+/// (new slots, from now), backfill each partition's share (the sinks skip what they hold),
+/// tear the old slot down. Nothing committed in between is lost, nothing is doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn going_from_one_instance_to_two_loses_and_doubles_nothing() {
+    let s = Stack::start(Redis::start().await, &episode_sql()).await;
+    let mut single = s.run();
+    load_plays(&s.db, 3_000, 100).await;
+    eventually("the events in Redis", WAIT, || async {
+        s.redis.total().await == 3_000
+    })
+    .await;
+    single.terminate().await;
+    // Committed while nothing streams, and no new slot exists yet: only the table has them.
+    load_plays(&s.db, 1_000, 100).await;
+    let envs: Vec<Env> = (0..PARTITIONS).map(|i| partition_env(&s, i)).collect();
+    let _running: Vec<Walcast> = envs
+        .iter()
+        .map(|env| {
+            env.succeed(&["setup"]);
+            env.spawn_run()
+        })
+        .collect();
+    load_plays(&s.db, 1_000, 100).await;
+    for env in &envs {
+        env.succeed(&["backfill"]);
+    }
+    s.env.succeed(&["teardown"]);
+    eventually("every event in both sinks", WAIT, || async {
+        s.redis.total().await >= 5_000 && count(&s.db, "analytics.enriched_events").await >= 5_000
+    })
+    .await;
+    assert_eq!(s.redis.total().await, 5_000);
+    assert_eq!(count(&s.db, "analytics.enriched_events").await, 5_000);
+    let out = envs[0].output(&["verify"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    let slots: Vec<String> = column(
+        &s.db,
+        "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
+    )
+    .await;
+    assert_eq!(slots, ["walcast_0", "walcast_1"]);
+}
