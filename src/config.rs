@@ -286,14 +286,12 @@ impl Partition {
     /// The seq of the `local`-th change this partition decodes in a transaction:
     /// `local * count + index`, so the partitions' positions never coincide (each decodes
     /// only its own rows of a transaction, numbered from 0) and stay in order within each.
-    /// `None` past `u32`.
+    /// `None` past `i32::MAX`, the largest seq the analytics tables store (`INTEGER`).
     pub fn seq(self, local: u32) -> Option<u32> {
-        local.checked_mul(self.count)?.checked_add(self.index)
-    }
-
-    /// Whether event `id` is this partition's.
-    pub fn owns(self, id: i64) -> bool {
-        self.is_whole() || id.rem_euclid(i64::from(self.count)) == i64::from(self.index)
+        local
+            .checked_mul(self.count)?
+            .checked_add(self.index)
+            .filter(|seq| i32::try_from(*seq).is_ok())
     }
 }
 
@@ -981,7 +979,6 @@ mod tests {
         assert!(!third.matches_row_filter(Some("((id % (3)::bigint) = 1)")));
         assert!(!third.matches_row_filter(None));
         assert_eq!(third.condition(), "id % 3 = 2");
-        assert!(third.owns(5) && !third.owns(6));
     }
 
     #[test]
@@ -1000,6 +997,13 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), n);
         assert_eq!(parts[1].seq(u32::MAX / 2), None, "past u32 is refused");
+        let last = (i32::MAX as u32 - 1) / 3;
+        assert_eq!(parts[1].seq(last), Some(last * 3 + 1));
+        assert_eq!(
+            parts[1].seq(last + 1),
+            None,
+            "past what INTEGER holds is refused"
+        );
     }
 
     #[test]

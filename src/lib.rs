@@ -108,7 +108,7 @@ pub enum Error {
     EventsTruncated { commit_lsn: lsn::Lsn },
     #[error(
         "the transaction committing at {commit_lsn} has more changes than positions fit in \
-         (seq is 32 bits, shared by {partitions} partitions): walcast stops rather than give \
+         (seq is stored as a 31-bit INTEGER, shared by {partitions} partitions): walcast stops rather than give \
          two events one position; run with fewer WALCAST_PARTITIONS"
     )]
     PositionsExhausted {
