@@ -397,48 +397,120 @@ impl RedisArgs {
                 format!("the URL has more than one @ before its host; {PERCENT_ENCODING_HINT}"),
             ));
         }
-        self.client().map(drop)
+        self.target().map(drop)
     }
 
-    /// A client for the configured Redis: the URL, the password file, and for `rediss://`
-    /// the CA and client certificate files, read now (nothing is connected yet).
-    pub fn client(&self) -> Result<redis::Client, ConfigError> {
-        use redis::IntoConnectionInfo as _;
-        const URL: &str = "WALCAST_REDIS_URL";
-        if self.redis_cluster.is_some() {
+    /// The configured Redis: a single server (`WALCAST_REDIS_URL`), or a Redis Cluster
+    /// (`WALCAST_REDIS_CLUSTER`, whose seeds take the same password and TLS settings). The
+    /// URLs, the password file, and for `rediss://` the CA and client certificate files, are
+    /// read now (nothing is connected yet).
+    pub fn target(&self) -> Result<RedisTarget, ConfigError> {
+        const SEEDS: &str = "WALCAST_REDIS_CLUSTER";
+        let Some(seeds) = self.redis_cluster.as_deref() else {
+            return self.client().map(RedisTarget::Single);
+        };
+        let urls: Vec<&str> = seeds
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if urls.is_empty() {
             return Err(invalid(
-                "WALCAST_REDIS_CLUSTER",
-                "Redis Cluster is not supported yet: the Redis sink writes each batch in one \
-                 MULTI/EXEC over keys of many hash slots, which a cluster refuses. Unset it and \
-                 give WALCAST_REDIS_URL a single Redis (a primary with replicas works)",
+                SEEDS,
+                "is empty: give the cluster's seed nodes, comma-separated \
+                 (redis://node-1:6379,redis://node-2:6379)",
             ));
         }
-        let mut info = self
-            .redis_url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| {
-                invalid(
-                    URL,
-                    format!(
-                        "{e}; expected redis://[user:password@]host[:port][/db] or rediss://…; \
+        let mut infos = Vec::with_capacity(urls.len());
+        for url in &urls {
+            if has_unencoded_at(url) {
+                return Err(invalid(
+                    SEEDS,
+                    format!("{url}: more than one @ before its host; {PERCENT_ENCODING_HINT}"),
+                ));
+            }
+            infos.push(self.connection_info(SEEDS, url)?);
+        }
+        let tls: Vec<bool> = infos.iter().map(is_tls).collect();
+        if tls.iter().any(|t| *t != tls[0]) {
+            return Err(invalid(
+                SEEDS,
+                "mixes redis:// and rediss:// seeds: a cluster's nodes all speak TLS or none do",
+            ));
+        }
+        let certificates = self.certificates(SEEDS, tls[0])?;
+        crate::tls::provider();
+        let mut builder = redis::cluster::ClusterClientBuilder::new(infos)
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(Duration::from_secs(30));
+        if let Some(certificates) = certificates {
+            builder = builder.certs(certificates);
+        }
+        builder
+            .build()
+            .map(RedisTarget::Cluster)
+            .map_err(|e| invalid(SEEDS, e.to_string()))
+    }
+
+    /// A client for the single Redis of `WALCAST_REDIS_URL` (see [`RedisArgs::target`]).
+    pub fn client(&self) -> Result<redis::Client, ConfigError> {
+        const URL: &str = "WALCAST_REDIS_URL";
+        let info = self.connection_info(URL, &self.redis_url)?;
+        let tls = is_tls(&info);
+        let certificates = self.certificates(URL, tls)?;
+        crate::tls::provider();
+        let built = match certificates {
+            Some(certificates) => redis::Client::build_with_tls(info, certificates),
+            None if tls => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: None,
+                },
+            ),
+            None => redis::Client::open(info),
+        };
+        built.map_err(|e| invalid(URL, e.to_string()))
+    }
+
+    /// `url` (of `setting`) parsed, with the password of `WALCAST_REDIS_PASSWORD_FILE`.
+    fn connection_info(
+        &self,
+        setting: &'static str,
+        url: &str,
+    ) -> Result<redis::ConnectionInfo, ConfigError> {
+        use redis::IntoConnectionInfo as _;
+        let mut info = url.into_connection_info().map_err(|e| {
+            invalid(
+                setting,
+                format!(
+                    "{e}; expected redis://[user:password@]host[:port][/db] or rediss://…; \
                      {PERCENT_ENCODING_HINT}"
-                    ),
-                )
-            })?;
+                ),
+            )
+        })?;
         if let Some(path) = &self.redis_password_file {
             const FILE: &str = "WALCAST_REDIS_PASSWORD_FILE";
             if info.redis_settings().password().is_some() {
                 return Err(invalid(
                     FILE,
-                    "WALCAST_REDIS_URL has a password too: keep it in one place (the file)",
+                    format!("{setting} has a password too: keep it in one place (the file)"),
                 ));
             }
             let password = read_secret(FILE, path)?;
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        Ok(info)
+    }
+
+    /// The CA and client certificates for TLS connections (`None`: none configured), read
+    /// now; refused for a server that `setting` does not reach over TLS.
+    fn certificates(
+        &self,
+        setting: &'static str,
+        tls: bool,
+    ) -> Result<Option<redis::TlsCertificates>, ConfigError> {
         let read = |setting: &'static str, path: &Path| {
             std::fs::read(path)
                 .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))
@@ -463,25 +535,30 @@ impl RedisArgs {
         };
         if !tls && (root_cert.is_some() || client_tls.is_some()) {
             return Err(invalid(
-                URL,
+                setting,
                 "is not a rediss:// URL, but WALCAST_REDIS_CA_FILE or WALCAST_REDIS_CERT_FILE is \
                  set: use rediss:// to connect with TLS",
             ));
         }
-        crate::tls::provider();
-        let built = if tls {
-            redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls,
-                    root_cert,
-                },
-            )
-        } else {
-            redis::Client::open(info)
-        };
-        built.map_err(|e| invalid(URL, e.to_string()))
+        Ok(
+            (root_cert.is_some() || client_tls.is_some()).then_some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            }),
+        )
     }
+}
+
+/// Whether `info` connects with TLS (`rediss://`).
+fn is_tls(info: &redis::ConnectionInfo) -> bool {
+    matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. })
+}
+
+/// Where the Redis sink writes: one server, or a Redis Cluster.
+#[derive(Clone)]
+pub enum RedisTarget {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
 }
 
 /// Which sinks receive events.
@@ -558,8 +635,9 @@ pub struct RedisArgs {
     #[arg(long, env = "WALCAST_REDIS_KEY_FILE")]
     pub redis_key_file: Option<PathBuf>,
 
-    /// Seed nodes of a Redis Cluster. Not supported yet: walcast refuses it rather than
-    /// write to WALCAST_REDIS_URL instead (see the README's "Scaling out").
+    /// Seed nodes of a Redis Cluster, comma-separated (redis://node-1:6379,redis://node-2:6379):
+    /// the Redis sink then writes to the cluster, and WALCAST_REDIS_URL is not used. The
+    /// password file and the TLS settings apply to every node.
     #[arg(long, env = "WALCAST_REDIS_CLUSTER", hide_env_values = true)]
     pub redis_cluster: Option<String>,
 }
@@ -1047,11 +1125,22 @@ mod tests {
             redis_cluster: Some("redis://node-1:6379,redis://node-2:6379".to_owned()),
             ..redis("redis://cache:6379")
         };
-        let message = cluster.validate().unwrap_err().to_string();
-        assert!(
-            message.contains("WALCAST_REDIS_CLUSTER") && message.contains("not supported"),
-            "{message}"
-        );
+        assert!(matches!(cluster.target(), Ok(RedisTarget::Cluster(_))));
+        for (seeds, says) in [
+            (" , ", "is empty"),
+            ("redis://node-1:6379,rediss://node-2:6379", "mixes"),
+            ("redis://:p@ss@node-1:6379", "percent-encode"),
+        ] {
+            let bad = RedisArgs {
+                redis_cluster: Some(seeds.to_owned()),
+                ..redis("redis://cache:6379")
+            };
+            let message = bad.validate().unwrap_err().to_string();
+            assert!(
+                message.contains("WALCAST_REDIS_CLUSTER") && message.contains(says),
+                "{seeds}: {message}"
+            );
+        }
         let message = redis("redis://:p@ss@cache:6379")
             .validate()
             .unwrap_err()

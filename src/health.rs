@@ -264,6 +264,11 @@ pub enum Probe {
         client: redis::Client,
         conn: Option<redis::aio::MultiplexedConnection>,
     },
+    /// A Redis Cluster: answered when the node of a random slot answers `PING`.
+    RedisCluster {
+        client: redis::cluster::ClusterClient,
+        conn: Option<redis::cluster_async::ClusterConnection>,
+    },
     Postgres {
         config: Box<crate::pg::Target>,
         client: Option<tokio_postgres::Client>,
@@ -275,6 +280,10 @@ pub enum Probe {
 impl Probe {
     pub fn redis(client: redis::Client) -> Self {
         Probe::Redis { client, conn: None }
+    }
+
+    pub fn redis_cluster(client: redis::cluster::ClusterClient) -> Self {
+        Probe::RedisCluster { client, conn: None }
     }
 
     pub fn postgres(config: crate::pg::Target) -> Self {
@@ -292,6 +301,7 @@ impl Probe {
             // Start over with a fresh connection next time.
             match self {
                 Probe::Redis { conn, .. } => *conn = None,
+                Probe::RedisCluster { conn, .. } => *conn = None,
                 Probe::Postgres { client, .. } => *client = None,
                 Probe::Deliveries => {}
             }
@@ -306,6 +316,22 @@ impl Probe {
                     *conn = Some(
                         client
                             .get_multiplexed_async_connection()
+                            .await
+                            .map_err(|e| crate::error::Chain(&e).to_string())?,
+                    );
+                }
+                let conn = conn.as_mut().expect("connected above");
+                redis::cmd("PING")
+                    .query_async::<String>(conn)
+                    .await
+                    .map(drop)
+                    .map_err(|e| crate::error::Chain(&e).to_string())
+            }
+            Probe::RedisCluster { client, conn } => {
+                if conn.is_none() {
+                    *conn = Some(
+                        client
+                            .get_async_connection()
                             .await
                             .map_err(|e| crate::error::Chain(&e).to_string())?,
                     );

@@ -8,7 +8,6 @@ use walcast::config::{
     SourceArgs, SourceUrl, WebhookEndpoint,
 };
 use walcast::shutdown::{self, CancellationToken};
-use walcast::sink::redis as redis_sink;
 use walcast::{source, verify};
 
 /// PostgreSQL change-data-capture for engagement analytics.
@@ -298,7 +297,7 @@ async fn dispatch(command: Command) -> anyhow::Result<Outcome> {
         }
         Command::Top(args) => {
             args.redis.validate()?;
-            let mut conn = redis_sink::connect(args.redis.client()?).await?;
+            let mut conn = walcast::query::Connection::open(args.redis.target()?).await?;
             let entries =
                 walcast::query::top(&mut conn, args.minutes, args.limit, chrono::Utc::now())
                     .await?;
@@ -387,7 +386,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
         );
     }
     if sinks.contains(SinkKind::Redis) {
-        let mut conn = redis_sink::connect(redis_args.client()?).await?;
+        let mut conn = walcast::query::Connection::open(redis_args.target()?).await?;
         report.redis_total = Some(
             walcast::query::total(&mut conn)
                 .await

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{AnalyticsArgs, RedisArgs, SinkArgs, SinkKind, SourceArgs};
+use crate::config::{AnalyticsArgs, RedisArgs, RedisTarget, SinkArgs, SinkKind, SourceArgs};
 use crate::lsn::{Lsn, Position};
+use crate::sink::AnySink;
 use crate::sink::Sink;
 use crate::sink::redis::RedisSink;
+use crate::sink::redis_cluster::RedisClusterSink;
 use crate::source;
 use crate::state::{PgState, StateStore};
 
@@ -206,10 +208,18 @@ async fn read_checkpoint(
 ) -> Result<Stored, String> {
     match kind {
         SinkKind::Redis => {
-            let client = redis
-                .client()
-                .map_err(|e| crate::error::Chain(&e).to_string())?;
-            let mut sink = RedisSink::new(client).for_partition(source_args.partition());
+            let partition = source_args.partition();
+            let mut sink = match redis
+                .target()
+                .map_err(|e| crate::error::Chain(&e).to_string())?
+            {
+                RedisTarget::Single(client) => {
+                    AnySink::Redis(RedisSink::new(client).for_partition(partition))
+                }
+                RedisTarget::Cluster(client) => {
+                    AnySink::RedisCluster(RedisClusterSink::new(client).for_partition(partition))
+                }
+            };
             sink.open()
                 .await
                 .map_err(|e| crate::error::Chain(&e).to_string())?;

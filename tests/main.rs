@@ -9,6 +9,7 @@ mod support;
 
 mod analytics;
 mod backfill;
+mod cluster;
 mod demo;
 mod deployment;
 mod generate;

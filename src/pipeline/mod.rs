@@ -112,7 +112,10 @@ pub async fn run_with_faults(
     )
     .await?;
     let Some(Opened {
-        sinks, checkpoints, ..
+        sinks,
+        checkpoints,
+        lost,
+        ..
     }) = opened
     else {
         tracing::info!("stopped before every sink was reachable; nothing was read");
@@ -138,7 +141,7 @@ pub async fn run_with_faults(
         .into());
     }
     let durable = slot.confirmed_flush_lsn.unwrap_or_default();
-    if let Some((behind, ahead)) = rebuild::behind(&checkpoints, durable) {
+    if let Some((behind, ahead)) = rebuild::behind(&checkpoints, durable, &lost) {
         tracing::warn!(
             sinks = ?behind, holds = %ahead, slot = %durable,
             "a sink holds less than the others and the slot have confirmed (it restarted \
@@ -336,6 +339,9 @@ pub(crate) struct Opened {
     pub cursors: Vec<Option<i64>>,
     /// Each sink's name and checkpoint, in the sinks' order.
     pub checkpoints: Vec<(&'static str, Option<Position>)>,
+    /// Sinks that found at start that part of them lost confirmed writes, with the
+    /// position a rebuild restores ([`Sink::lost_writes`]).
+    pub lost: Vec<(&'static str, Position)>,
 }
 
 /// Connects every configured sink and reads its checkpoint, so a sink that cannot start
@@ -358,6 +364,7 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
     let mut sinks = Sinks::new(limits, Arc::clone(health));
     let mut cursors = Vec::new();
     let mut checkpoints = Vec::new();
+    let mut lost = Vec::new();
     for mut sink in built {
         let name = sink.name();
         let mut attempt: u32 = 0;
@@ -396,6 +403,7 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
         };
         tracing::info!(sink = name, checkpoint = ?checkpoint.map(|p| p.to_string()), "sink ready");
         checkpoints.push((name, checkpoint));
+        lost.extend(sink.lost_writes().map(|position| (name, position)));
         match faults.and_then(|faults| faults.plan(name)) {
             Some(plan) => sinks.add(Faulty::new(sink, plan)),
             None => sinks.add(sink),
@@ -405,5 +413,6 @@ pub(crate) async fn open_sinks<S: Future<Output = ()> + Unpin>(
         sinks,
         cursors,
         checkpoints,
+        lost,
     }))
 }

@@ -29,7 +29,7 @@
 
 use std::future::Future;
 
-use crate::config::{BackfillConfig, Destinations, RunConfig, SinkKind};
+use crate::config::{BackfillConfig, Destinations, RedisTarget, RunConfig, SinkKind};
 use crate::lsn::{Lsn, Position, SourceId};
 use crate::sink::{self, SinkError};
 use crate::state::{PgState, StateStore};
@@ -38,7 +38,27 @@ use crate::{Error, backfill};
 /// The sinks that are behind, and the highest checkpoint any sink holds (what a rebuild
 /// brings them to: every row up to it committed before the rebuild's snapshot). Only
 /// Redis and the analytics sink are judged (see the module doc).
+/// A sink that found itself partly behind (`lost`: a Redis Cluster slot) is rebuilt too.
 pub(crate) fn behind(
+    checkpoints: &[(&'static str, Option<Position>)],
+    slot_confirmed: Lsn,
+    lost: &[(&'static str, Position)],
+) -> Option<(Vec<&'static str>, Position)> {
+    let by_checkpoints = behind_by_checkpoints(checkpoints, slot_confirmed);
+    if lost.is_empty() {
+        return by_checkpoints;
+    }
+    let (mut behind, mut ahead) = by_checkpoints.unwrap_or((Vec::new(), lost[0].1));
+    for (name, position) in lost {
+        if !behind.contains(name) {
+            behind.push(name);
+        }
+        ahead = ahead.max(*position);
+    }
+    Some((behind, ahead))
+}
+
+fn behind_by_checkpoints(
     checkpoints: &[(&'static str, Option<Position>)],
     slot_confirmed: Lsn,
 ) -> Option<(Vec<&'static str>, Position)> {
@@ -106,13 +126,15 @@ pub(crate) async fn rebuild(
     for name in sinks {
         match *name {
             sink::redis::NAME => {
-                sink::redis::raise_checkpoint(
-                    config.destinations.redis.client()?,
-                    &sink::redis::checkpoint_key(config.source.partition()),
-                    ahead,
-                    source_id,
-                )
-                .await
+                let key = sink::redis::checkpoint_key(config.source.partition());
+                match config.destinations.redis.target()? {
+                    RedisTarget::Single(client) => {
+                        sink::redis::raise_checkpoint(client, &key, ahead, source_id).await
+                    }
+                    RedisTarget::Cluster(client) => {
+                        sink::redis_cluster::raise_checkpoint(client, &key, ahead, source_id).await
+                    }
+                }
                 .map_err(start(name))?;
             }
             sink::postgres::NAME => {
@@ -147,37 +169,68 @@ mod tests {
     fn a_sink_below_what_another_holds_and_the_slot_passed_is_behind() {
         // In step, or ahead of the slot (applied, not yet acknowledged): nothing behind.
         assert_eq!(
-            behind(&[("redis", at(100, 3)), ("postgres", at(100, 3))], Lsn(200)),
+            behind(
+                &[("redis", at(100, 3)), ("postgres", at(100, 3))],
+                Lsn(200),
+                &[]
+            ),
             None
         );
         assert_eq!(
-            behind(&[("redis", at(100, 3)), ("postgres", at(300, 0))], Lsn(200)),
+            behind(
+                &[("redis", at(100, 3)), ("postgres", at(300, 0))],
+                Lsn(200),
+                &[]
+            ),
             None
         );
         // Redis emptied, or restored from an older snapshot.
         assert_eq!(
-            behind(&[("redis", None), ("postgres", at(100, 3))], Lsn(200)),
+            behind(&[("redis", None), ("postgres", at(100, 3))], Lsn(200), &[]),
             Some((vec!["redis"], Position::new(Lsn(100), 3)))
         );
         assert_eq!(
-            behind(&[("redis", at(50, 9)), ("postgres", at(100, 3))], Lsn(200)),
+            behind(
+                &[("redis", at(50, 9)), ("postgres", at(100, 3))],
+                Lsn(200),
+                &[]
+            ),
             Some((vec!["redis"], Position::new(Lsn(100), 3)))
         );
         // Emptied while the other sink is already past the slot: still behind, brought to
         // what the other holds.
         assert_eq!(
-            behind(&[("redis", None), ("postgres", at(300, 0))], Lsn(200)),
+            behind(&[("redis", None), ("postgres", at(300, 0))], Lsn(200), &[]),
             Some((vec!["redis"], Position::new(Lsn(300), 0)))
         );
         // A first start: nobody holds anything.
         assert_eq!(
-            behind(&[("redis", None), ("postgres", None)], Lsn(200)),
+            behind(&[("redis", None), ("postgres", None)], Lsn(200), &[]),
             None
         );
         // The webhook is not judged.
         assert_eq!(
-            behind(&[("webhook", None), ("postgres", at(100, 3))], Lsn(200)),
+            behind(
+                &[("webhook", None), ("postgres", at(100, 3))],
+                Lsn(200),
+                &[]
+            ),
             None
+        );
+        // A sink that lost part of its writes is rebuilt to what it held, alone or with
+        // one the checkpoints show behind.
+        let held = at(100, 3).unwrap();
+        assert_eq!(
+            behind(&[("redis", Some(held))], Lsn(200), &[("redis", held)]),
+            Some((vec!["redis"], held))
+        );
+        assert_eq!(
+            behind(
+                &[("redis", Some(held)), ("postgres", None)],
+                Lsn(200),
+                &[("redis", held)]
+            ),
+            Some((vec!["postgres", "redis"], held))
         );
     }
 }

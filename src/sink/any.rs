@@ -11,13 +11,14 @@
 //!
 //! Adding a sink means a [`SinkKind`], its module, and one arm here.
 
-use crate::config::{ConfigError, Destinations, SinkKind, SourceArgs};
+use crate::config::{ConfigError, Destinations, RedisTarget, SinkKind, SourceArgs};
 use crate::event::Batch;
 use crate::health::Probe;
 use crate::lsn::{Position, SourceId};
 
 use super::postgres::PostgresSink;
 use super::redis::RedisSink;
+use super::redis_cluster::RedisClusterSink;
 use super::webhook::WebhookSink;
 use super::{Sink, SinkError};
 
@@ -25,6 +26,7 @@ use super::{Sink, SinkError};
 #[allow(clippy::large_enum_variant)]
 pub enum AnySink {
     Redis(RedisSink),
+    RedisCluster(RedisClusterSink),
     Postgres(PostgresSink),
     Webhook(WebhookSink),
 }
@@ -38,9 +40,14 @@ pub fn build(
     let partition = source.partition();
     let analytics = || to.analytics.pg_config(&source.url);
     Ok(match kind {
-        SinkKind::Redis => {
-            AnySink::Redis(RedisSink::new(to.redis.client()?).for_partition(partition))
-        }
+        SinkKind::Redis => match to.redis.target()? {
+            RedisTarget::Single(client) => {
+                AnySink::Redis(RedisSink::new(client).for_partition(partition))
+            }
+            RedisTarget::Cluster(client) => {
+                AnySink::RedisCluster(RedisClusterSink::new(client).for_partition(partition))
+            }
+        },
         SinkKind::Postgres => {
             AnySink::Postgres(PostgresSink::new(analytics()?).for_partition(partition))
         }
@@ -68,6 +75,7 @@ macro_rules! each {
     ($any:expr, $sink:ident => $call:expr) => {
         match $any {
             AnySink::Redis($sink) => $call,
+            AnySink::RedisCluster($sink) => $call,
             AnySink::Postgres($sink) => $call,
             AnySink::Webhook($sink) => $call,
         }
@@ -105,6 +113,10 @@ impl Sink for AnySink {
 
     async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
         each!(self, sink => sink.checkpoint().await)
+    }
+
+    fn lost_writes(&self) -> Option<Position> {
+        each!(self, sink => sink.lost_writes())
     }
 
     async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {

@@ -17,6 +17,7 @@ mod any;
 pub mod fault;
 pub mod postgres;
 pub mod redis;
+pub mod redis_cluster;
 pub mod webhook;
 
 pub use any::{AnySink, BuildError, build};
@@ -79,6 +80,13 @@ pub trait Sink: Send + 'static {
     ) -> impl Future<Output = Result<(), SinkError>> + Send {
         let _ = current;
         async { Ok(()) }
+    }
+
+    /// Found by [`Sink::checkpoint`]: part of the sink lost writes that were confirmed
+    /// (a Redis Cluster slot that failed over to a replica that was behind), although its
+    /// checkpoint did not; the position is that checkpoint, which a rebuild restores.
+    fn lost_writes(&self) -> Option<Position> {
+        None
     }
 
     /// The highest position this sink has durably applied, read at start-up.

@@ -66,9 +66,9 @@ pub const BUCKET_RETENTION_SECONDS: i64 = 2 * 3600;
 /// The prefix of the backfill cursor keys.
 pub const BACKFILL_KEY_PREFIX: &str = "walcast:backfill:";
 /// `MAXLEN ~` of the `events:{event_type}` streams.
-const STREAM_MAXLEN: u64 = 100_000;
+pub(super) const STREAM_MAXLEN: u64 = 100_000;
 /// Length of the `content:{content_id}:events` lists.
-const LIST_LENGTH: usize = 100;
+pub(super) const LIST_LENGTH: usize = 100;
 /// Ids per `walcast:ids:{n}` bitmap: 2^23, 1 MiB each.
 const IDS_PER_SHARD: i64 = 1 << 23;
 /// Values passed to the script per event.
@@ -199,7 +199,7 @@ pub struct RedisSink {
 /// The stored checkpoint `LLLLLLLLLLLLLLLL:SSSSSSSS[|<system id>/<timeline>]`: a fixed-width
 /// position first, so checkpoints still compare as strings, then the WAL history it
 /// belongs to.
-fn parse_checkpoint(stored: &str) -> Result<(Position, Option<SourceId>), SinkError> {
+pub(super) fn parse_checkpoint(stored: &str) -> Result<(Position, Option<SourceId>), SinkError> {
     let position = Position::from_sortable(stored)
         .ok_or_else(|| SinkError::BadCheckpoint(stored.to_owned()))?;
     let source = stored
@@ -211,7 +211,7 @@ fn parse_checkpoint(stored: &str) -> Result<(Position, Option<SourceId>), SinkEr
 /// Events per `MULTI`/`EXEC`. Redis runs a transaction start to end, keeping every reader
 /// waiting meanwhile: 500 events take it a few milliseconds. It also bounds the memory a
 /// write holds encoded.
-const CHUNK_EVENTS: usize = 500;
+pub(super) const CHUNK_EVENTS: usize = 500;
 
 /// How often a chunk is tried with `WATCH` before the script applies it.
 const WATCH_ATTEMPTS: usize = 3;
@@ -519,18 +519,18 @@ fn ids_key(shard: i64) -> String {
 }
 
 /// What the sink writes for one event, worked out once for either way of writing it.
-struct Planned<'a> {
-    event: &'a EnrichedEvent,
+pub(super) struct Planned<'a> {
+    pub(super) event: &'a EnrichedEvent,
     /// The minute bucket, unless it has already expired.
-    minute: Option<String>,
+    pub(super) minute: Option<String>,
     /// When the minute's bucket expires (unix seconds).
-    expires_at: i64,
+    pub(super) expires_at: i64,
     /// Whether it joins the recent lists and the stream.
-    recent: bool,
+    pub(super) recent: bool,
 }
 
 impl<'a> Planned<'a> {
-    fn new(event: &'a EnrichedEvent, now: i64, backfill: bool) -> Self {
+    pub(super) fn new(event: &'a EnrichedEvent, now: i64, backfill: bool) -> Self {
         let minute_start = event
             .event_ts
             .duration_trunc(ChronoDuration::minutes(1))
@@ -548,17 +548,17 @@ impl<'a> Planned<'a> {
 
     /// The event type as the stream name and counter field take it (bounded, see
     /// [`key_part`]).
-    fn event_type(&self) -> &str {
+    pub(super) fn event_type(&self) -> &str {
         key_part(self.event.event_type.as_deref().unwrap_or("unknown"))
     }
 
-    fn device(&self) -> &str {
+    pub(super) fn device(&self) -> &str {
         key_part(self.event.device.as_deref().unwrap_or("unknown"))
     }
 }
 
 /// Where backfill `job`'s cursor is kept.
-fn backfill_key(job: &str) -> String {
+pub(super) fn backfill_key(job: &str) -> String {
     format!("{BACKFILL_KEY_PREFIX}{job}")
 }
 

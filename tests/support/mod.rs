@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use walcast::throwaway;
 
+pub mod cluster;
+
 /// Polls `check` every 20 ms until it returns true; panics with `what` after `timeout`.
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where

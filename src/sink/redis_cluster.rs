@@ -1,0 +1,752 @@
+//! The Redis sink on a Redis Cluster (`WALCAST_REDIS_CLUSTER`): the same keys as on one
+//! Redis (see [`super::redis`]), written so that every atomic write touches one hash slot.
+//!
+//! A cluster refuses a transaction or script over keys of more than one slot, so a write
+//! is split by slot: each slot's share of a chunk of events is one Lua script on the node
+//! that serves the slot (the cluster client follows `MOVED` and `ASK` through resharding
+//! and failovers), and the scripts of one chunk run at the same time. A crash can then
+//! leave a chunk applied in some slots and not in others, so each slot guards its own
+//! writes, with keys in that slot:
+//!
+//! | key written | guard (in the key's slot) |
+//! |---|---|
+//! | `event:{id}` | none: `SET` of the same JSON is idempotent |
+//! | `stats:events`, `events:{event_type}`, `top:minute:{…}` | bit `id mod 2^16` of `walcast:applied:{<tag>}:<key>:<id div 2^16>`, a bitmap of the ids that key counted (8 KiB per 65,536 ids); a minute's bitmaps expire with its bucket |
+//! | `content:{content_id}:events` | the list itself: an id already in it is not pushed again |
+//!
+//! `<tag>` is a hash tag chosen to land in the key's slot ([`tag`]): a key's own name can
+//! hold braces (a content id), so its slot is not always that of `{<key>}`.
+//!
+//! **Checkpoints.** The stream's checkpoint stays `walcast:checkpoint:redis` (with its
+//! partition's suffix). It moves after every slot of a chunk applied it, in one `MULTI`
+//! with `{walcast:checkpoint:redis}:slots`, a hash of each slot written to the position of
+//! its last write. Each slot keeps that position itself too, in
+//! `walcast:checkpoint:redis:{<tag>}`, written by the same script as its data. A slot whose
+//! own position is below what the hash says lost writes that were confirmed: its primary
+//! failed over to a replica that was behind, or restarted empty. walcast notices on the
+//! slot's next write (the script returns the position it found) and stops; at start it
+//! compares every slot, and rebuilds only the slots that are behind, from the table, by
+//! the backfill path (the guards skip what the other slots have).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::OnceLock;
+
+use chrono::Utc;
+use futures_util::future::try_join_all;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+
+use super::redis::{
+    CHUNK_EVENTS, EVENT_TTL_SECONDS, LIST_LENGTH, NAME, Planned, STREAM_MAXLEN, backfill_key, keys,
+    parse_checkpoint,
+};
+use super::{Progress, Sink, SinkError};
+use crate::event::Batch;
+use crate::health::Probe;
+use crate::lsn::{Position, SourceId};
+
+/// Hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16384;
+/// Ids per guard bitmap: 2^16, 8 KiB each.
+const IDS_PER_GUARD: i64 = 1 << 16;
+/// Values passed to the slot script per operation.
+const ARGS_PER_OP: usize = 7;
+
+/// The hash slot of `key`, as Redis Cluster computes it: CRC16 (XMODEM) of the key's hash
+/// tag (what is between its first `{` and the next `}`, when not empty), or of the key.
+pub fn slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|b| *b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % SLOTS
+}
+
+/// A short string whose slot is `slot`: `{<tag>}` in a key puts the key in that slot.
+pub fn tag(slot: u16) -> &'static str {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        // Numbers in base 36 until every slot has one: about 170,000 tries, once.
+        let mut tags = vec![String::new(); usize::from(SLOTS)];
+        let mut missing = tags.len();
+        let mut n: u64 = 0;
+        while missing > 0 {
+            let candidate = base36(n);
+            let at = usize::from(self::slot(candidate.as_bytes()));
+            if tags[at].is_empty() {
+                tags[at] = candidate;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    &tags[usize::from(slot % SLOTS)]
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii digits")
+}
+
+/// `<checkpoint>:{<tag>}`: slot `slot`'s own record of its last write.
+fn slot_checkpoint_key(checkpoint_key: &str, slot: u16) -> String {
+    format!("{checkpoint_key}:{{{}}}", tag(slot))
+}
+
+/// `{<checkpoint>}:slots`: in the checkpoint's slot, each slot's last write.
+fn slots_key(checkpoint_key: &str) -> String {
+    format!("{{{checkpoint_key}}}:slots")
+}
+
+/// The bitmap in `key`'s slot of the ids that `key` counted, for `id`'s range.
+fn guard_key(key: &str, key_slot: u16, id: i64) -> String {
+    format!(
+        "walcast:applied:{{{}}}:{key}:{}",
+        tag(key_slot),
+        id.div_euclid(IDS_PER_GUARD)
+    )
+}
+
+/// KEYS[1] = the slot's checkpoint; ARGV[1] = 'stream' or 'backfill'; ARGV[2] = the
+/// position the slot's checkpoint moves to (stream); ARGV[3] = the checkpoint this process
+/// last wrote there ('' for none); ARGV[4] = operation count; then per operation: kind,
+/// key index, guard index (0: none), bit offset, and three values.
+///
+/// Kinds: `e` sets `event:{id}` (value 1: the JSON); `s` counts into `stats:events`
+/// (values: the type field, the device field); `x` appends to a stream (the JSON); `t` adds
+/// to a leaderboard (the content id, hundredths of a second, the bucket's expiry); `l`
+/// pushes onto a recent list (the event id): not when it is there already, nor, from a
+/// backfill, when the list is full of newer ids. Counters, scores and lists are summed over
+/// the operations and written once per key, as in the single-Redis script.
+///
+/// Returns the checkpoint the slot held before ('' for none). A slot holding less than
+/// ARGV[3] lost writes: the script then writes nothing, so the slot still shows it.
+const APPLY_SLOT: &str = r#"
+local stream = ARGV[1] == 'stream'
+local found = false
+if stream then
+  found = redis.call('GET', KEYS[1])
+  if ARGV[3] ~= '' and (found == false or found < ARGV[3]) then
+    return found or ''
+  end
+end
+local counts, count_fields, stats = {}, {}, nil
+local scores, score_keys, expiries, guard_expiries = {}, {}, {}, {}
+local lists, list_keys = {}, {}
+local function count(field)
+  if counts[field] == nil then
+    counts[field] = 0
+    count_fields[#count_fields + 1] = field
+  end
+  counts[field] = counts[field] + 1
+end
+local n = tonumber(ARGV[4])
+for i = 0, n - 1 do
+  local a = 5 + i * @ARGS_PER_OP@
+  local kind = ARGV[a]
+  local key = KEYS[tonumber(ARGV[a + 1])]
+  local guard = tonumber(ARGV[a + 2])
+  local fresh = true
+  if guard > 0 then
+    fresh = redis.call('SETBIT', KEYS[guard], ARGV[a + 3], 1) == 0
+  end
+  if fresh then
+    if kind == 'e' then
+      redis.call('SET', key, ARGV[a + 4], 'EX', @EVENT_TTL_SECONDS@)
+    elseif kind == 's' then
+      stats = key
+      count('@TOTAL_FIELD@')
+      count(ARGV[a + 4])
+      count(ARGV[a + 5])
+    elseif kind == 'x' then
+      redis.call('XADD', key, 'MAXLEN', '~', @STREAM_MAXLEN@, '*', 'event', ARGV[a + 4])
+    elseif kind == 't' then
+      if scores[key] == nil then
+        scores[key] = {}
+        score_keys[#score_keys + 1] = key
+      end
+      expiries[key] = ARGV[a + 6]
+      guard_expiries[KEYS[guard]] = ARGV[a + 6]
+      local by_content = scores[key]
+      by_content[ARGV[a + 4]] = (by_content[ARGV[a + 4]] or 0) + tonumber(ARGV[a + 5])
+    elseif kind == 'l' then
+      local push = redis.call('LPOS', key, ARGV[a + 4]) == false
+      if push and not stream and redis.call('LLEN', key) >= @LIST_LENGTH@ then
+        push = tonumber(ARGV[a + 4]) > tonumber(redis.call('LINDEX', key, -1))
+      end
+      if push then
+        if lists[key] == nil then
+          lists[key] = {}
+          list_keys[#list_keys + 1] = key
+        end
+        local ids = lists[key]
+        ids[#ids + 1] = ARGV[a + 4]
+      end
+    end
+  end
+end
+for _, field in ipairs(count_fields) do
+  redis.call('HINCRBY', stats, field, counts[field])
+end
+for _, top in ipairs(score_keys) do
+  for content_id, hundredths in pairs(scores[top]) do
+    redis.call('ZINCRBY', top, string.format('%.2f', hundredths / 100), content_id)
+  end
+  redis.call('EXPIREAT', top, expiries[top])
+end
+for guard, at in pairs(guard_expiries) do
+  redis.call('EXPIREAT', guard, at)
+end
+for _, list in ipairs(list_keys) do
+  redis.call('LPUSH', list, unpack(lists[list]))
+  redis.call('LTRIM', list, 0, @LIST_LAST@)
+end
+if stream and (found == false or ARGV[2] > found) then
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return found or ''
+"#;
+
+/// KEYS[1] = the checkpoint, KEYS[2] = its slots hash; ARGV[1] = the new checkpoint;
+/// ARGV[2] = the one this process last wrote ('' for none); then slot, position pairs.
+/// Returns the checkpoint it found ('' for none), and writes nothing when that is below
+/// ARGV[2].
+const RECORD: &str = r#"
+local found = redis.call('GET', KEYS[1])
+if ARGV[2] ~= '' and (found == false or found < ARGV[2]) then
+  return found or ''
+end
+if #ARGV > 2 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+end
+if found == false or ARGV[1] > found then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return found or ''
+"#;
+
+fn apply_slot_script() -> String {
+    APPLY_SLOT
+        .replace("@ARGS_PER_OP@", &ARGS_PER_OP.to_string())
+        .replace("@EVENT_TTL_SECONDS@", &EVENT_TTL_SECONDS.to_string())
+        .replace("@TOTAL_FIELD@", keys::TOTAL_FIELD)
+        .replace("@STREAM_MAXLEN@", &STREAM_MAXLEN.to_string())
+        .replace("@LIST_LENGTH@", &LIST_LENGTH.to_string())
+        .replace("@LIST_LAST@", &(LIST_LENGTH - 1).to_string())
+}
+
+/// One slot's share of a chunk: its keys (the slot's checkpoint first) and operations.
+struct SlotWrite {
+    keys: Vec<String>,
+    index: HashMap<String, usize>,
+    args: Vec<String>,
+    ops: usize,
+}
+
+impl SlotWrite {
+    fn new(checkpoint_key: &str, slot: u16) -> Self {
+        let first = slot_checkpoint_key(checkpoint_key, slot);
+        SlotWrite {
+            index: HashMap::from([(first.clone(), 1)]),
+            keys: vec![first],
+            args: Vec::new(),
+            ops: 0,
+        }
+    }
+
+    /// `KEYS` index (1-based) of `key`.
+    fn key(&mut self, key: String) -> usize {
+        if let Some(at) = self.index.get(&key) {
+            return *at;
+        }
+        self.keys.push(key.clone());
+        self.index.insert(key, self.keys.len());
+        self.keys.len()
+    }
+
+    fn op(&mut self, kind: &str, key: String, guard: Option<String>, id: i64, values: [&str; 3]) {
+        let key = self.key(key);
+        let guard = guard.map_or(0, |g| self.key(g));
+        self.args.push(kind.to_owned());
+        self.args.push(key.to_string());
+        self.args.push(guard.to_string());
+        self.args.push(id.rem_euclid(IDS_PER_GUARD).to_string());
+        self.args.extend(values.iter().map(|v| (*v).to_owned()));
+        self.ops += 1;
+    }
+}
+
+/// The writes of `fresh` events, by slot.
+fn slot_writes(planned: &[&Planned<'_>], checkpoint_key: &str) -> BTreeMap<u16, SlotWrite> {
+    let mut writes: BTreeMap<u16, SlotWrite> = BTreeMap::new();
+    let mut write = |key: String, kind: &str, guarded: bool, id: i64, values: [&str; 3]| {
+        let key_slot = slot(key.as_bytes());
+        let guard = guarded.then(|| guard_key(&key, key_slot, id));
+        writes
+            .entry(key_slot)
+            .or_insert_with(|| SlotWrite::new(checkpoint_key, key_slot))
+            .op(kind, key, guard, id, values);
+    };
+    // Only the newest LIST_LENGTH events of a content survive the trim: push those alone,
+    // so a replay finds every one of them in the list.
+    let mut per_list: HashMap<&str, usize> = HashMap::new();
+    for p in planned.iter().rev() {
+        if p.recent
+            && let Some(content_id) = p.event.content_id.as_deref()
+        {
+            *per_list.entry(content_id).or_default() += 1;
+        }
+    }
+    let mut pushed: HashMap<&str, usize> = HashMap::new();
+    for p in planned {
+        let event = p.event;
+        let id = event.id;
+        let id_text = id.to_string();
+        let json = event.to_json();
+        write(keys::event(id), "e", false, id, [&json, "", ""]);
+        let type_field = format!("{}{}", keys::TYPE_FIELD_PREFIX, p.event_type());
+        let device_field = format!("{}{}", keys::DEVICE_FIELD_PREFIX, p.device());
+        write(
+            keys::STATS.to_owned(),
+            "s",
+            true,
+            id,
+            [&type_field, &device_field, ""],
+        );
+        if p.recent {
+            write(keys::stream(p.event_type()), "x", true, id, [&json, "", ""]);
+        }
+        if let Some(content_id) = event.content_id.as_deref() {
+            if let Some(minute) = p.minute.as_deref() {
+                let hundredths = event.score().0.to_string();
+                let expires = p.expires_at.to_string();
+                write(
+                    keys::top_minute(minute),
+                    "t",
+                    true,
+                    id,
+                    [content_id, &hundredths, &expires],
+                );
+            }
+            if p.recent {
+                let seen = pushed.entry(content_id).or_default();
+                *seen += 1;
+                if per_list[content_id] - *seen < LIST_LENGTH {
+                    write(
+                        keys::content_events(content_id),
+                        "l",
+                        false,
+                        id,
+                        [&id_text, "", ""],
+                    );
+                }
+            }
+        }
+    }
+    writes
+}
+
+pub struct RedisClusterSink {
+    client: ClusterClient,
+    conn: Option<ClusterConnection>,
+    script: redis::Script,
+    record: redis::Script,
+    /// Where this partition's checkpoint is kept ([`super::redis::checkpoint_key`]).
+    checkpoint_key: String,
+    /// `|<system id>/<timeline>` of the source, appended to the checkpoint.
+    source_suffix: String,
+    /// The last position this process wrote to each slot, and to the checkpoint: finding
+    /// a lower one later means the slot lost confirmed writes while walcast ran.
+    written: HashMap<u16, Position>,
+    written_checkpoint: Option<Position>,
+    /// Slots found behind their record at start ([`RedisClusterSink::checkpoint`]), and the
+    /// checkpoint then: a backfill (the rebuild) writes to these slots alone.
+    lost: Option<(BTreeSet<u16>, Option<Position>)>,
+}
+
+impl RedisClusterSink {
+    /// The sink, not yet connected (see [`Sink::open`]).
+    pub fn new(client: ClusterClient) -> Self {
+        RedisClusterSink {
+            client,
+            conn: None,
+            script: redis::Script::new(&apply_slot_script()),
+            record: redis::Script::new(RECORD),
+            checkpoint_key: super::redis::CHECKPOINT_KEY.to_owned(),
+            source_suffix: String::new(),
+            written: HashMap::new(),
+            written_checkpoint: None,
+            lost: None,
+        }
+    }
+
+    /// The sink of one partition of the source: its own checkpoints.
+    pub fn for_partition(mut self, partition: crate::config::Partition) -> Self {
+        self.checkpoint_key = super::redis::checkpoint_key(partition);
+        self
+    }
+
+    async fn conn(&mut self) -> Result<ClusterConnection, redis::RedisError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.client.get_async_connection().await?);
+        }
+        Ok(self.conn.clone().expect("connected above"))
+    }
+
+    async fn apply(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
+        let now = Utc::now().timestamp();
+        let progress = Progress::of(batches);
+        if progress == Progress::Nothing {
+            return Ok(());
+        }
+        let mut seen = HashSet::new();
+        let planned: Vec<Planned> = super::events(batches)
+            .filter(|event| seen.insert(event.id))
+            .map(|event| Planned::new(event, now, progress.is_backfill()))
+            .collect();
+        if planned.is_empty() {
+            return self.record_progress(&BTreeMap::new(), progress).await;
+        }
+        let mut chunks = planned.chunks(CHUNK_EVENTS).peekable();
+        while let Some(chunk) = chunks.next() {
+            let upto = match chunks.peek() {
+                None => progress,
+                Some(_) => progress.at(chunk.last().expect("not empty").event),
+            };
+            let refs: Vec<&Planned> = chunk.iter().collect();
+            let mut writes = slot_writes(&refs, &self.checkpoint_key);
+            if upto.is_backfill()
+                && let Some((lost, _)) = &self.lost
+            {
+                writes.retain(|slot, _| lost.contains(slot));
+            }
+            let applied = self.apply_slots(writes, upto).await?;
+            self.record_progress(&applied, upto).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs every slot's script at once; returns the slots written (stream).
+    async fn apply_slots(
+        &mut self,
+        writes: BTreeMap<u16, SlotWrite>,
+        progress: Progress<'_>,
+    ) -> Result<BTreeMap<u16, Position>, SinkError> {
+        let (mode, position) = match progress {
+            Progress::Stream(position) => ("stream", Some(position)),
+            _ => ("backfill", None),
+        };
+        let mark = position.map_or(String::new(), |p| p.to_sortable());
+        let conn = self.conn().await?;
+        let calls = writes.into_iter().map(|(slot, write)| {
+            let mut conn = conn.clone();
+            let mut invocation = self.script.prepare_invoke();
+            for key in write.keys {
+                invocation.key(key);
+            }
+            let expected = match (position, self.written.get(&slot)) {
+                (Some(_), Some(wrote)) => wrote.to_sortable(),
+                _ => String::new(),
+            };
+            invocation
+                .arg(mode)
+                .arg(&mark)
+                .arg(expected)
+                .arg(write.ops)
+                .arg(write.args);
+            async move {
+                let found: String = invocation.invoke_async(&mut conn).await?;
+                Ok::<_, SinkError>((slot, found))
+            }
+        });
+        let found = try_join_all(calls).await?;
+        let mut applied = BTreeMap::new();
+        let Some(position) = position else {
+            return Ok(applied);
+        };
+        for (slot, found) in found {
+            let found = (!found.is_empty())
+                .then(|| Position::from_sortable(&found).ok_or(SinkError::BadCheckpoint(found)))
+                .transpose()?;
+            if let Some(wrote) = self.written.get(&slot).copied()
+                && found.is_none_or(|f| f < wrote)
+            {
+                tracing::error!(slot, wrote = %wrote, found = ?found.map(|f| f.to_string()), "a Redis Cluster slot lost writes walcast had confirmed");
+                return Err(SinkError::LostState { wrote, found });
+            }
+            self.written.insert(slot, position);
+            applied.insert(slot, position);
+        }
+        Ok(applied)
+    }
+
+    /// Moves the checkpoint (with the slots written) or the backfill's cursor, once every
+    /// slot applied what it covers.
+    async fn record_progress(
+        &mut self,
+        applied: &BTreeMap<u16, Position>,
+        progress: Progress<'_>,
+    ) -> Result<(), SinkError> {
+        let mut conn = self.conn().await?;
+        match progress {
+            Progress::Nothing => {}
+            Progress::Stream(upto) => {
+                let mut invocation = self.record.key(&self.checkpoint_key);
+                // The stored checkpoint carries the source after its position: compared as
+                // strings, the position alone is the prefix to compare.
+                invocation
+                    .key(slots_key(&self.checkpoint_key))
+                    .arg(format!("{}{}", upto.to_sortable(), self.source_suffix))
+                    .arg(
+                        self.written_checkpoint
+                            .map_or(String::new(), |p| p.to_sortable()),
+                    );
+                for (slot, position) in applied {
+                    invocation.arg(slot).arg(position.to_sortable());
+                }
+                let found: String = invocation.invoke_async(&mut conn).await?;
+                let found = (!found.is_empty())
+                    .then(|| parse_checkpoint(&found).map(|(p, _)| p))
+                    .transpose()?;
+                if let Some(wrote) = self.written_checkpoint
+                    && found.is_none_or(|f| f < wrote)
+                {
+                    return Err(SinkError::LostState { wrote, found });
+                }
+                self.written_checkpoint = self.written_checkpoint.max(Some(upto));
+            }
+            Progress::Backfill { job, cursor } => {
+                let cmd = match cursor {
+                    Some(id) => redis::cmd("SET").arg(backfill_key(job)).arg(id).to_owned(),
+                    None => redis::cmd("DEL").arg(backfill_key(job)).to_owned(),
+                };
+                cmd.query_async::<()>(&mut conn).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Slots whose own checkpoint is below the one the slots hash holds for them.
+    async fn behind_slots(
+        conn: &mut ClusterConnection,
+        checkpoint_key: &str,
+    ) -> Result<BTreeMap<u16, Position>, SinkError> {
+        let recorded: HashMap<u16, String> = redis::cmd("HGETALL")
+            .arg(slots_key(checkpoint_key))
+            .query_async(conn)
+            .await?;
+        let reads = recorded.into_iter().map(|(slot, position)| {
+            let mut conn = conn.clone();
+            async move {
+                let held: Option<String> = redis::cmd("GET")
+                    .arg(slot_checkpoint_key(checkpoint_key, slot))
+                    .query_async(&mut conn)
+                    .await?;
+                Ok::<_, SinkError>((slot, position, held))
+            }
+        });
+        let mut behind = BTreeMap::new();
+        for (slot, recorded, held) in try_join_all(reads).await? {
+            if held.is_none_or(|held| held < recorded) {
+                let position = Position::from_sortable(&recorded)
+                    .ok_or_else(|| SinkError::BadCheckpoint(recorded.clone()))?;
+                behind.insert(slot, position);
+            }
+        }
+        Ok(behind)
+    }
+
+    async fn get(&mut self, key: &str) -> Result<Option<String>, SinkError> {
+        let mut conn = self.conn().await?;
+        let result = redis::cmd("GET").arg(key).query_async(&mut conn).await;
+        if result.is_err() {
+            self.conn = None;
+        }
+        Ok(result?)
+    }
+}
+
+/// After a rebuild brought the cluster up to `position`: every slot that was behind gets
+/// back the checkpoint its record holds, and the checkpoint rises to `position`.
+pub async fn raise_checkpoint(
+    client: ClusterClient,
+    key: &str,
+    position: Position,
+    source: SourceId,
+) -> Result<(), SinkError> {
+    let mut conn = client.get_async_connection().await?;
+    for (slot, recorded) in RedisClusterSink::behind_slots(&mut conn, key).await? {
+        redis::cmd("SET")
+            .arg(slot_checkpoint_key(key, slot))
+            .arg(recorded.to_sortable())
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    let stored: Option<String> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+    let current = stored.map(|s| parse_checkpoint(&s)).transpose()?;
+    if current.is_none_or(|(p, _)| p < position) {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(format!("{}|{}", position.to_sortable(), source.stored()))
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The seeds, for messages: never a password.
+pub fn endpoint(seeds: &str) -> String {
+    seeds
+        .split(',')
+        .map(|url| match url.rsplit_once('@') {
+            Some((scheme_and_user, host)) => {
+                let scheme = scheme_and_user.split("://").next().unwrap_or("redis");
+                format!("{scheme}://{host}")
+            }
+            None => url.trim().to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Sink for RedisClusterSink {
+    async fn open(&mut self) -> Result<(), SinkError> {
+        let mut conn = self.conn().await.map_err(|error| {
+            self.conn = None;
+            SinkError::RedisConnect {
+                endpoint: "WALCAST_REDIS_CLUSTER".to_owned(),
+                error,
+            }
+        })?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|error| {
+                self.conn = None;
+                SinkError::RedisConnect {
+                    endpoint: "WALCAST_REDIS_CLUSTER".to_owned(),
+                    error,
+                }
+            })?;
+        Ok(())
+    }
+
+    fn healthcheck(&self) -> Probe {
+        Probe::redis_cluster(self.client.clone())
+    }
+
+    fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn linger(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(2)
+    }
+
+    /// The checkpoint; also finds the slots that are behind it ([`Sink::lost_writes`]).
+    async fn checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
+        let key = self.checkpoint_key.clone();
+        let checkpoint = self
+            .get(&key)
+            .await?
+            .map(|s| parse_checkpoint(&s))
+            .transpose()?
+            .map(|(p, _)| p);
+        let mut conn = self.conn().await?;
+        let behind = Self::behind_slots(&mut conn, &key).await?;
+        if !behind.is_empty() {
+            let slots: Vec<u16> = behind.keys().copied().collect();
+            tracing::warn!(
+                slots = ?&slots[..slots.len().min(20)], count = slots.len(),
+                "Redis Cluster slots hold less than walcast confirmed (a primary failed over \
+                 to a replica that was behind, or restarted empty)"
+            );
+            self.lost = Some((behind.into_keys().collect(), checkpoint));
+        }
+        Ok(checkpoint)
+    }
+
+    fn lost_writes(&self) -> Option<Position> {
+        self.lost.as_ref().and_then(|(_, checkpoint)| *checkpoint)
+    }
+
+    async fn claim_history(&mut self, current: SourceId) -> Result<(), SinkError> {
+        let key = self.checkpoint_key.clone();
+        if let Some((_, Some(stored))) = self
+            .get(&key)
+            .await?
+            .map(|s| parse_checkpoint(&s))
+            .transpose()?
+            && stored != current
+        {
+            return Err(SinkError::OtherHistory { stored, current });
+        }
+        self.source_suffix = format!("|{}", current.stored());
+        Ok(())
+    }
+
+    async fn write(&mut self, batches: &[&Batch]) -> Result<(), SinkError> {
+        let result = self.apply(batches).await;
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
+        self.get(&backfill_key(job))
+            .await?
+            .map(|s| s.parse().map_err(|_| SinkError::BadCheckpoint(s)))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_those_redis_computes() {
+        // From the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(slot(b"123456789"), 12739);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        // An empty tag does not count: the whole key is hashed.
+        let whole = crc16::State::<crc16::XMODEM>::calculate(b"foo{}{bar}") % SLOTS;
+        assert_eq!(slot(b"foo{}{bar}"), whole);
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
+
+    #[test]
+    fn every_slot_has_a_tag_that_lands_in_it() {
+        for s in 0..SLOTS {
+            let key = format!("walcast:applied:{{{}}}:content:x{{y}}:events:0", tag(s));
+            assert_eq!(slot(key.as_bytes()), s);
+        }
+    }
+
+    #[test]
+    fn the_script_takes_every_constant_from_the_code() {
+        let script = apply_slot_script();
+        assert!(!script.contains('@'), "a placeholder left: {script}");
+    }
+}

@@ -1,0 +1,201 @@
+//! The Redis sink on a Redis Cluster (`WALCAST_REDIS_CLUSTER`): six nodes made by the test,
+//! every key exact across a backfill, kill -9 of walcast, and a primary failing over to a
+//! replica that was behind.
+
+use std::time::Duration;
+
+use walcast::sink::redis_cluster::slot;
+
+use crate::support::cluster::RedisCluster;
+use crate::support::{EPISODE, Redis, Stack, count, episode_sql, eventually, load_plays, scalar};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A stack whose Redis sink writes to `cluster`; its single Redis must stay empty.
+async fn stack_on(cluster: &RedisCluster, sinks: &str) -> Stack {
+    let mut s = Stack::start(Redis::start().await, &episode_sql()).await;
+    s.env.put("WALCAST_REDIS_CLUSTER", &cluster.seeds());
+    s.env.put("WALCAST_SINKS", sinks);
+    s
+}
+
+async fn xlen(cluster: &RedisCluster, key: &str) -> i64 {
+    redis::cmd("XLEN")
+        .arg(key)
+        .query_async(&mut cluster.conn().await)
+        .await
+        .unwrap()
+}
+
+async fn list(cluster: &RedisCluster, key: &str) -> Vec<i64> {
+    redis::cmd("LRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut cluster.conn().await)
+        .await
+        .unwrap()
+}
+
+/// Every key the source's `expected` plays of the episode make, as a reader sees them.
+async fn assert_exact(s: &Stack, cluster: &RedisCluster, expected: i64) {
+    assert_eq!(cluster.total().await, expected, "stats:events total");
+    assert_eq!(cluster.stat("type:play").await, expected, "type:play");
+    assert_eq!(cluster.stat("device:ios").await, expected, "device:ios");
+    assert_eq!(xlen(cluster, "events:play").await, expected, "events:play");
+    assert_eq!(
+        cluster.count_keys("event:*").await as i64,
+        expected,
+        "event:{{id}} keys"
+    );
+    // The newest 100, newest first, each once.
+    let newest: Vec<i64> = crate::support::column(
+        &s.db,
+        "SELECT id FROM engagement_events ORDER BY id DESC LIMIT 100",
+    )
+    .await;
+    assert_eq!(
+        list(cluster, &format!("content:{EPISODE}:events")).await,
+        newest,
+        "content:{EPISODE}:events"
+    );
+    // Every play is g seconds long: the leaderboards hold their exact sum.
+    let seconds = scalar(
+        &s.db,
+        "SELECT (sum(duration_ms) / 1000)::bigint FROM engagement_events",
+    )
+    .await;
+    let top = s.env.succeed(&["top", "--minutes", "120", "--limit", "5"]);
+    assert_eq!(top.trim(), format!("{EPISODE} {seconds}.00"), "walcast top");
+    // Nothing went to WALCAST_REDIS_URL.
+    let keys: i64 = redis::cmd("DBSIZE")
+        .query_async(&mut s.redis.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(keys, 0, "keys written to the single Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_holds_every_event_once_across_backfill_and_kill_9() {
+    let cluster = RedisCluster::start().await;
+    let s = stack_on(&cluster, "redis,postgres").await;
+    // Rows from before the slot: the initial snapshot copies them.
+    load_plays(&s.db, 5_000, 500).await;
+    s.env.succeed(&["backfill"]);
+    assert_eq!(cluster.total().await, 5_000);
+
+    let mut running = s.env.spawn_run();
+    let writer = {
+        let db = s.pg.client("app").await;
+        tokio::spawn(async move { load_plays(&db, 30_000, 100).await })
+    };
+    for target in [10_000, 22_000] {
+        eventually(&format!("{target} events in Redis"), WAIT, || async {
+            cluster.total().await >= target
+        })
+        .await;
+        running.kill9();
+        running = s.env.spawn_run();
+    }
+    writer.await.unwrap();
+    let expected = 35_000;
+    let facts = s.pg.client("app").await;
+    eventually("every event in both sinks", WAIT, || async {
+        cluster.total().await >= expected
+            && count(&facts, "analytics.enriched_events").await >= expected
+    })
+    .await;
+    // Reprocessing the whole table while the stream runs changes nothing.
+    s.env.succeed(&["backfill", "--from-id", "1"]);
+    assert_exact(&s, &cluster, expected).await;
+    let verified = s.env.output(&["verify"]);
+    assert!(
+        verified.status.success(),
+        "walcast verify: {}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    running.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_failing_over_to_a_replica_behind_is_noticed_and_its_slots_rebuilt() {
+    let mut cluster = RedisCluster::start().await;
+    // Redis alone: the slots' own checkpoints are all that can show the loss.
+    let s = stack_on(&cluster, "redis").await;
+    let mut running = s.run();
+    load_plays(&s.db, 3_000, 100).await;
+    eventually("3000 events in Redis", WAIT, || async {
+        cluster.total().await >= 3_000
+    })
+    .await;
+
+    // The shard of `stats:events`, which is not the one of the checkpoint.
+    let (primary, replica) = cluster.shard_of(slot(b"stats:events")).await;
+    let (checkpoint_primary, _) = cluster.shard_of(slot(b"walcast:checkpoint:redis")).await;
+    assert_ne!(
+        primary.id, checkpoint_primary.id,
+        "the test needs stats:events and the checkpoint on different primaries"
+    );
+    // The replica has all of it (`WAIT` answers how many replicas acknowledged every write
+    // so far), then stops following: what the primary applies from now on, it lacks.
+    let acked = cluster
+        .on_node(primary.port, redis::cmd("WAIT").arg(1).arg(10_000))
+        .await
+        .unwrap();
+    assert_eq!(acked, redis::Value::Int(1), "the replica did not catch up");
+    cluster.signal(replica.port, libc::SIGSTOP);
+    cluster
+        .on_node(
+            primary.port,
+            redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"),
+        )
+        .await
+        .unwrap();
+    load_plays(&s.db, 3_000, 100).await;
+    eventually("6000 events in Redis", WAIT, || async {
+        cluster.total().await >= 6_000
+    })
+    .await;
+    // The primary dies; its replica, 3000 events behind, takes over.
+    cluster.kill(primary.port);
+    cluster.signal(replica.port, libc::SIGCONT);
+    cluster
+        .on_node(
+            replica.port,
+            redis::cmd("CLUSTER").arg("FAILOVER").arg("TAKEOVER"),
+        )
+        .await
+        .unwrap();
+    cluster.wait_ok().await;
+    assert_eq!(cluster.total().await, 3_000, "the replica was not behind");
+
+    // The next write to those slots finds them behind: walcast stops rather than go on.
+    load_plays(&s.db, 1_000, 100).await;
+    let status = running.wait_exit(WAIT).await;
+    assert!(!status.success(), "walcast went on: {}", running.log());
+    assert!(
+        running.log().contains("slot lost writes"),
+        "{}",
+        running.log()
+    );
+    // Started again, it rebuilds the slots behind from the table, then streams.
+    let running = s.env.spawn_run();
+    let expected = 7_000;
+    eventually("every event in Redis again", WAIT, || async {
+        cluster.total().await >= expected
+    })
+    .await;
+    load_plays(&s.db, 1_000, 100).await;
+    let expected = 8_000;
+    eventually("the rows after the rebuild", WAIT, || async {
+        cluster.total().await >= expected
+    })
+    .await;
+    assert!(
+        running.log().contains("hold less than walcast confirmed"),
+        "{}",
+        running.log()
+    );
+    assert_exact(&s, &cluster, expected).await;
+}
