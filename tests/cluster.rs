@@ -199,3 +199,45 @@ async fn a_primary_failing_over_to_a_replica_behind_is_noticed_and_its_slots_reb
     );
     assert_exact(&s, &cluster, expected).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_resharded_under_load_holds_every_event_once() {
+    let cluster = RedisCluster::start().await;
+    let s = stack_on(&cluster, "redis").await;
+    let mut running = s.run();
+    let writer = {
+        let db = s.pg.client("app").await;
+        tokio::spawn(async move { load_plays(&db, 20_000, 50).await })
+    };
+    eventually("2000 events in Redis", WAIT, || async {
+        cluster.total().await >= 2_000
+    })
+    .await;
+    // Move the slots of stats:events and the content's list to another primary while
+    // walcast writes to them: scripts meet MOVED, ASK and TRYAGAIN.
+    let (to, _) = cluster.shard_of(slot(b"walcast:checkpoint:redis")).await;
+    let list = format!("content:{EPISODE}:events");
+    for key in ["stats:events", list.as_str()] {
+        let (from, _) = cluster.shard_of(slot(key.as_bytes())).await;
+        if from.id != to.id {
+            cluster.move_slot(slot(key.as_bytes()), &from, &to).await;
+        }
+        let (moved, _) = cluster.shard_of(slot(key.as_bytes())).await;
+        assert_eq!(moved.id, to.id, "{key} did not move");
+    }
+    // And walcast killed once meanwhile.
+    eventually("12000 events in Redis", WAIT, || async {
+        cluster.total().await >= 12_000
+    })
+    .await;
+    running.kill9();
+    let running = s.env.spawn_run();
+    writer.await.unwrap();
+    let expected = 20_000;
+    eventually("every event in Redis", WAIT, || async {
+        cluster.total().await >= expected
+    })
+    .await;
+    assert_exact(&s, &cluster, expected).await;
+    drop(running);
+}

@@ -234,6 +234,59 @@ impl RedisCluster {
         }
     }
 
+    /// Moves `slot` from primary `from` to primary `to` as a resharding does (what
+    /// `redis-cli --cluster reshard` runs for each slot): the slot marked migrating and
+    /// importing, its keys moved with `MIGRATE` a few at a time while clients keep writing
+    /// (they meet `ASK` and `TRYAGAIN`), then given to `to` on every primary (`MOVED`).
+    pub async fn move_slot(&self, slot: u16, from: &NodeInfo, to: &NodeInfo) {
+        let setslot = |state: &str, id: &str| {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(id)
+                .to_owned()
+        };
+        self.on_node(to.port, &setslot("IMPORTING", &from.id))
+            .await
+            .unwrap();
+        self.on_node(from.port, &setslot("MIGRATING", &to.id))
+            .await
+            .unwrap();
+        loop {
+            let mut conn = node_conn(from.port).await.unwrap();
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to.port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async::<()>(&mut conn)
+                .await
+                .unwrap();
+            // Let writers meet the slot half moved.
+            tokio::task::yield_now().await;
+        }
+        for node in self.nodes().await.iter().filter(|n| n.primary && !n.failed) {
+            self.on_node(node.port, &setslot("NODE", &to.id))
+                .await
+                .unwrap();
+        }
+        self.wait_ok().await;
+    }
+
     /// A command to one node, on a connection of its own.
     pub async fn on_node(&self, port: u16, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
         let mut conn = node_conn(port).await?;
