@@ -554,8 +554,10 @@ fn is_tls(info: &redis::ConnectionInfo) -> bool {
     matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. })
 }
 
-/// Where the Redis sink writes: one server, or a Redis Cluster.
+/// Where the Redis sink writes: one server, or a Redis Cluster. Made once per command, so
+/// its size does not matter.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum RedisTarget {
     Single(redis::Client),
     Cluster(redis::cluster::ClusterClient),

@@ -223,6 +223,63 @@ fn the_partitions_override_runs_two_partitions_and_prometheus_scrapes_both() {
 }
 
 #[test]
+fn the_cluster_override_makes_a_three_by_two_cluster_that_both_partitions_write_to() {
+    let compose = yaml("compose.cluster.yaml");
+    let services = &compose["services"];
+    for n in 1..=6 {
+        let node = &services[format!("redis-node-{n}").as_str()];
+        assert_eq!(
+            node["hostname"].as_str(),
+            Some(format!("redis-node-{n}").as_str())
+        );
+        let command: Vec<&str> = node["command"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .filter_map(Yaml::as_str)
+            .collect();
+        let line = command.join(" ");
+        for flag in [
+            "--cluster-enabled yes",
+            "--requirepass",
+            "--masterauth",
+            "--appendonly yes",
+        ] {
+            assert!(line.contains(flag), "redis-node-{n} lacks {flag}: {line}");
+        }
+    }
+    let create = services["redis-cluster-create"]["entrypoint"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(create.contains("--cluster create") && create.contains("--cluster-replicas 1"));
+    for service in ["walcast", "walcast-1"] {
+        let seeds = services[service]["environment"]["WALCAST_REDIS_CLUSTER"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{service} has no WALCAST_REDIS_CLUSTER"));
+        let redis = walcast::config::RedisArgs {
+            redis_url: "redis://redis:6379".to_owned(),
+            redis_password_file: None,
+            redis_ca_file: None,
+            redis_cert_file: None,
+            redis_key_file: None,
+            redis_cluster: Some(seeds.to_owned()),
+        };
+        assert!(matches!(
+            redis.target(),
+            Ok(walcast::config::RedisTarget::Cluster(_))
+        ));
+        assert_eq!(
+            services[service]["depends_on"]["redis-cluster-create"]["condition"].as_str(),
+            Some("service_completed_successfully")
+        );
+    }
+}
+
+#[test]
 fn the_dashboard_parses_and_queries_metrics_that_exist() {
     let dashboard: serde_json::Value =
         serde_json::from_str(&read("docker/grafana/dashboards/walcast.json")).unwrap();

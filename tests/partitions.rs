@@ -15,7 +15,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const PARTITIONS: u32 = 2;
 
 /// The environment of partition `index`: the stack's, with its own metrics port.
-fn partition_env(s: &Stack, index: u32) -> Env {
+pub(crate) fn partition_env(s: &Stack, index: u32) -> Env {
     let mut env = Env::new(&s.pg, "app", &s.redis);
     for (name, value) in &s.env.vars {
         if name != "WALCAST_METRICS_ADDR" {

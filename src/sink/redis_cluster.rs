@@ -18,7 +18,7 @@
 //! hold braces (a content id), so its slot is not always that of `{<key>}`.
 //!
 //! **Checkpoints.** The stream's checkpoint stays `walcast:checkpoint:redis` (with its
-//! partition's suffix). It moves after every slot of a chunk applied it, in one `MULTI`
+//! partition's suffix). It moves after every slot of a chunk applied it, in one script
 //! with `{walcast:checkpoint:redis}:slots`, a hash of each slot written to the position of
 //! its last write. Each slot keeps that position itself too, in
 //! `walcast:checkpoint:redis:{<tag>}`, written by the same script as its data. A slot whose
