@@ -122,6 +122,41 @@ async fn a_cluster_holds_every_event_once_across_backfill_and_kill_9() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_thousands_of_events_redis_already_has_changes_no_key() {
+    let cluster = RedisCluster::start().await;
+    let s = stack_on(&cluster, "redis,postgres").await;
+    let mut running = s.run();
+    let facts = s.pg.client("app").await;
+    load_plays(&s.db, 1_000, 100).await;
+    eventually("1000 events in both sinks", WAIT, || async {
+        cluster.total().await >= 1_000 && count(&facts, "analytics.enriched_events").await >= 1_000
+    })
+    .await;
+    // The analytics sink stalls, so nothing more is acknowledged while Redis goes on:
+    // after a kill -9, the slot replays all of it to Redis, far more than a recent list
+    // keeps.
+    let lock = s.pg.client("app").await;
+    lock.batch_execute("BEGIN; LOCK TABLE analytics.enriched_events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    load_plays(&s.db, 3_000, 100).await;
+    eventually("4000 events in Redis", WAIT, || async {
+        cluster.total().await >= 4_000
+    })
+    .await;
+    running.kill9();
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    let running = s.env.spawn_run();
+    let expected = 4_000;
+    eventually("every event in both sinks", WAIT, || async {
+        count(&facts, "analytics.enriched_events").await >= expected
+    })
+    .await;
+    assert_exact(&s, &cluster, expected, false).await;
+    drop(running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_failing_over_to_a_replica_behind_is_noticed_and_its_slots_rebuilt() {
     let mut cluster = RedisCluster::start().await;
     // Redis alone: the slots' own checkpoints are all that can show the loss.

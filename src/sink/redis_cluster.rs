@@ -6,7 +6,10 @@
 //! that serves the slot (the cluster client follows `MOVED` and `ASK` through resharding
 //! and failovers), and the scripts of one chunk run at the same time. A crash can then
 //! leave a chunk applied in some slots and not in others, so each slot guards its own
-//! writes, with keys in that slot:
+//! writes, with keys in that slot. The stream's writes reach a slot in position order, so
+//! a replay skips what is at or below the slot's own checkpoint (below). A backfill has no
+//! positions and may overlap the stream, so each key that is not idempotent also has a
+//! guard by event id:
 //!
 //! | key written | guard (in the key's slot) |
 //! |---|---|
@@ -50,7 +53,7 @@ pub const SLOTS: u16 = 16384;
 /// Ids per guard bitmap: 2^16, 8 KiB each.
 const IDS_PER_GUARD: i64 = 1 << 16;
 /// Values passed to the slot script per operation.
-const ARGS_PER_OP: usize = 7;
+const ARGS_PER_OP: usize = 8;
 
 /// The hash slot of `key`, as Redis Cluster computes it: CRC16 (XMODEM) of the key's hash
 /// tag (what is between its first `{` and the next `}`, when not empty), or of the key.
@@ -125,7 +128,7 @@ fn guard_key(key: &str, key_slot: u16, id: i64) -> String {
 /// KEYS[1] = the slot's checkpoint; ARGV[1] = 'stream' or 'backfill'; ARGV[2] = the
 /// position the slot's checkpoint moves to (stream); ARGV[3] = the checkpoint this process
 /// last wrote there ('' for none); ARGV[4] = operation count; then per operation: kind,
-/// key index, guard index (0: none), bit offset, and three values.
+/// key index, guard index (0: none), bit offset, the event's position, and three values.
 ///
 /// Kinds: `e` sets `event:{id}` (value 1: the JSON); `s` counts into `stats:events`
 /// (values: the type field, the device field); `x` appends to a stream (the JSON); `t` adds
@@ -161,33 +164,35 @@ for i = 0, n - 1 do
   local kind = ARGV[a]
   local key = KEYS[tonumber(ARGV[a + 1])]
   local guard = tonumber(ARGV[a + 2])
-  local fresh = true
-  if guard > 0 then
+  -- The stream's writes reach a slot in position order: one at or below the slot's
+  -- checkpoint was applied there.
+  local fresh = not stream or found == false or ARGV[a + 4] > found
+  if fresh and guard > 0 then
     fresh = redis.call('SETBIT', KEYS[guard], ARGV[a + 3], 1) == 0
   end
   if fresh then
     if kind == 'e' then
-      redis.call('SET', key, ARGV[a + 4], 'EX', @EVENT_TTL_SECONDS@)
+      redis.call('SET', key, ARGV[a + 5], 'EX', @EVENT_TTL_SECONDS@)
     elseif kind == 's' then
       stats = key
       count('@TOTAL_FIELD@')
-      count(ARGV[a + 4])
       count(ARGV[a + 5])
+      count(ARGV[a + 6])
     elseif kind == 'x' then
-      redis.call('XADD', key, 'MAXLEN', '~', @STREAM_MAXLEN@, '*', 'event', ARGV[a + 4])
+      redis.call('XADD', key, 'MAXLEN', '~', @STREAM_MAXLEN@, '*', 'event', ARGV[a + 5])
     elseif kind == 't' then
       if scores[key] == nil then
         scores[key] = {}
         score_keys[#score_keys + 1] = key
       end
-      expiries[key] = ARGV[a + 6]
-      guard_expiries[KEYS[guard]] = ARGV[a + 6]
+      expiries[key] = ARGV[a + 7]
+      guard_expiries[KEYS[guard]] = ARGV[a + 7]
       local by_content = scores[key]
-      by_content[ARGV[a + 4]] = (by_content[ARGV[a + 4]] or 0) + tonumber(ARGV[a + 5])
+      by_content[ARGV[a + 5]] = (by_content[ARGV[a + 5]] or 0) + tonumber(ARGV[a + 6])
     elseif kind == 'l' then
-      local push = redis.call('LPOS', key, ARGV[a + 4]) == false
+      local push = redis.call('LPOS', key, ARGV[a + 5]) == false
       if push and not stream and redis.call('LLEN', key) >= @LIST_LENGTH@ then
-        push = tonumber(ARGV[a + 4]) > tonumber(redis.call('LINDEX', key, -1))
+        push = tonumber(ARGV[a + 5]) > tonumber(redis.call('LINDEX', key, -1))
       end
       if push then
         if lists[key] == nil then
@@ -195,7 +200,7 @@ for i = 0, n - 1 do
           list_keys[#list_keys + 1] = key
         end
         local ids = lists[key]
-        ids[#ids + 1] = ARGV[a + 4]
+        ids[#ids + 1] = ARGV[a + 5]
       end
     end
   end
@@ -279,13 +284,22 @@ impl SlotWrite {
         self.keys.len()
     }
 
-    fn op(&mut self, kind: &str, key: String, guard: Option<String>, id: i64, values: [&str; 3]) {
+    fn op(
+        &mut self,
+        kind: &str,
+        key: String,
+        guard: Option<String>,
+        event: Event,
+        values: [&str; 3],
+    ) {
+        let Event { id, position } = event;
         let key = self.key(key);
         let guard = guard.map_or(0, |g| self.key(g));
         self.args.push(kind.to_owned());
         self.args.push(key.to_string());
         self.args.push(guard.to_string());
         self.args.push(id.rem_euclid(IDS_PER_GUARD).to_string());
+        self.args.push(position.to_owned());
         self.args.extend(values.iter().map(|v| (*v).to_owned()));
         self.ops += 1;
     }
@@ -294,13 +308,13 @@ impl SlotWrite {
 /// The writes of `fresh` events, by slot.
 fn slot_writes(planned: &[&Planned<'_>], checkpoint_key: &str) -> BTreeMap<u16, SlotWrite> {
     let mut writes: BTreeMap<u16, SlotWrite> = BTreeMap::new();
-    let mut write = |key: String, kind: &str, guarded: bool, id: i64, values: [&str; 3]| {
+    let mut write = |key: String, kind: &str, guarded: bool, event: Event, values: [&str; 3]| {
         let key_slot = slot(key.as_bytes());
-        let guard = guarded.then(|| guard_key(&key, key_slot, id));
+        let guard = guarded.then(|| guard_key(&key, key_slot, event.id));
         writes
             .entry(key_slot)
             .or_insert_with(|| SlotWrite::new(checkpoint_key, key_slot))
-            .op(kind, key, guard, id, values);
+            .op(kind, key, guard, event, values);
     };
     // Only the newest LIST_LENGTH events of a content survive the trim: push those alone,
     // so a replay finds every one of them in the list.
@@ -317,19 +331,24 @@ fn slot_writes(planned: &[&Planned<'_>], checkpoint_key: &str) -> BTreeMap<u16, 
         let event = p.event;
         let id = event.id;
         let id_text = id.to_string();
+        let position = event.position.to_sortable();
+        let at = Event {
+            id,
+            position: &position,
+        };
         let json = event.to_json();
-        write(keys::event(id), "e", false, id, [&json, "", ""]);
+        write(keys::event(id), "e", false, at, [&json, "", ""]);
         let type_field = format!("{}{}", keys::TYPE_FIELD_PREFIX, p.event_type());
         let device_field = format!("{}{}", keys::DEVICE_FIELD_PREFIX, p.device());
         write(
             keys::STATS.to_owned(),
             "s",
             true,
-            id,
+            at,
             [&type_field, &device_field, ""],
         );
         if p.recent {
-            write(keys::stream(p.event_type()), "x", true, id, [&json, "", ""]);
+            write(keys::stream(p.event_type()), "x", true, at, [&json, "", ""]);
         }
         if let Some(content_id) = event.content_id.as_deref() {
             if let Some(minute) = p.minute.as_deref() {
@@ -339,7 +358,7 @@ fn slot_writes(planned: &[&Planned<'_>], checkpoint_key: &str) -> BTreeMap<u16, 
                     keys::top_minute(minute),
                     "t",
                     true,
-                    id,
+                    at,
                     [content_id, &hundredths, &expires],
                 );
             }
@@ -351,7 +370,7 @@ fn slot_writes(planned: &[&Planned<'_>], checkpoint_key: &str) -> BTreeMap<u16, 
                         keys::content_events(content_id),
                         "l",
                         false,
-                        id,
+                        at,
                         [&id_text, "", ""],
                     );
                 }
@@ -359,6 +378,13 @@ fn slot_writes(planned: &[&Planned<'_>], checkpoint_key: &str) -> BTreeMap<u16, 
         }
     }
     writes
+}
+
+/// The event an operation belongs to: its id (for the guards) and sortable position.
+#[derive(Clone, Copy)]
+struct Event<'a> {
+    id: i64,
+    position: &'a str,
 }
 
 pub struct RedisClusterSink {
