@@ -258,6 +258,15 @@ async fn readyz(State((_, health)): State<Endpoint>) -> (StatusCode, String) {
     }
 }
 
+/// `PING`, and why it failed.
+async fn ping(conn: &mut (impl redis::aio::ConnectionLike + Send)) -> Result<(), String> {
+    redis::cmd("PING")
+        .query_async::<String>(conn)
+        .await
+        .map(drop)
+        .map_err(|e| crate::error::Chain(&e).to_string())
+}
+
 /// A connection of its own to one sink's server, to check that it answers.
 pub enum Probe {
     Redis {
@@ -320,12 +329,7 @@ impl Probe {
                             .map_err(|e| crate::error::Chain(&e).to_string())?,
                     );
                 }
-                let conn = conn.as_mut().expect("connected above");
-                redis::cmd("PING")
-                    .query_async::<String>(conn)
-                    .await
-                    .map(drop)
-                    .map_err(|e| crate::error::Chain(&e).to_string())
+                ping(conn.as_mut().expect("connected above")).await
             }
             Probe::RedisCluster { client, conn } => {
                 if conn.is_none() {
@@ -336,12 +340,7 @@ impl Probe {
                             .map_err(|e| crate::error::Chain(&e).to_string())?,
                     );
                 }
-                let conn = conn.as_mut().expect("connected above");
-                redis::cmd("PING")
-                    .query_async::<String>(conn)
-                    .await
-                    .map(drop)
-                    .map_err(|e| crate::error::Chain(&e).to_string())
+                ping(conn.as_mut().expect("connected above")).await
             }
             Probe::Postgres { config, client } => {
                 if client

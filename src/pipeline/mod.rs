@@ -192,7 +192,28 @@ pub async fn run_with_faults(
         .run(),
     ));
 
-    let repl = source::start_replication(&config.source, durable, config.status_interval).await?;
+    // A session ended while it starts (the server restarting, an operator ending the
+    // walsender) is retried as a lost one is later (`SourceLoop::reconnect`).
+    let mut attempt: u32 = 0;
+    let repl = loop {
+        let started = tokio::select! {
+            () = shutdown.as_mut() => return Ok(()),
+            started = source::start_replication(&config.source, durable, config.status_interval) => started,
+        };
+        match started {
+            Ok(repl) => break repl,
+            Err(err) if err.may_reconnect() => {
+                let delay = crate::retry::backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = %crate::error::Chain(&err), attempt, retry_in_ms = delay.as_millis() as u64, "starting replication failed, retrying");
+                tokio::select! {
+                    () = shutdown.as_mut() => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
     let walsender = source::slot_holder(&config.source).await;
     health.set_replicating(true);
     tracing::info!(slot = %config.source.slot(), from = %durable, "replication started");

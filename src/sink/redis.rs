@@ -208,6 +208,24 @@ pub(super) fn parse_checkpoint(stored: &str) -> Result<(Position, Option<SourceI
     Ok((position, source))
 }
 
+/// The suffix every checkpoint of `current`'s history carries, once the `stored` checkpoint
+/// proved to belong to it (or there is none).
+pub(super) fn claim(stored: Option<String>, current: SourceId) -> Result<String, SinkError> {
+    if let Some((_, Some(stored))) = stored.map(|s| parse_checkpoint(&s)).transpose()?
+        && stored != current
+    {
+        return Err(SinkError::OtherHistory { stored, current });
+    }
+    Ok(format!("|{}", current.stored()))
+}
+
+/// A stored backfill cursor.
+pub(super) fn parse_cursor(stored: Option<String>) -> Result<Option<i64>, SinkError> {
+    stored
+        .map(|s| s.parse().map_err(|_| SinkError::BadCheckpoint(s)))
+        .transpose()
+}
+
 /// Events per `MULTI`/`EXEC`. Redis runs a transaction start to end, keeping every reader
 /// waiting meanwhile: 500 events take it a few milliseconds. It also bounds the memory a
 /// write holds encoded.
@@ -790,13 +808,7 @@ impl Sink for RedisSink {
     /// position would not compare as one.
     async fn claim_history(&mut self, current: SourceId) -> Result<(), SinkError> {
         let key = self.checkpoint_key.clone();
-        let stored = self.get(&key).await?;
-        if let Some((_, Some(stored))) = stored.map(|s| parse_checkpoint(&s)).transpose()?
-            && stored != current
-        {
-            return Err(SinkError::OtherHistory { stored, current });
-        }
-        self.source_suffix = format!("|{}", current.stored());
+        self.source_suffix = claim(self.get(&key).await?, current)?;
         Ok(())
     }
 
@@ -809,10 +821,7 @@ impl Sink for RedisSink {
     }
 
     async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
-        let stored = self.get(&backfill_key(job)).await?;
-        stored
-            .map(|s| s.parse().map_err(|_| SinkError::BadCheckpoint(s)))
-            .transpose()
+        parse_cursor(self.get(&backfill_key(job)).await?)
     }
 }
 

@@ -40,8 +40,8 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 
 use super::redis::{
-    CHUNK_EVENTS, EVENT_TTL_SECONDS, LIST_LENGTH, NAME, Planned, STREAM_MAXLEN, backfill_key, keys,
-    parse_checkpoint,
+    CHUNK_EVENTS, EVENT_TTL_SECONDS, LIST_LENGTH, NAME, Planned, STREAM_MAXLEN, backfill_key,
+    claim, keys, parse_checkpoint, parse_cursor,
 };
 use super::{Progress, Sink, SinkError};
 use crate::event::Batch;
@@ -717,16 +717,7 @@ impl Sink for RedisClusterSink {
 
     async fn claim_history(&mut self, current: SourceId) -> Result<(), SinkError> {
         let key = self.checkpoint_key.clone();
-        if let Some((_, Some(stored))) = self
-            .get(&key)
-            .await?
-            .map(|s| parse_checkpoint(&s))
-            .transpose()?
-            && stored != current
-        {
-            return Err(SinkError::OtherHistory { stored, current });
-        }
-        self.source_suffix = format!("|{}", current.stored());
+        self.source_suffix = claim(self.get(&key).await?, current)?;
         Ok(())
     }
 
@@ -739,10 +730,7 @@ impl Sink for RedisClusterSink {
     }
 
     async fn backfill_cursor(&mut self, job: &str) -> Result<Option<i64>, SinkError> {
-        self.get(&backfill_key(job))
-            .await?
-            .map(|s| s.parse().map_err(|_| SinkError::BadCheckpoint(s)))
-            .transpose()
+        parse_cursor(self.get(&backfill_key(job)).await?)
     }
 }
 

@@ -222,6 +222,17 @@ impl RedisCluster {
             .unwrap_or_else(|| panic!("no node on {port}"))
     }
 
+    /// The process id of the node on `port` (benches/cluster.rs measures its CPU).
+    #[allow(dead_code)]
+    pub fn pid(&self, port: u16) -> u32 {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .and_then(|n| n.child.as_ref())
+            .unwrap_or_else(|| panic!("no node running on {port}"))
+            .id()
+    }
+
     pub fn signal(&mut self, port: u16, sig: i32) {
         let child = self.node(port).child.as_ref().expect("node running");
         signal_pid(child.id(), sig);
