@@ -7,7 +7,10 @@ use std::time::Duration;
 use walcast::sink::redis_cluster::slot;
 
 use crate::support::cluster::RedisCluster;
-use crate::support::{EPISODE, Redis, Stack, count, episode_sql, eventually, load_plays, scalar};
+use crate::support::{
+    EPISODE, Redis, Stack, confirmed_flush, count, current_lsn, episode_sql, eventually,
+    load_plays, scalar,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -39,6 +42,20 @@ async fn list(cluster: &RedisCluster, key: &str) -> Vec<i64> {
 
 /// Every key the source's `expected` plays of the episode make, as a reader sees them.
 async fn assert_exact(s: &Stack, cluster: &RedisCluster, expected: i64, partitioned: bool) {
+    // Every slot of a write is applied before its checkpoint moves, and the source's slot
+    // only after that: once it passed all that was committed, every key is final.
+    let committed = current_lsn(&s.db).await;
+    let slots: &[&str] = if partitioned {
+        &["walcast_0", "walcast_1"]
+    } else {
+        &["walcast"]
+    };
+    for slot in slots {
+        eventually(&format!("slot {slot} past every commit"), WAIT, || async {
+            confirmed_flush(&s.db, slot).await.unwrap() >= committed
+        })
+        .await;
+    }
     assert_eq!(cluster.total().await, expected, "stats:events total");
     assert_eq!(cluster.stat("type:play").await, expected, "type:play");
     assert_eq!(cluster.stat("device:ios").await, expected, "device:ios");

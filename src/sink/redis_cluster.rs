@@ -128,9 +128,10 @@ fn guard_key(key: &str, key_slot: u16, id: i64) -> String {
 /// KEYS[1] = the slot's checkpoint; ARGV[1] = 'stream' or 'backfill'; ARGV[2] = the
 /// position the slot's checkpoint moves to (stream); ARGV[3] = the checkpoint this process
 /// last wrote there ('' for none); ARGV[4] = operation count; then per operation: kind,
-/// key index, guard index (0: none), bit offset, the event's position, and three values.
+/// key index, guard index (0: none), bit offset, the event's position, and three values;
+/// then the JSON of each `event:{id}` key, whose keys are the last ones of KEYS.
 ///
-/// Kinds: `e` sets `event:{id}` (value 1: the JSON); `s` counts into `stats:events`
+/// Kinds: `s` counts into `stats:events`
 /// (values: the type field, the device field); `x` appends to a stream (the JSON); `t` adds
 /// to a leaderboard (the content id, hundredths of a second, the bucket's expiry); `l`
 /// pushes onto a recent list (the event id): not when it is there already, nor, from a
@@ -171,9 +172,7 @@ for i = 0, n - 1 do
     fresh = redis.call('SETBIT', KEYS[guard], ARGV[a + 3], 1) == 0
   end
   if fresh then
-    if kind == 'e' then
-      redis.call('SET', key, ARGV[a + 5], 'EX', @EVENT_TTL_SECONDS@)
-    elseif kind == 's' then
+    if kind == 's' then
       stats = key
       count('@TOTAL_FIELD@')
       count(ARGV[a + 5])
@@ -221,6 +220,11 @@ for _, list in ipairs(list_keys) do
   redis.call('LPUSH', list, unpack(lists[list]))
   redis.call('LTRIM', list, 0, @LIST_LAST@)
 end
+local first_event = 5 + n * @ARGS_PER_OP@
+local events = #ARGV - first_event + 1
+for i = 0, events - 1 do
+  redis.call('SET', KEYS[#KEYS - events + 1 + i], ARGV[first_event + i], 'EX', @EVENT_TTL_SECONDS@)
+end
 if stream and (found == false or ARGV[2] > found) then
   redis.call('SET', KEYS[1], ARGV[2])
 end
@@ -261,6 +265,9 @@ struct SlotWrite {
     index: HashMap<String, usize>,
     args: Vec<String>,
     ops: usize,
+    /// `event:{id}` keys and their JSON: idempotent, so written without a guard, in a
+    /// section of their own that takes two values each instead of an operation's eight.
+    events: Vec<(String, String)>,
 }
 
 impl SlotWrite {
@@ -271,7 +278,12 @@ impl SlotWrite {
             keys: vec![first],
             args: Vec::new(),
             ops: 0,
+            events: Vec::new(),
         }
+    }
+
+    fn event(&mut self, key: String, json: String) {
+        self.events.push((key, json));
     }
 
     /// `KEYS` index (1-based) of `key`.
@@ -308,7 +320,12 @@ impl SlotWrite {
 /// The writes of `fresh` events, by slot.
 fn slot_writes(planned: &[&Planned<'_>], checkpoint_key: &str) -> BTreeMap<u16, SlotWrite> {
     let mut writes: BTreeMap<u16, SlotWrite> = BTreeMap::new();
-    let mut write = |key: String, kind: &str, guarded: bool, event: Event, values: [&str; 3]| {
+    let write = |writes: &mut BTreeMap<u16, SlotWrite>,
+                 key: String,
+                 kind: &str,
+                 guarded: bool,
+                 event: Event,
+                 values: [&str; 3]| {
         let key_slot = slot(key.as_bytes());
         let guard = guarded.then(|| guard_key(&key, key_slot, event.id));
         writes
@@ -337,10 +354,16 @@ fn slot_writes(planned: &[&Planned<'_>], checkpoint_key: &str) -> BTreeMap<u16, 
             position: &position,
         };
         let json = event.to_json();
-        write(keys::event(id), "e", false, at, [&json, "", ""]);
+        let event_key = keys::event(id);
+        let event_slot = slot(event_key.as_bytes());
+        writes
+            .entry(event_slot)
+            .or_insert_with(|| SlotWrite::new(checkpoint_key, event_slot))
+            .event(event_key, json.clone());
         let type_field = format!("{}{}", keys::TYPE_FIELD_PREFIX, p.event_type());
         let device_field = format!("{}{}", keys::DEVICE_FIELD_PREFIX, p.device());
         write(
+            &mut writes,
             keys::STATS.to_owned(),
             "s",
             true,
@@ -348,13 +371,21 @@ fn slot_writes(planned: &[&Planned<'_>], checkpoint_key: &str) -> BTreeMap<u16, 
             [&type_field, &device_field, ""],
         );
         if p.recent {
-            write(keys::stream(p.event_type()), "x", true, at, [&json, "", ""]);
+            write(
+                &mut writes,
+                keys::stream(p.event_type()),
+                "x",
+                true,
+                at,
+                [&json, "", ""],
+            );
         }
         if let Some(content_id) = event.content_id.as_deref() {
             if let Some(minute) = p.minute.as_deref() {
                 let hundredths = event.score().0.to_string();
                 let expires = p.expires_at.to_string();
                 write(
+                    &mut writes,
                     keys::top_minute(minute),
                     "t",
                     true,
@@ -367,6 +398,7 @@ fn slot_writes(planned: &[&Planned<'_>], checkpoint_key: &str) -> BTreeMap<u16, 
                 *seen += 1;
                 if per_list[content_id] - *seen < LIST_LENGTH {
                     write(
+                        &mut writes,
                         keys::content_events(content_id),
                         "l",
                         false,
@@ -482,7 +514,8 @@ impl RedisClusterSink {
         let calls = writes.into_iter().map(|(slot, write)| {
             let mut conn = conn.clone();
             let mut invocation = self.script.prepare_invoke();
-            for key in write.keys {
+            let (event_keys, jsons): (Vec<String>, Vec<String>) = write.events.into_iter().unzip();
+            for key in write.keys.into_iter().chain(event_keys) {
                 invocation.key(key);
             }
             let expected = match (position, self.written.get(&slot)) {
@@ -494,7 +527,8 @@ impl RedisClusterSink {
                 .arg(&mark)
                 .arg(expected)
                 .arg(write.ops)
-                .arg(write.args);
+                .arg(write.args)
+                .arg(jsons);
             async move {
                 let found: String = invocation.invoke_async(&mut conn).await?;
                 Ok::<_, SinkError>((slot, found))

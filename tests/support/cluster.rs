@@ -43,8 +43,12 @@ impl RedisCluster {
                 .tempdir()
                 .unwrap();
             let port = free_port();
+            // The bus port explicitly: by default it is the port + 10000, which nobody
+            // checked is free.
+            let bus = free_port();
             let child = Command::new(&binary)
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-port", &bus.to_string()])
                 .args(["--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
                 .arg("--dir")
