@@ -285,6 +285,13 @@ async fn a_cluster_resharded_under_load_holds_every_event_once() {
         cluster.total().await >= 7_000
     })
     .await;
+    // The slots moved under walcast's own map of them: a node refused, and the write went
+    // slot by slot.
+    assert!(
+        running.log().contains("a node refused its slots"),
+        "{}",
+        running.log()
+    );
     running.kill9();
     let running = s.env.spawn_run();
     writer.await.unwrap();

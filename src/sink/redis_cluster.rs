@@ -125,110 +125,148 @@ fn guard_key(key: &str, key_slot: u16, id: i64) -> String {
     )
 }
 
-/// KEYS[1] = the slot's checkpoint; ARGV[1] = 'stream' or 'backfill'; ARGV[2] = the
-/// position the slot's checkpoint moves to (stream); ARGV[3] = the checkpoint this process
-/// last wrote there ('' for none); ARGV[4] = operation count; then per operation: kind,
-/// key index, guard index (0: none), bit offset, the event's position, and three values;
-/// then the JSON of each `event:{id}` key, whose keys are the last ones of KEYS.
+/// Applies the shares of one or more slots. ARGV[1] = 'stream' or 'backfill'; ARGV[2] = the
+/// position each slot's checkpoint moves to (stream); ARGV[3] = 'slot' (one slot, every
+/// key declared in KEYS) or 'node' (slots one node serves, KEYS only routes); then per
+/// slot: its checkpoint key, the checkpoint this process last wrote there ('' for none),
+/// its keys (count, then each), its operations (count, then each as kind, key index,
+/// guard index (0: none), bit offset, the event's position and three values), and its
+/// `event:{id}` keys (count, then key and JSON each).
 ///
-/// Kinds: `s` counts into `stats:events`
-/// (values: the type field, the device field); `x` appends to a stream (the JSON); `t` adds
-/// to a leaderboard (the content id, hundredths of a second, the bucket's expiry); `l`
-/// pushes onto a recent list (the event id): not when it is there already, nor, from a
-/// backfill, when the list is full of newer ids. Counters, scores and lists are summed over
-/// the operations and written once per key, as in the single-Redis script.
+/// Kinds: `s` counts into `stats:events` (values: the type field, the device field); `x`
+/// appends to a stream (the JSON); `t` adds to a leaderboard (the content id, hundredths
+/// of a second, the bucket's expiry); `l` pushes onto a recent list (the event id): not
+/// when it is there already, nor, from a backfill, when the list is full of newer ids.
+/// Counters, scores and lists are summed over the operations and written once per key, as
+/// in the single-Redis script.
 ///
-/// Returns the checkpoint the slot held before ('' for none). A slot holding less than
-/// ARGV[3] lost writes: the script then writes nothing, so the slot still shows it.
+/// Each slot's checkpoint is read before anything is written, so a slot this node does not
+/// serve (the slot map walcast holds is stale) fails the script before it changed anything.
+/// A key that moved away while its slot migrates fails it later, at that key: the slot's
+/// share is then applied in part, without its checkpoint, and written again one slot at a
+/// time, where every operation skips what it already did (the guards, the list itself, and
+/// setting the same JSON again). Returns each slot's checkpoint before ('' for none); a slot
+/// holding less than this process last wrote there lost writes, and the script writes
+/// nothing there, so the slot still shows it.
 const APPLY_SLOT: &str = r#"
 local stream = ARGV[1] == 'stream'
-local found = false
-if stream then
-  found = redis.call('GET', KEYS[1])
-  if ARGV[3] ~= '' and (found == false or found < ARGV[3]) then
-    return found or ''
+local mark = ARGV[2]
+local node = ARGV[3] == 'node'
+local sections = {}
+local p = 4
+while p <= #ARGV do
+  local s = {cp = ARGV[p], expected = ARGV[p + 1], keys = {}}
+  local nkeys = tonumber(ARGV[p + 2])
+  for i = 1, nkeys do
+    s.keys[i] = ARGV[p + 2 + i]
+  end
+  p = p + 3 + nkeys
+  s.nops = tonumber(ARGV[p])
+  s.ops = p + 1
+  p = s.ops + s.nops * @ARGS_PER_OP@
+  s.nevents = tonumber(ARGV[p])
+  s.events = p + 1
+  p = s.events + 2 * s.nevents
+  sections[#sections + 1] = s
+end
+for _, s in ipairs(sections) do
+  s.found = false
+  if stream then
+    s.found = redis.call('GET', s.cp)
+  end
+  s.lost = stream and s.expected ~= '' and (s.found == false or s.found < s.expected)
+  if node and not stream then
+    redis.call('EXISTS', s.cp)
   end
 end
-local counts, count_fields, stats = {}, {}, nil
-local scores, score_keys, expiries, guard_expiries = {}, {}, {}, {}
-local lists, list_keys = {}, {}
-local function count(field)
-  if counts[field] == nil then
-    counts[field] = 0
-    count_fields[#count_fields + 1] = field
+local function apply(s)
+  local found = s.found
+  local counts, count_fields, stats = {}, {}, nil
+  local scores, score_keys, expiries, guard_expiries = {}, {}, {}, {}
+  local lists, list_keys = {}, {}
+  local function count(field)
+    if counts[field] == nil then
+      counts[field] = 0
+      count_fields[#count_fields + 1] = field
+    end
+    counts[field] = counts[field] + 1
   end
-  counts[field] = counts[field] + 1
-end
-local n = tonumber(ARGV[4])
-for i = 0, n - 1 do
-  local a = 5 + i * @ARGS_PER_OP@
-  local kind = ARGV[a]
-  local key = KEYS[tonumber(ARGV[a + 1])]
-  local guard = tonumber(ARGV[a + 2])
-  -- The stream's writes reach a slot in position order: one at or below the slot's
-  -- checkpoint was applied there.
-  local fresh = not stream or found == false or ARGV[a + 4] > found
-  if fresh and guard > 0 then
-    fresh = redis.call('SETBIT', KEYS[guard], ARGV[a + 3], 1) == 0
-  end
-  if fresh then
-    if kind == 's' then
-      stats = key
-      count('@TOTAL_FIELD@')
-      count(ARGV[a + 5])
-      count(ARGV[a + 6])
-    elseif kind == 'x' then
-      redis.call('XADD', key, 'MAXLEN', '~', @STREAM_MAXLEN@, '*', 'event', ARGV[a + 5])
-    elseif kind == 't' then
-      if scores[key] == nil then
-        scores[key] = {}
-        score_keys[#score_keys + 1] = key
-      end
-      expiries[key] = ARGV[a + 7]
-      guard_expiries[KEYS[guard]] = ARGV[a + 7]
-      local by_content = scores[key]
-      by_content[ARGV[a + 5]] = (by_content[ARGV[a + 5]] or 0) + tonumber(ARGV[a + 6])
-    elseif kind == 'l' then
-      local push = redis.call('LPOS', key, ARGV[a + 5]) == false
-      if push and not stream and redis.call('LLEN', key) >= @LIST_LENGTH@ then
-        push = tonumber(ARGV[a + 5]) > tonumber(redis.call('LINDEX', key, -1))
-      end
-      if push then
-        if lists[key] == nil then
-          lists[key] = {}
-          list_keys[#list_keys + 1] = key
+  for i = 0, s.nops - 1 do
+    local a = s.ops + i * @ARGS_PER_OP@
+    local kind = ARGV[a]
+    local key = s.keys[tonumber(ARGV[a + 1])]
+    local guard = s.keys[tonumber(ARGV[a + 2])]
+    -- The stream's writes reach a slot in position order: one at or below the slot's
+    -- checkpoint was applied there.
+    local fresh = not stream or found == false or ARGV[a + 4] > found
+    if fresh and guard then
+      fresh = redis.call('SETBIT', guard, ARGV[a + 3], 1) == 0
+    end
+    if fresh then
+      if kind == 's' then
+        stats = key
+        count('@TOTAL_FIELD@')
+        count(ARGV[a + 5])
+        count(ARGV[a + 6])
+      elseif kind == 'x' then
+        redis.call('XADD', key, 'MAXLEN', '~', @STREAM_MAXLEN@, '*', 'event', ARGV[a + 5])
+      elseif kind == 't' then
+        if scores[key] == nil then
+          scores[key] = {}
+          score_keys[#score_keys + 1] = key
         end
-        local ids = lists[key]
-        ids[#ids + 1] = ARGV[a + 5]
+        expiries[key] = ARGV[a + 7]
+        guard_expiries[guard] = ARGV[a + 7]
+        local by_content = scores[key]
+        by_content[ARGV[a + 5]] = (by_content[ARGV[a + 5]] or 0) + tonumber(ARGV[a + 6])
+      elseif kind == 'l' then
+        local push = redis.call('LPOS', key, ARGV[a + 5]) == false
+        if push and not stream and redis.call('LLEN', key) >= @LIST_LENGTH@ then
+          push = tonumber(ARGV[a + 5]) > tonumber(redis.call('LINDEX', key, -1))
+        end
+        if push then
+          if lists[key] == nil then
+            lists[key] = {}
+            list_keys[#list_keys + 1] = key
+          end
+          local ids = lists[key]
+          ids[#ids + 1] = ARGV[a + 5]
+        end
       end
     end
   end
-end
-for _, field in ipairs(count_fields) do
-  redis.call('HINCRBY', stats, field, counts[field])
-end
-for _, top in ipairs(score_keys) do
-  for content_id, hundredths in pairs(scores[top]) do
-    redis.call('ZINCRBY', top, string.format('%.2f', hundredths / 100), content_id)
+  for _, field in ipairs(count_fields) do
+    redis.call('HINCRBY', stats, field, counts[field])
   end
-  redis.call('EXPIREAT', top, expiries[top])
+  for _, top in ipairs(score_keys) do
+    for content_id, hundredths in pairs(scores[top]) do
+      redis.call('ZINCRBY', top, string.format('%.2f', hundredths / 100), content_id)
+    end
+    redis.call('EXPIREAT', top, expiries[top])
+  end
+  for guard, at in pairs(guard_expiries) do
+    redis.call('EXPIREAT', guard, at)
+  end
+  for _, list in ipairs(list_keys) do
+    redis.call('LPUSH', list, unpack(lists[list]))
+    redis.call('LTRIM', list, 0, @LIST_LAST@)
+  end
+  for i = 0, s.nevents - 1 do
+    local e = s.events + 2 * i
+    redis.call('SET', ARGV[e], ARGV[e + 1], 'EX', @EVENT_TTL_SECONDS@)
+  end
+  if stream and (found == false or mark > found) then
+    redis.call('SET', s.cp, mark)
+  end
 end
-for guard, at in pairs(guard_expiries) do
-  redis.call('EXPIREAT', guard, at)
+local result = {}
+for j, s in ipairs(sections) do
+  if not s.lost then
+    apply(s)
+  end
+  result[j] = s.found or ''
 end
-for _, list in ipairs(list_keys) do
-  redis.call('LPUSH', list, unpack(lists[list]))
-  redis.call('LTRIM', list, 0, @LIST_LAST@)
-end
-local first_event = 5 + n * @ARGS_PER_OP@
-local events = #ARGV - first_event + 1
-for i = 0, events - 1 do
-  redis.call('SET', KEYS[#KEYS - events + 1 + i], ARGV[first_event + i], 'EX', @EVENT_TTL_SECONDS@)
-end
-if stream and (found == false or ARGV[2] > found) then
-  redis.call('SET', KEYS[1], ARGV[2])
-end
-return found or ''
+return result
 "#;
 
 /// KEYS[1] = the checkpoint, KEYS[2] = its slots hash; ARGV[1] = the new checkpoint;
@@ -259,8 +297,9 @@ fn apply_slot_script() -> String {
         .replace("@LIST_LAST@", &(LIST_LENGTH - 1).to_string())
 }
 
-/// One slot's share of a chunk: its keys (the slot's checkpoint first) and operations.
+/// One slot's share of a chunk: its keys and operations (see [`APPLY_SLOT`]).
 struct SlotWrite {
+    checkpoint: String,
     keys: Vec<String>,
     index: HashMap<String, usize>,
     args: Vec<String>,
@@ -272,10 +311,10 @@ struct SlotWrite {
 
 impl SlotWrite {
     fn new(checkpoint_key: &str, slot: u16) -> Self {
-        let first = slot_checkpoint_key(checkpoint_key, slot);
         SlotWrite {
-            index: HashMap::from([(first.clone(), 1)]),
-            keys: vec![first],
+            checkpoint: slot_checkpoint_key(checkpoint_key, slot),
+            keys: Vec::new(),
+            index: HashMap::new(),
             args: Vec::new(),
             ops: 0,
             events: Vec::new(),
@@ -286,7 +325,7 @@ impl SlotWrite {
         self.events.push((key, json));
     }
 
-    /// `KEYS` index (1-based) of `key`.
+    /// Index (1-based) of `key` among the slot's keys.
     fn key(&mut self, key: String) -> usize {
         if let Some(at) = self.index.get(&key) {
             return *at;
@@ -314,6 +353,30 @@ impl SlotWrite {
         self.args.push(position.to_owned());
         self.args.extend(values.iter().map(|v| (*v).to_owned()));
         self.ops += 1;
+    }
+
+    /// Every key the share touches, its checkpoint first: what a one-slot script declares.
+    fn declared(&self) -> Vec<String> {
+        let mut keys = Vec::with_capacity(1 + self.keys.len() + self.events.len());
+        keys.push(self.checkpoint.clone());
+        keys.extend(self.keys.iter().cloned());
+        keys.extend(self.events.iter().map(|(key, _)| key.clone()));
+        keys
+    }
+
+    /// The share as the script's arguments, after `expected` (see [`APPLY_SLOT`]).
+    fn section(self, expected: String, out: &mut Vec<String>) {
+        out.push(self.checkpoint);
+        out.push(expected);
+        out.push(self.keys.len().to_string());
+        out.extend(self.keys);
+        out.push(self.ops.to_string());
+        out.extend(self.args);
+        out.push(self.events.len().to_string());
+        for (key, json) in self.events {
+            out.push(key);
+            out.push(json);
+        }
     }
 }
 
@@ -422,6 +485,10 @@ struct Event<'a> {
 pub struct RedisClusterSink {
     client: ClusterClient,
     conn: Option<ClusterConnection>,
+    /// The script for one node's slots (it touches keys it does not declare), and for one
+    /// slot (every key declared, no flags: the cluster then answers `ASK` and `TRYAGAIN`
+    /// for it as for any command while the slot migrates).
+    node_script: redis::Script,
     script: redis::Script,
     record: redis::Script,
     /// Where this partition's checkpoint is kept ([`super::redis::checkpoint_key`]).
@@ -435,6 +502,9 @@ pub struct RedisClusterSink {
     /// Slots found behind their record at start ([`RedisClusterSink::checkpoint`]), and the
     /// checkpoint then: a backfill (the rebuild) writes to these slots alone.
     lost: Option<(BTreeSet<u16>, Option<Position>)>,
+    /// Which node serves each slot (an index per slot), as `CLUSTER SLOTS` said; `None`
+    /// until read, and after a node refused a write.
+    slot_map: Option<Vec<usize>>,
 }
 
 impl RedisClusterSink {
@@ -443,6 +513,10 @@ impl RedisClusterSink {
         RedisClusterSink {
             client,
             conn: None,
+            node_script: redis::Script::new(&format!(
+                "#!lua flags=allow-cross-slot-keys\n{}",
+                apply_slot_script()
+            )),
             script: redis::Script::new(&apply_slot_script()),
             record: redis::Script::new(RECORD),
             checkpoint_key: super::redis::CHECKPOINT_KEY.to_owned(),
@@ -450,6 +524,7 @@ impl RedisClusterSink {
             written: HashMap::new(),
             written_checkpoint: None,
             lost: None,
+            slot_map: None,
         }
     }
 
@@ -487,54 +562,50 @@ impl RedisClusterSink {
                 Some(_) => progress.at(chunk.last().expect("not empty").event),
             };
             let refs: Vec<&Planned> = chunk.iter().collect();
-            let mut writes = slot_writes(&refs, &self.checkpoint_key);
-            if upto.is_backfill()
-                && let Some((lost, _)) = &self.lost
-            {
-                writes.retain(|slot, _| lost.contains(slot));
-            }
-            let applied = self.apply_slots(writes, upto).await?;
+            let applied = self.apply_slots(&refs, upto).await?;
             self.record_progress(&applied, upto).await?;
         }
         Ok(())
     }
 
-    /// Runs every slot's script at once; returns the slots written (stream).
+    /// Applies every slot's share of `planned`, then checks what each slot held; returns
+    /// the slots written (stream).
+    ///
+    /// With a slot map, one script per node applies the shares of all the slots it serves:
+    /// a few requests per write instead of one per slot. When a node refuses (the map is
+    /// stale, a slot is moving), the shares are applied again one slot at a time, each
+    /// script declaring its keys so that the cluster client follows `MOVED`, `ASK` and
+    /// `TRYAGAIN`, and the map is read again for the next write. What a node's script did
+    /// apply, its slots' checkpoints and guards skip.
     async fn apply_slots(
         &mut self,
-        writes: BTreeMap<u16, SlotWrite>,
+        planned: &[&Planned<'_>],
         progress: Progress<'_>,
     ) -> Result<BTreeMap<u16, Position>, SinkError> {
-        let (mode, position) = match progress {
-            Progress::Stream(position) => ("stream", Some(position)),
-            _ => ("backfill", None),
+        let position = match progress {
+            Progress::Stream(position) => Some(position),
+            _ => None,
         };
-        let mark = position.map_or(String::new(), |p| p.to_sortable());
         let conn = self.conn().await?;
-        let calls = writes.into_iter().map(|(slot, write)| {
-            let mut conn = conn.clone();
-            let mut invocation = self.script.prepare_invoke();
-            let (event_keys, jsons): (Vec<String>, Vec<String>) = write.events.into_iter().unzip();
-            for key in write.keys.into_iter().chain(event_keys) {
-                invocation.key(key);
-            }
-            let expected = match (position, self.written.get(&slot)) {
-                (Some(_), Some(wrote)) => wrote.to_sortable(),
-                _ => String::new(),
-            };
-            invocation
-                .arg(mode)
-                .arg(&mark)
-                .arg(expected)
-                .arg(write.ops)
-                .arg(write.args)
-                .arg(jsons);
-            async move {
-                let found: String = invocation.invoke_async(&mut conn).await?;
-                Ok::<_, SinkError>((slot, found))
-            }
-        });
-        let found = try_join_all(calls).await?;
+        if self.slot_map.is_none() {
+            self.slot_map = read_slot_map(&mut conn.clone()).await.ok();
+        }
+        let found = match self.slot_map.take() {
+            Some(map) => match self.apply_by_node(planned, progress, &map, &conn).await {
+                Ok(found) => {
+                    self.slot_map = Some(map);
+                    found
+                }
+                Err(error) => {
+                    tracing::debug!(error = %error, "a node refused its slots (resharded or failed over); writing slot by slot");
+                    // On a connection of its own: this one may be refreshing its slots.
+                    self.conn = None;
+                    let conn = self.conn().await?;
+                    self.apply_by_slot(planned, progress, &conn).await?
+                }
+            },
+            None => self.apply_by_slot(planned, progress, &conn).await?,
+        };
         let mut applied = BTreeMap::new();
         let Some(position) = position else {
             return Ok(applied);
@@ -553,6 +624,86 @@ impl RedisClusterSink {
             applied.insert(slot, position);
         }
         Ok(applied)
+    }
+
+    /// The shares of `planned` by slot, less those a rebuild leaves alone.
+    fn writes(&self, planned: &[&Planned<'_>], progress: Progress<'_>) -> BTreeMap<u16, SlotWrite> {
+        let mut writes = slot_writes(planned, &self.checkpoint_key);
+        if progress.is_backfill()
+            && let Some((lost, _)) = &self.lost
+        {
+            writes.retain(|slot, _| lost.contains(slot));
+        }
+        writes
+    }
+
+    /// What this process last wrote to `slot`, as the script's `expected`.
+    fn expected(&self, slot: u16, progress: Progress<'_>) -> String {
+        match (progress, self.written.get(&slot)) {
+            (Progress::Stream(_), Some(wrote)) => wrote.to_sortable(),
+            _ => String::new(),
+        }
+    }
+
+    /// One script per node of `map`; each slot's checkpoint before, by slot.
+    async fn apply_by_node(
+        &self,
+        planned: &[&Planned<'_>],
+        progress: Progress<'_>,
+        map: &[usize],
+        conn: &ClusterConnection,
+    ) -> Result<Vec<(u16, String)>, redis::RedisError> {
+        let mut by_node: BTreeMap<usize, Vec<(u16, SlotWrite)>> = BTreeMap::new();
+        for (slot, write) in self.writes(planned, progress) {
+            by_node
+                .entry(map[usize::from(slot)])
+                .or_default()
+                .push((slot, write));
+        }
+        let calls = by_node.into_values().map(|shares| {
+            let mut conn = conn.clone();
+            let mut invocation = self.node_script.prepare_invoke();
+            invocation.key(shares[0].1.checkpoint.clone());
+            let mut args = script_head(progress, "node");
+            let slots: Vec<u16> = shares.iter().map(|(slot, _)| *slot).collect();
+            for (slot, write) in shares {
+                write.section(self.expected(slot, progress), &mut args);
+            }
+            invocation.arg(args);
+            async move {
+                let found: Vec<String> = invocation.invoke_async(&mut conn).await?;
+                Ok::<_, redis::RedisError>(slots.into_iter().zip(found))
+            }
+        });
+        Ok(try_join_all(calls).await?.into_iter().flatten().collect())
+    }
+
+    /// One script per slot, declaring its keys; each slot's checkpoint before, by slot.
+    async fn apply_by_slot(
+        &self,
+        planned: &[&Planned<'_>],
+        progress: Progress<'_>,
+        conn: &ClusterConnection,
+    ) -> Result<Vec<(u16, String)>, SinkError> {
+        let calls = self
+            .writes(planned, progress)
+            .into_iter()
+            .map(|(slot, write)| {
+                let mut conn = conn.clone();
+                let mut invocation = self.script.prepare_invoke();
+                for key in write.declared() {
+                    invocation.key(key);
+                }
+                let mut args = script_head(progress, "slot");
+                write.section(self.expected(slot, progress), &mut args);
+                invocation.arg(args);
+                async move {
+                    let found: Vec<String> = invocation.invoke_async(&mut conn).await?;
+                    let found = found.into_iter().next().unwrap_or_default();
+                    Ok::<_, SinkError>((slot, found))
+                }
+            });
+        try_join_all(calls).await
     }
 
     /// Moves the checkpoint (with the slots written) or the backfill's cursor, once every
@@ -639,6 +790,58 @@ impl RedisClusterSink {
         }
         Ok(result?)
     }
+}
+
+/// The script's first arguments: the mode, the position slots' checkpoints move to, and
+/// how its keys are given (see [`APPLY_SLOT`]).
+fn script_head(progress: Progress<'_>, keys: &str) -> Vec<String> {
+    match progress {
+        Progress::Stream(position) => {
+            vec!["stream".to_owned(), position.to_sortable(), keys.to_owned()]
+        }
+        _ => vec!["backfill".to_owned(), String::new(), keys.to_owned()],
+    }
+}
+
+/// `CLUSTER SLOTS` as the index of the primary serving each slot (indices are only
+/// compared with each other).
+async fn read_slot_map(conn: &mut ClusterConnection) -> Result<Vec<usize>, redis::RedisError> {
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    let mut nodes: Vec<String> = Vec::new();
+    let mut map = vec![usize::MAX; usize::from(SLOTS)];
+    let bad =
+        || redis::RedisError::from((redis::ErrorKind::Parse, "unexpected CLUSTER SLOTS reply"));
+    for range in ranges {
+        let redis::Value::Array(fields) = range else {
+            return Err(bad());
+        };
+        let (
+            Some(redis::Value::Int(start)),
+            Some(redis::Value::Int(end)),
+            Some(redis::Value::Array(primary)),
+        ) = (fields.first(), fields.get(1), fields.get(2))
+        else {
+            return Err(bad());
+        };
+        let address = format!("{:?}:{:?}", primary.first(), primary.get(1));
+        let node = match nodes.iter().position(|n| *n == address) {
+            Some(at) => at,
+            None => {
+                nodes.push(address);
+                nodes.len() - 1
+            }
+        };
+        for slot in *start..=*end {
+            if let Some(entry) = usize::try_from(slot).ok().and_then(|s| map.get_mut(s)) {
+                *entry = node;
+            }
+        }
+    }
+    if map.contains(&usize::MAX) {
+        // A slot no node serves: the cluster is down there; write slot by slot.
+        return Err(bad());
+    }
+    Ok(map)
 }
 
 /// After a rebuild brought the cluster up to `position`: every slot that was behind gets
