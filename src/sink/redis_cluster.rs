@@ -140,14 +140,14 @@ fn guard_key(key: &str, key_slot: u16, id: i64) -> String {
 /// Counters, scores and lists are summed over the operations and written once per key, as
 /// in the single-Redis script.
 ///
-/// Each slot's checkpoint is read before anything is written, so a slot this node does not
-/// serve (the slot map walcast holds is stale) fails the script before it changed anything.
-/// A key that moved away while its slot migrates fails it later, at that key: the slot's
-/// share is then applied in part, without its checkpoint, and written again one slot at a
-/// time, where every operation skips what it already did (the guards, the list itself, and
-/// setting the same JSON again). Returns each slot's checkpoint before ('' for none); a slot
-/// holding less than this process last wrote there lost writes, and the script writes
-/// nothing there, so the slot still shows it.
+/// Everything is read before anything is written: each slot's checkpoint and, for a node's
+/// slots, every key (`EXISTS`). A key this node does not serve (the slot map walcast holds
+/// is stale, or the slot is migrating and the key is gone from here or not made yet) then
+/// fails the script before it changed anything. That matters: a share applied in part
+/// could have set an event's guard bit without adding its count, which is summed and
+/// written at the end. Returns each slot's checkpoint before ('' for none); a slot holding
+/// less than this process last wrote there lost writes, and the script writes nothing
+/// there, so the slot still shows it.
 const APPLY_SLOT: &str = r#"
 local stream = ARGV[1] == 'stream'
 local mark = ARGV[2]
@@ -175,8 +175,14 @@ for _, s in ipairs(sections) do
     s.found = redis.call('GET', s.cp)
   end
   s.lost = stream and s.expected ~= '' and (s.found == false or s.found < s.expected)
-  if node and not stream then
+  if node then
     redis.call('EXISTS', s.cp)
+    if #s.keys > 0 then
+      redis.call('EXISTS', unpack(s.keys))
+    end
+    for i = 0, s.nevents - 1 do
+      redis.call('EXISTS', ARGV[s.events + 2 * i])
+    end
   end
 end
 local function apply(s)
