@@ -25,9 +25,9 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use measure::{CONTENT, ZIPF_USER, cpu_seconds, load_backlog};
+use measure::{ZIPF_USER, cpu_seconds, load_backlog};
 use support::cluster::RedisCluster;
-use support::{Env, Postgres, Redis, eventually, find_binary};
+use support::{Env, Redis, eventually, find_binary};
 
 struct Drain {
     label: &'static str,
@@ -41,17 +41,8 @@ struct Drain {
 
 #[tokio::main]
 async fn main() {
-    let events: i64 = std::env::var("CLUSTER_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
-    let pg = Postgres::start_with(&[("max_wal_size", "4GB"), ("shared_buffers", "256MB")]).await;
-    let db = pg.create_source_db("app").await;
-    db.batch_execute(&format!(
-        "INSERT INTO content VALUES ('{CONTENT}', 'ep', 'An episode', 'podcast', 300, now())"
-    ))
-    .await
-    .unwrap();
+    let events = measure::env_number("CLUSTER_EVENTS", 200_000);
+    let (pg, db) = measure::source().await;
     let redis = Redis::start().await;
     let cluster = RedisCluster::start().await;
     let env = |name: &str| {

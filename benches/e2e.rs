@@ -49,19 +49,10 @@ use support::{Env, Postgres, Redis, Walcast, count, eventually, find_binary};
 
 #[tokio::main]
 async fn main() {
-    let events: i64 = std::env::var("E2E_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let pg = Postgres::start_with(&[("max_wal_size", "4GB"), ("shared_buffers", "256MB")]).await;
+    let events = measure::env_number("E2E_EVENTS", 1_000_000);
+    let (pg, db) = measure::source().await;
     let redis_only = Redis::start().await;
     let redis = Redis::start().await;
-    let db = pg.create_source_db("app").await;
-    db.batch_execute(&format!(
-        "INSERT INTO content VALUES ('{CONTENT}', 'ep', 'An episode', 'podcast', 300, now())"
-    ))
-    .await
-    .unwrap();
     let env_redis = Env::new(&pg, "app", &redis_only)
         .set("WALCAST_LOG", "warn")
         .set("WALCAST_SINKS", "redis");

@@ -24,7 +24,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use measure::{CONTENT, ZIPF_USER, children_cpu, cpu_by_role_since, cpu_seconds, load_backlog};
+use measure::{ZIPF_USER, children_cpu, cpu_by_role_since, cpu_seconds, load_backlog};
 use support::{Env, Postgres, Redis, Walcast, eventually, find_binary};
 
 /// One drain's figures.
@@ -39,17 +39,8 @@ struct Drain {
 
 #[tokio::main]
 async fn main() {
-    let events: i64 = std::env::var("PARTITIONS_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300_000);
-    let pg = Postgres::start_with(&[("max_wal_size", "4GB"), ("shared_buffers", "256MB")]).await;
-    let db = pg.create_source_db("app").await;
-    db.batch_execute(&format!(
-        "INSERT INTO content VALUES ('{CONTENT}', 'ep', 'An episode', 'podcast', 300, now())"
-    ))
-    .await
-    .unwrap();
+    let events = measure::env_number("PARTITIONS_EVENTS", 300_000);
+    let (pg, db) = measure::source().await;
     // Every consumer's slot exists before the backlog, so each drains all of it.
     let one = Consumer::new(&pg, 1).await;
     let two = Consumer::new(&pg, 2).await;

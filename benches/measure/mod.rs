@@ -7,6 +7,31 @@ use std::time::Instant;
 /// The one content row the backlogs' events are of.
 pub const CONTENT: &str = "00000000-0000-0000-0000-000000000001";
 
+/// The number in environment variable `name`, or `default`.
+pub fn env_number(name: &str, default: i64) -> i64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A PostgreSQL sized for backlogs of millions of rows, with the source database `app` and
+/// its one content row.
+pub async fn source() -> (crate::support::Postgres, tokio_postgres::Client) {
+    let pg = crate::support::Postgres::start_with(&[
+        ("max_wal_size", "4GB"),
+        ("shared_buffers", "256MB"),
+    ])
+    .await;
+    let db = pg.create_source_db("app").await;
+    db.batch_execute(&format!(
+        "INSERT INTO content VALUES ('{CONTENT}', 'ep', 'An episode', 'podcast', 300, now())"
+    ))
+    .await
+    .unwrap();
+    (pg, db)
+}
+
 /// `events` events as transactions of 100 rows, `user` the SQL of each one's user_id;
 /// returns the WAL end after them.
 pub async fn load_backlog(db: &tokio_postgres::Client, events: i64, user: &str) -> String {
