@@ -1,11 +1,13 @@
 //! The Redis sink on a Redis Cluster (`WALCAST_REDIS_CLUSTER`): the same keys as on one
 //! Redis (see [`super::redis`]), written so that every atomic write touches one hash slot.
 //!
-//! A cluster refuses a transaction or script over keys of more than one slot, so a write
-//! is split by slot: each slot's share of a chunk of events is one Lua script on the node
-//! that serves the slot (the cluster client follows `MOVED` and `ASK` through resharding
-//! and failovers), and the scripts of one chunk run at the same time. A crash can then
-//! leave a chunk applied in some slots and not in others, so each slot guards its own
+//! A cluster refuses a transaction over keys of more than one slot, so a write is split by
+//! slot, and each slot's share of a chunk of events is applied atomically by a Lua script
+//! on the node that serves the slot. Normally one script per node carries the shares of
+//! all the slots it serves (see [`RedisClusterSink::apply_slots`]); when a node refuses,
+//! one script per slot, which the cluster client routes through `MOVED` and `ASK`. The
+//! scripts of one chunk run at the same time. A crash can then leave a chunk applied in
+//! some slots and not in others, so each slot guards its own
 //! writes, with keys in that slot. The stream's writes reach a slot in position order, so
 //! a replay skips what is at or below the slot's own checkpoint (below). A backfill has no
 //! positions and may overlap the stream, so each key that is not idempotent also has a
@@ -15,7 +17,7 @@
 //! |---|---|
 //! | `event:{id}` | none: `SET` of the same JSON is idempotent |
 //! | `stats:events`, `events:{event_type}`, `top:minute:{…}` | bit `id mod 2^16` of `walcast:applied:{<tag>}:<key>:<id div 2^16>`, a bitmap of the ids that key counted (8 KiB per 65,536 ids); a minute's bitmaps expire with its bucket |
-//! | `content:{content_id}:events` | the list itself: an id already in it is not pushed again |
+//! | `content:{content_id}:events` | the list itself: an id already in it is not pushed again, nor a backfilled id older than a full list's oldest |
 //!
 //! `<tag>` is a hash tag chosen to land in the key's slot ([`tag`]): a key's own name can
 //! hold braces (a content id), so its slot is not always that of `{<key>}`.
