@@ -4,7 +4,7 @@
 //! A cluster refuses a transaction over keys of more than one slot, so a write is split by
 //! slot, and each slot's share of a chunk of events is applied atomically by a Lua script
 //! on the node that serves the slot. Normally one script per node carries the shares of
-//! all the slots it serves (see [`RedisClusterSink::apply_slots`]); when a node refuses,
+//! all the slots it serves (see `RedisClusterSink::apply_slots`); when a node refuses,
 //! one script per slot, which the cluster client routes through `MOVED` and `ASK`. The
 //! scripts of one chunk run at the same time. A crash can then leave a chunk applied in
 //! some slots and not in others, so each slot guards its own
